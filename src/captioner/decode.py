@@ -1,0 +1,89 @@
+"""Greedy and batched beam search, written once on the decoder's `step`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SearchConfig:
+    beam_size: int = 3  # 1 = greedy
+    max_len: int = 25  # words, EOS not counted
+    length_penalty: float = 1.0  # hypotheses ranked by sum(logprob) / length ** length_penalty
+    n_best: int = 1  # hypotheses returned per image (at most beam_size)
+
+
+@dataclass
+class Hypotheses:
+    tokens: torch.Tensor  # (B, K, T) word ids, PAD after EOS
+    scores: torch.Tensor  # (B, K) length-normalised log-probability, best first
+    logprobs: torch.Tensor  # (B, K) summed log-probability
+    alphas: torch.Tensor  # (B, K, T, N) attention weights per emitted token
+
+
+@torch.no_grad()
+def beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+                cfg: SearchConfig, banned_ids: tuple[int, ...] = ()) -> Hypotheses:
+    """Batched, length-normalised beam search over `decoder.step`.
+
+    All images and beams advance together as one (B*K) batch. Finished beams stay in the
+    beam with a frozen score, so finished and live hypotheses compete on the same
+    length-normalised score; search stops when every beam has emitted EOS or at max_len.
+    """
+    B, K = features.size(0), cfg.beam_size
+    if K < 1:
+        raise ValueError("beam_size must be at least 1")
+    state = decoder.init_state(features)
+    state = {k: v.repeat_interleave(K, 0) for k, v in state.items()}  # (B*K, ...)
+    device = features.device
+    sums = torch.full((B, K), float("-inf"), device=device)
+    sums[:, 0] = 0.0  # only one live beam at the start: the rest would be duplicates
+    lengths = torch.zeros(B, K, device=device)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    tokens = torch.full((B * K,), bos_id, dtype=torch.long, device=device)
+    seqs = torch.empty(B, K, 0, dtype=torch.long, device=device)
+    alphas = torch.empty(B, K, 0, state["alpha"].size(-1), device=device)
+    offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
+
+    for t in range(cfg.max_len + 1):
+        logprobs, state = decoder.step(tokens, state)
+        V = logprobs.size(-1)
+        logprobs = logprobs.view(B, K, V).clone()
+        for i in banned_ids:
+            logprobs[..., i] = float("-inf")
+        if t == cfg.max_len:  # out of room: every live beam must end now
+            logprobs[..., :] = float("-inf")
+            logprobs[..., eos_id] = 0.0
+        # A finished beam has one continuation, PAD, which keeps its score.
+        logprobs[finished] = float("-inf")
+        logprobs[..., pad_id] = torch.where(finished, 0.0, float("-inf"))
+        cand_sum = sums[:, :, None] + logprobs  # (B, K, V)
+        cand_len = (lengths + (~finished).float())[:, :, None]  # EOS counts as a token
+        cand_score = cand_sum / cand_len.clamp(min=1) ** cfg.length_penalty
+        top_score, top_idx = cand_score.view(B, K * V).topk(K, -1)  # (B, K)
+        beam, word = top_idx // V, top_idx % V  # floor division: beam index, word id
+        sums = cand_sum.view(B, K * V).gather(1, top_idx)
+        lengths = cand_len.expand(B, K, V).reshape(B, K * V).gather(1, top_idx)
+        flat = (offsets + beam).view(-1)  # (B*K,) rows of the old beams
+        state = {k: v.index_select(0, flat) for k, v in state.items()}
+        was_finished = finished.gather(1, beam)
+        finished = was_finished | (word == eos_id)
+        seqs = torch.cat([seqs.gather(1, beam[:, :, None].expand_as(seqs)), word[:, :, None]], -1)
+        step_alpha = state["alpha"].view(B, K, 1, -1) * (~was_finished).float()[:, :, None, None]
+        alphas = torch.cat([alphas.gather(1, beam[:, :, None, None].expand_as(alphas)), step_alpha], 2)
+        tokens = word.view(-1)
+        if bool(finished.all()):
+            break
+
+    scores = sums / lengths.clamp(min=1) ** cfg.length_penalty
+    order = scores.argsort(-1, descending=True)
+    n = min(cfg.n_best, K)
+    pick = order[:, :n]
+    return Hypotheses(
+        tokens=seqs.gather(1, pick[:, :, None].expand(B, n, seqs.size(-1))),
+        scores=scores.gather(1, pick),
+        logprobs=sums.gather(1, pick),
+        alphas=alphas.gather(1, pick[:, :, None, None].expand(B, n, *alphas.shape[2:])),
+    )

@@ -1,0 +1,40 @@
+"""Errors that name what was wrong: the file, the line, the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CaptionerError(Exception):
+    """Base class for every error captioner raises on purpose."""
+
+
+class DataError(CaptionerError):
+    """Bad dataset input: a malformed line, a missing image, an empty caption."""
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
+        self.path = str(path) if path is not None else None
+        self.line = line
+        where = ""
+        if self.path is not None:
+            where = self.path + (f", line {line}" if line is not None else "") + ": "
+        super().__init__(where + message)
+
+
+class ImageError(CaptionerError):
+    """An image that cannot be read or decoded."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class CheckpointError(CaptionerError):
+    """A file that is not a loadable captioner checkpoint."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class ConfigError(CaptionerError):
+    """A config file or override that does not fit the config's fields."""

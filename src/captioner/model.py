@@ -1,0 +1,76 @@
+"""A captioning model: named config (data, one JSON file each), vocab and decoder."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+import torch
+from torch import nn
+
+from .decode import Hypotheses, SearchConfig, beam_search
+from .decoders import build_decoder
+from .encoders import EncoderConfig, get_encoder_config
+from .errors import ConfigError
+from .vocab import Vocab
+
+
+@dataclass
+class ModelConfig:
+    name: str  # registry name, e.g. "show-attend-tell"
+    encoder: str  # encoder registry name, e.g. "efficientnet-lite0"
+    decoder: str  # decoder arch registry name
+    decoder_params: dict = field(default_factory=dict)  # the decoder's own typed config
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {"name", "encoder", "decoder", "decoder_params", "description"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown field(s) {', '.join(unknown)}")
+        missing = sorted({"name", "encoder", "decoder"} - set(d))
+        if missing:
+            raise ConfigError(f"model config: missing field(s) {', '.join(missing)}")
+        return cls(**d)
+
+
+def list_models() -> list[str]:
+    """Names of the registered model configs (the JSON files in captioner/configs)."""
+    files = resources.files("captioner") / "configs"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def get_model_config(name: str) -> ModelConfig:
+    path = resources.files("captioner") / "configs" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+class CaptionModel(nn.Module):
+    """Vocab + decoder + the encoder's config (the frozen encoder itself is built apart)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, encoder_cfg: EncoderConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = vocab
+        self.encoder_cfg = encoder_cfg or get_encoder_config(cfg.encoder)
+        self.decoder = build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), self.encoder_cfg.feature_dim)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(features, tokens)
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
+        """Region features (B, N, C) -> best hypotheses per image."""
+        v = self.vocab
+        return beam_search(self.decoder, features, v.bos_id, v.eos_id, v.pad_id, search,
+                           banned_ids=(v.bos_id, v.unk_id))
+
+    def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
+        hyps = self.generate(features, search)
+        return [self.vocab.decode(row[0].tolist()) for row in hyps.tokens]
