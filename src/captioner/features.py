@@ -26,12 +26,9 @@ def encoder_key(cfg: EncoderConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _files_fingerprint(paths: Sequence[Path]) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()[:12]
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
 
 
 @dataclass
@@ -57,6 +54,8 @@ class FeatureCache:
 def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
                      batch_size: int = 8, progress: bool = True) -> None:
     """Run the frozen encoder over `paths`, writing rows of `out` in order."""
+    if not paths:
+        return
     encoder = build_encoder(cfg)
     bar = tqdm(total=len(paths), desc=f"features {cfg.name}", unit="img", disable=not progress)
     for start in range(0, len(paths), batch_size):
@@ -66,32 +65,60 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
     bar.close()
 
 
+def _open(folder: Path) -> tuple[dict, np.ndarray] | None:
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        return index, np.load(folder / "features.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+
+
 def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache_dir: Path,
                 tag: str = "data", batch_size: int = 8, progress: bool = True) -> FeatureCache:
-    """Load the cache for these images and encoder, computing it first if absent or stale.
+    """Features for these images, computed only for those the cache lacks.
 
-    The folder name carries the encoder key, the index records each image's size and mtime:
-    a cache made with other weights, preprocessing or photos is never reused.
+    The folder name carries a hash of the encoder, its weights and its preprocessing; the
+    index records each photo's size and mtime. A cache made with another encoder is never
+    read, and a photo that changed since is encoded again.
     """
-    names = list(names)
-    paths = [Path(image_dir) / n for n in names]
-    folder = Path(cache_dir) / f"{tag}-{cfg.name}-{encoder_key(cfg)}-{_files_fingerprint(paths)}"
-    index_file = folder / "index.json"
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
-        if index.get("names") == names:
-            feats = np.load(folder / "features.npy", mmap_mode="r")
-            return FeatureCache(folder, names, feats)
+    image_dir = Path(image_dir)
+    where = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:6]
+    folder = Path(cache_dir) / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}"
+    stats = {n: _stat(image_dir / n) for n in names}
+    old = _open(folder)
+    if old is not None:
+        index, feats = old
+        cached = dict(zip(index.get("names", []), index.get("stats", [])))
+        if all(cached.get(n) == s for n, s in stats.items()):
+            return FeatureCache(folder, index["names"], feats)
+    # Keep every still-valid row of the old cache, encode the rest.
+    keep: list[str] = []
+    if old is not None:
+        for n, s in zip(index["names"], index["stats"]):
+            p = image_dir / n
+            if n not in stats and p.is_file() and _stat(p) == s or stats.get(n) == s:
+                keep.append(n)
+    kept = set(keep)
+    todo = [n for n in stats if n not in kept]
+    all_names = keep + todo
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shape = (len(names), cfg.grid_size ** 2, cfg.feature_dim)
+    shape = (len(all_names), cfg.grid_size ** 2, cfg.feature_dim)
     out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
-    extract_features(paths, cfg, out, batch_size=batch_size, progress=progress)
+    if keep:
+        rows = {n: i for i, n in enumerate(index["names"])}
+        for s in range(0, len(keep), 1024):
+            out[s:s + 1024] = feats[[rows[n] for n in keep[s:s + 1024]]]
+    extract_features([image_dir / n for n in todo], cfg, out[len(keep):], batch_size=batch_size,
+                     progress=progress)
     out.flush()
     del out
-    (tmp / "index.json").write_text(json.dumps({"names": names, "encoder": cfg.to_dict()}))
-    # Whole folder appears at once: a killed extraction leaves only a .tmp folder behind.
+    all_stats = [stats[n] if n in stats else _stat(image_dir / n) for n in all_names]
+    (tmp / "index.json").write_text(json.dumps({"names": all_names, "stats": all_stats,
+                                                "encoder": cfg.to_dict()}))
+    # The whole folder appears at once: a killed extraction leaves only a .tmp folder behind.
+    old = None
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    return FeatureCache(folder, names, np.load(folder / "features.npy", mmap_mode="r"))
+    return FeatureCache(folder, all_names, np.load(folder / "features.npy", mmap_mode="r"))

@@ -1,0 +1,97 @@
+"""Self-describing checkpoints: plain types and tensors only, written atomically.
+
+A checkpoint holds its format version, the model config, the vocab, the encoder's name and
+preprocessing, the decoder weights and the metrics it earned, so it loads on its own with
+`torch.load(weights_only=True)`: no pickled code, no side files.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .encoders import EncoderConfig
+from .errors import CheckpointError
+from .model import CaptionModel, ModelConfig
+from .vocab import Vocab
+
+FORMAT = "captioner-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dict | None = None,
+                    half: bool = False) -> dict:
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.decoder.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.cfg.to_dict(),
+        "encoder": model.encoder_cfg.to_dict(),
+        "vocab": model.vocab.to_dict(),
+        "decoder_state": state,
+        "metrics": dict(metrics or {}),
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(path: str | Path, model: CaptionModel, metrics: dict | None = None,
+                    extra: dict | None = None, half: bool = False) -> None:
+    atomic_torch_save(checkpoint_dict(model, metrics, extra, half), path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and check a checkpoint's dict, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a readable captioner checkpoint (truncated, corrupt or another "
+                              f"format; nothing was unpickled): {first}", path) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError("not a captioner checkpoint (no 'format': 'captioner-checkpoint' field)", path)
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {version!r} is newer than this captioner "
+                              f"reads ({FORMAT_VERSION}); upgrade captioner", path)
+    for key in ("model", "encoder", "vocab", "decoder_state"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint lacks the field {key!r}", path)
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
+    """Rebuild the model from the checkpoint's config, then load its weights (float32)."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = CaptionModel(ModelConfig.from_dict(ckpt["model"]), Vocab.from_dict(ckpt["vocab"]),
+                             EncoderConfig.from_dict(ckpt["encoder"]))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
+        model.decoder.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint does not match its own config: {e}", path) from None
+    return model.eval(), ckpt

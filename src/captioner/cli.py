@@ -1,0 +1,224 @@
+"""`captioner` command line: caption, prepare, train, evaluate, export, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import CaptionerError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def expand_paths(paths: Sequence[str]) -> list[Path]:
+    """Files as given; a folder becomes the images in it, sorted."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            out.append(p)
+    return out
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, default=3, help="beam width; 1 = greedy (default 3)")
+    p.add_argument("--max-len", type=int, default=25, help="most words per caption (default 25)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="rank beams by logprob / length**this (default 1.0)")
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .api import Captioner
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("error: no images found in the given paths", file=sys.stderr)
+        return 2
+    captioner = Captioner.load(args.model)
+    failed = 0
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        feats, good = [], []
+        for p in chunk:  # one bad photo gets its error; the others are still captioned
+            try:
+                feats.append(captioner.encode([p]))
+                good.append(p)
+            except CaptionerError as e:
+                failed += 1
+                print(f"error: {e}", file=sys.stderr)
+        if not good:
+            continue
+        import torch
+
+        caps = captioner.caption_features(torch.cat(feats), beam_size=args.beam_size, max_len=args.max_len,
+                                          n_best=args.n_best, length_penalty=args.length_penalty)
+        for p, c in zip(good, caps):
+            if args.json:
+                print(json.dumps({"image": str(p), **c.to_dict()}))
+            else:
+                print(f"{p}: {c.text}" if len(paths) > 1 else c.text)
+                for alt, score in c.alternatives:
+                    print(f"    alt ({score:.3f}): {alt}")
+            if args.attention:
+                from .plots import save_attention_figure
+
+                target = Path(args.attention)
+                if len(paths) > 1:
+                    target = target.with_name(f"{target.stem}-{p.stem}{target.suffix or '.png'}")
+                save_attention_figure(p, c, target)
+    return 1 if failed else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .train import prepare
+    from .vocab import Vocab
+
+    cfg = load_train_config(args.config, args.set, data=args.data, layout=args.layout, model=args.model,
+                            cache_dir=args.cache_dir)
+    prepared = prepare(cfg)
+    ds = prepared.dataset
+    for note in ds.notes:
+        print(f"note: {note}")
+    for split in ("train", "dev", "test"):
+        recs = ds.split(split)
+        print(f"{split:>5}: {len(recs):6d} images {sum(len(r.captions) for r in recs):7d} captions")
+    vocab = Vocab.build((c for r in ds.split("train") for c in r.captions), cfg.min_word_count)
+    print(f"vocab: {len(vocab)} tokens (min count {cfg.min_word_count})")
+    print(f"features: {prepared.cache.path} {tuple(prepared.cache.features.shape)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .train import train
+
+    cfg = load_train_config(args.config, args.set, data=args.data, out=args.out, model=args.model,
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+    result = train(cfg, resume=args.resume)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Captioner
+    from .decode import SearchConfig
+    from .evaluate import evaluate
+
+    captioner = Captioner.load(args.checkpoint)
+    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=args.length_penalty)
+    out = args.captions_out or f"captions-{args.split}.json"
+    scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
+                             cache_dir=args.cache_dir, captions_out=out, progress=not args.json)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}")
+    for k, v in scores.items():
+        print(f"{k:>8}: {v:.4f}")
+    print(f"captions written to {out}")
+    if args.json:
+        print(json.dumps(scores))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    model, ckpt = load_checkpoint(args.checkpoint)
+    metrics = dict(ckpt.get("metrics", {}))
+    if args.metrics:
+        metrics["test"] = json.loads(Path(args.metrics).read_text())
+    extra = {"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}
+    save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=args.half)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model import get_model_config, list_models
+
+    for name in list_models():
+        cfg = get_model_config(name)
+        print(f"{name:24s} {cfg.encoder:20s} {cfg.decoder:22s} {cfg.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption photos (files or folders)")
+    p.add_argument("paths", nargs="+", help="image files or folders of images")
+    p.add_argument("--model", default=None, help="checkpoint file (default: the shipped model)")
+    _search_args(p)
+    p.add_argument("--n-best", type=int, default=1, help="also print the next-best captions")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--attention", default=None, help="write the per-word attention figure to this PNG")
+    p.set_defaults(func=cmd_caption)
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help="JSON file of training config fields")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config field (repeatable)")
+        p.add_argument("--data", default=None, help="dataset folder (default ../shared/data/flickr8k)")
+        p.add_argument("--model", default=None, help="registered model name (see `captioner models`)")
+        p.add_argument("--cache-dir", default=None, help="feature cache folder")
+
+    p = sub.add_parser("prepare", help="check a dataset and fill its feature cache")
+    data_args(p)
+    p.add_argument("--layout", default=None, choices=["auto", "token", "csv"])
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model")
+    data_args(p)
+    p.add_argument("--out", default=None, help="run folder")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the shipped model)")
+    p.add_argument("--layout", default="auto", choices=["auto", "token", "csv"])
+    p.add_argument("--cache-dir", default="~/.cache/captioner")
+    p.add_argument("--captions-out", default=None, help="per-image captions JSON (default captions-SPLIT.json)")
+    p.add_argument("--json", action="store_true", help="last line: the scores as one JSON object")
+    _search_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a model-only checkpoint (optionally fp16) for shipping")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--half", action="store_true", help="store weights as fp16")
+    p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="list the registered model configs")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CaptionerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

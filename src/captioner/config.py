@@ -1,0 +1,96 @@
+"""Run configs: typed dataclasses, read from a JSON file plus `key=value` overrides."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    model: str = "show-attend-tell"  # a registered model config (captioner models)
+    data: str = "../shared/data/flickr8k"  # dataset folder
+    layout: str = "auto"  # Flickr8k caption layout: token, csv or auto
+    out: str = "runs/show-attend-tell"  # run folder: checkpoints, logs, resolved config
+    cache_dir: str = "~/.cache/captioner"  # encoder feature caches
+    seed: int = 0
+    epochs: int = 12  # upper bound; early stopping may end sooner
+    batch_size: int = 100  # captions per optimiser step
+    lr: float = 1e-3  # peak Adam learning rate
+    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr * final_lr_ratio
+    final_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max global gradient norm
+    label_smoothing: float = 0.1
+    min_word_count: int = 5  # words rarer than this in train captions become <unk>
+    max_caption_len: int = 30  # words kept per training caption
+    val_beam_size: int = 3  # dev decoding during training, as evaluate does it
+    val_max_len: int = 25  # words generated at most
+    length_penalty: float = 1.0  # beam ranking: sum(logprob) / length ** length_penalty
+    patience: int = 3  # epochs without a dev CIDEr gain before stopping early
+    max_train_images: int = 0  # 0 = all; small values make quick smoke runs
+    max_val_images: int = 0  # 0 = all dev images
+    feature_batch_size: int = 8  # images per encoder call when filling the feature cache
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True  # progress bars
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(field_type: Any, raw: str, key: str) -> Any:
+    kind = field_type if isinstance(field_type, str) else getattr(field_type, "__name__", str(field_type))
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"override {key}={raw!r}: expected a value of type {kind}") from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                      **explicit: Any) -> TrainConfig:
+    """Defaults < JSON file < `key=value` overrides < explicit keyword values (None ignored)."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields")
+        unknown = sorted(set(loaded) - set(types))
+        if unknown:
+            raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        if key not in types:
+            raise ConfigError(f"override {item!r}: unknown field {key!r}; known: {', '.join(types)}")
+        values[key] = _coerce(types[key], raw, key)
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    cfg = TrainConfig(**values)
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)),
+              "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(kind, True)
+        if not ok:
+            raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
+    return cfg

@@ -1,0 +1,36 @@
+"""Score a checkpoint on a dataset split with the standard caption toolkit."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .data import load_flickr8k
+from .decode import SearchConfig
+from .features import build_cache
+from .metrics import METRIC_NAMES, score_captions
+from .model import CaptionModel
+from .train import decode_records
+
+
+def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,
+             layout: str = "auto", cache_dir: str | Path = "~/.cache/captioner", seed: int = 0,
+             captions_out: str | Path | None = None, progress: bool = True) -> tuple[dict[str, float], list[str]]:
+    """Decode every image of `split` and score it; returns (toolkit scores, notes)."""
+    search = search or SearchConfig()
+    dataset = load_flickr8k(data, layout=layout, seed=seed)
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"split {split!r} of {data} has no images")
+    cache = build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
+                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress)
+    preds = decode_records(model, cache, records, search, progress=progress)
+    scores, notes = score_captions(preds, {r.image: r.captions for r in records}, METRIC_NAMES)
+    if captions_out is not None:
+        path = Path(captions_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"image": r.image, "caption": preds[r.image], "references": r.captions} for r in records]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, path)
+    return scores, notes
