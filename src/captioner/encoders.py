@@ -108,7 +108,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone.eval()
+        # channels-last runs the depthwise convolutions about twice as fast on CPU.
+        self.backbone = backbone.eval().to(memory_format=torch.channels_last)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
 
@@ -117,7 +118,7 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.backbone.extract_features(images)  # (B, C, H, W)
+        grid = self.backbone.extract_features(images.contiguous(memory_format=torch.channels_last))  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
