@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,10 +46,19 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name: str) -> ModelConfig:
-    path = resources.files("captioner") / "configs" / f"{name}.json"
-    if not path.is_file():
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    """A registered model by name, or a model config JSON file by path."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model config file {name} not found")
+    else:
+        path = resources.files("captioner") / "configs" / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
 
 
 class CaptionModel(nn.Module):

@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import CaptionDataset, ImageRecord, load_flickr8k
 from .decode import SearchConfig
 from .encoders import get_encoder_config
+from .errors import ConfigError
 from .features import FeatureCache, build_cache
 from .metrics import score_captions
 from .model import CaptionModel, get_model_config
@@ -160,6 +161,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     started = time.time()
     last_path, best_path = out / "last.pt", out / "best.pt"
     state = None
+    if not resume and last_path.is_file():
+        raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
+                          f"--resume, or choose another --out")
     if resume and last_path.is_file():
         state = read_checkpoint(last_path)
         saved = state["train_config"]

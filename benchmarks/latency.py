@@ -1,0 +1,68 @@
+"""Caption latency of a model on this machine: one photo at a time, model already loaded.
+
+    python benchmarks/latency.py [--model PATH] [--repeats 30] [--out benchmarks/results/latency.json]
+
+Times the whole `Captioner.caption` call (decode + resize + encoder + beam search) per
+example photo and reports medians over the repeats, with the encoder alone and the
+decoder alone for comparison. Timings on a shared machine are noisy: read the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from captioner.api import Captioner
+from captioner.decode import SearchConfig
+from captioner.encoders import preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency.json"))
+    args = p.parse_args(argv)
+    cap = Captioner.load(args.model)
+    photos = sorted((REPO / "examples").glob("*.jpg"))
+    rows = {}
+    for beam in (1, 3):
+        per_photo = [median_ms(lambda: cap.caption(ph, beam_size=beam), args.repeats) for ph in photos]
+        rows[f"caption_beam{beam}_ms"] = round(statistics.median(per_photo), 1)
+    feats = cap.encode([photos[0]])
+    x = preprocess(photos[0], cap.model.encoder_cfg)[None]  # (1, 3, S, S)
+    rows["encoder_only_ms"] = round(median_ms(lambda: cap.encoder(x), args.repeats), 1)
+    rows["beam3_decode_only_ms"] = round(median_ms(
+        lambda: cap.model.generate(feats, SearchConfig(beam_size=3)), args.repeats), 1)
+    batch = cap.encode(photos * 8)  # 32 photos' features
+    t = median_ms(lambda: cap.model.generate(batch, SearchConfig(beam_size=3)), max(3, args.repeats // 5))
+    rows["beam3_decode_batch32_ms_per_image"] = round(t / len(batch), 2)
+    result = {"model": cap.info["path"].replace(str(REPO) + "/", ""), "photos": [ph.name for ph in photos],
+              "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "machine": platform.machine(), **rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

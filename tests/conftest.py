@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny generated photos and captions, and a tiny model config."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+SHAPES = ("square", "circle")
+
+
+def make_photo(path: Path, color: str, shape: str, size: int = 64, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    bg = tuple(int(v) for v in rng.integers(200, 255, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLORS[color])
+    img.save(path, quality=95)
+
+
+def make_flickr_like(root: Path, n_per_kind: int = 3, layout: str = "token", with_splits: bool = True) -> Path:
+    """A Flickr8k-shaped folder of generated photos: 'a red square', 'a blue circle', ..."""
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    text = root / "Flickr8k_text"
+    text.mkdir(exist_ok=True)
+    names, captions = [], []
+    i = 0
+    for color in COLORS:
+        for shape in SHAPES:
+            for k in range(n_per_kind):
+                name = f"{1000 + i}_{color}{shape}.jpg"
+                make_photo(root / "Images" / name, color, shape, seed=i)
+                names.append(name)
+                captions.append([f"a {color} {shape} .", f"A {color} {shape} on a plain background",
+                                 f"the {shape} is {color}", f"a {color} {shape}", f"one {color} {shape} ."])
+                i += 1
+    if layout == "token":
+        with open(text / "Flickr8k.token.txt", "w") as f:
+            for name, caps in zip(names, captions):
+                for j, c in enumerate(caps):
+                    f.write(f"{name}#{j}\t{c}\n")
+    else:
+        with open(root / "captions.txt", "w") as f:
+            f.write("image,caption\n")
+            for name, caps in zip(names, captions):
+                for c in caps:
+                    f.write(f"{name},{c}\n")
+    if with_splits:
+        # every kind appears in every split: index k of each kind goes to train/dev/test
+        splits = {"train": [], "dev": [], "test": []}
+        for j, name in enumerate(names):
+            k = j % n_per_kind
+            splits["train" if k < n_per_kind - 2 else "dev" if k == n_per_kind - 2 else "test"].append(name)
+        for s, ns in splits.items():
+            (text / f"Flickr_8k.{s}Images.txt").write_text("\n".join(ns) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_flickr_like(tmp_path / "data", n_per_kind=4)
+
+
+TINY_MODEL = {
+    "name": "tiny-sat",
+    "encoder": "efficientnet-lite0",
+    "decoder": "soft-attention-lstm",
+    "decoder_params": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20,
+                       "dropout": 0.1, "alpha_c": 1.0},
+}
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-sat.json"
+    path.write_text(json.dumps(TINY_MODEL))
+    return path
+
+
+def needs_flickr8k():
+    return pytest.mark.skipif(not (FLICKR8K / "Images").is_dir(),
+                              reason=f"Flickr8k copy not found at {FLICKR8K} (set CAPTIONER_FLICKR8K)")

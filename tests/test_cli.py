@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from captioner.cli import expand_paths, main
+
+from conftest import REPO
+
+EXAMPLES = REPO / "examples"
+
+
+def test_caption_json_prints_one_object_per_image(capsys):
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "coffee.jpg"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"].split("/")[-1] for r in rows] == ["cat.jpg", "coffee.jpg"]
+    for r in rows:
+        assert len(r["caption"].split()) >= 3 and r["score"] < 0
+
+
+def test_caption_folder_expands_to_its_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "b.jpg").write_bytes((EXAMPLES / "cat.jpg").read_bytes())
+    (tmp_path / "a.png").write_bytes(b"")
+    assert [p.name for p in expand_paths([str(tmp_path)])] == ["a.png", "b.jpg"]
+
+
+def test_bad_image_gets_an_error_and_the_others_are_still_captioned(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("<html>")
+    code = main(["caption", str(bad), str(EXAMPLES / "cat.jpg"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "broken.jpg" in err and "error" in err
+    assert [json.loads(x)["image"].split("/")[-1] for x in out.splitlines()] == ["cat.jpg"]
+
+
+def test_n_best_and_attention_figure(tmp_path, capsys):
+    fig = tmp_path / "att.png"
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), "--n-best", "3", "--attention", str(fig)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1].startswith("    alt")
+    assert fig.stat().st_size > 10_000
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), "--model", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    assert "show-attend-tell" in capsys.readouterr().out
+
+
+def test_evaluate_json_last_line_has_toolkit_keys(tiny_data, tmp_path, capsys):
+    out = tmp_path / "caps.json"
+    code = main(["evaluate", "--data", str(tiny_data), "--split", "test", "--cache-dir", str(tmp_path / "c"),
+                 "--captions-out", str(out), "--json", "--beam-size", "2"])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(scores) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    assert all(0 <= v <= 10 for v in scores.values())
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(r["caption"] and len(r["references"]) == 5 for r in rows)
+
+
+def test_prepare_reports_splits(tiny_data, tmp_path, capsys):
+    assert main(["prepare", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "train:     12 images      60 captions" in out and "vocab:" in out
+
+
+def test_bad_data_folder_exit_code_and_message(tmp_path, capsys):
+    assert main(["prepare", "--data", str(tmp_path / "none")]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from captioner.decode import SearchConfig, beam_search
+from captioner.decoders import build_decoder
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+class TableDecoder(nn.Module):
+    """A decoder whose next-token distribution depends only on the previous token."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.table = torch.full((vocab, vocab), -1e9)
+        for prev, nxt in table.items():
+            for tok, p in nxt.items():
+                self.table[prev, tok] = math.log(p)
+
+    def init_state(self, features):
+        return {"x": features[:, 0, :1], "alpha": features.new_ones(features.shape[:2]) / features.size(1)}
+
+    def step(self, prev, state):
+        return self.table[prev].log_softmax(-1), state
+
+
+# Greedy takes 3 (p=.5) then a flat step; the beam finds 4 -> 5 -> EOS, far likelier overall.
+TABLE = {BOS: {3: 0.5, 4: 0.4, EOS: 0.1}, 3: {5: 0.34, 6: 0.33, 7: 0.33}, 4: {5: 1.0},
+         5: {EOS: 1.0}, 6: {EOS: 1.0}, 7: {EOS: 1.0}}
+
+
+def run(cfg, batch=1):
+    dec = TableDecoder(TABLE, 8)
+    return beam_search(dec, torch.zeros(batch, 4, 2), BOS, EOS, PAD, cfg)
+
+
+def test_greedy_takes_the_locally_best_word():
+    h = run(SearchConfig(beam_size=1, length_penalty=0.0))
+    assert h.tokens[0, 0, :3].tolist() == [3, 5, EOS]
+
+
+def test_beam_finds_the_globally_better_caption():
+    h = run(SearchConfig(beam_size=3, length_penalty=0.0))
+    assert h.tokens[0, 0, :3].tolist() == [4, 5, EOS]
+    assert h.logprobs[0, 0].item() == pytest.approx(math.log(0.4), abs=1e-4)
+
+
+def test_n_best_sorted_and_padded_after_eos():
+    h = run(SearchConfig(beam_size=3, n_best=3, length_penalty=0.0))
+    assert h.tokens.shape[:2] == (1, 3)
+    assert (h.scores[0, :-1] >= h.scores[0, 1:]).all()
+    for row in h.tokens[0].tolist():
+        if EOS in row:
+            assert all(t == PAD for t in row[row.index(EOS) + 1:])
+
+
+def test_scores_are_length_normalised():
+    short = run(SearchConfig(beam_size=3, n_best=3, length_penalty=0.0))
+    norm = run(SearchConfig(beam_size=3, n_best=3, length_penalty=1.0))
+    assert norm.scores[0, 0] == pytest.approx(norm.logprobs[0, 0] / 3, abs=1e-4)
+    assert short.scores[0, 0] == pytest.approx(short.logprobs[0, 0], abs=1e-4)
+
+
+def test_max_len_forces_an_end():
+    h = run(SearchConfig(beam_size=2, max_len=1))
+    assert h.tokens.shape[-1] <= 2
+    assert (h.tokens[0, 0] == EOS).any()
+
+
+def test_batched_search_equals_one_image_at_a_time():
+    torch.manual_seed(0)
+    dec = build_decoder("soft-attention-lstm", {"embed_dim": 8, "hidden_dim": 16, "attention_dim": 8,
+                                                "region_dim": 8}, 12, 10).eval()
+    feats = torch.randn(4, 5, 10)
+    cfg = SearchConfig(beam_size=3, max_len=7, n_best=2)
+    together = beam_search(dec, feats, BOS, EOS, PAD, cfg)
+    for i in range(4):
+        alone = beam_search(dec, feats[i:i + 1], BOS, EOS, PAD, cfg)
+        T = alone.tokens.size(-1)
+        assert together.tokens[i, :, :T].tolist() == alone.tokens[0].tolist()
+        torch.testing.assert_close(together.scores[i], alone.scores[0])
+
+
+def test_attention_has_one_map_per_token():
+    torch.manual_seed(0)
+    dec = build_decoder("soft-attention-lstm", {"embed_dim": 8, "hidden_dim": 16, "attention_dim": 8,
+                                                "region_dim": 8}, 12, 10).eval()
+    h = beam_search(dec, torch.randn(2, 5, 10), BOS, EOS, PAD, SearchConfig(beam_size=2, max_len=6))
+    assert h.alphas.shape[:3] == h.tokens.shape and h.alphas.shape[-1] == 5
+    live = h.tokens != PAD
+    torch.testing.assert_close(h.alphas.sum(-1)[live], torch.ones(int(live.sum())))

@@ -1,0 +1,86 @@
+"""Train a tiny model for a few steps on generated photos, save, reload, caption, resume."""
+import json
+
+import pytest
+
+from captioner.api import Captioner
+from captioner.config import load_train_config
+from captioner.errors import ConfigError
+from captioner.train import train
+
+
+def tiny_config(data, out, model_file, **kw):
+    sets = {"data": str(data), "out": str(out), "model": str(model_file), "cache_dir": str(out / "cache"),
+            "epochs": 3, "batch_size": 8, "warmup_steps": 2, "lr": 0.01, "patience": 5,
+            "val_beam_size": 2, "val_max_len": 6, "progress": False, "min_word_count": 1}
+    sets.update(kw)
+    return load_train_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_train_save_reload_caption(tiny_data, tiny_model_file, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_data, out, tiny_model_file))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert set(history[0]["dev"]) >= {"Bleu_4", "CIDEr"}
+    assert result["best_dev_CIDEr"] == max(h["dev"]["CIDEr"] for h in history)
+    for name in ("best.pt", "last.pt", "config.json", "curves.png", "train.log"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+    cap = Captioner.load(out / "best.pt").caption(sorted((tiny_data / "Images").iterdir())[0], beam_size=2,
+                                                  max_len=6)
+    vocab = set(Captioner.load(out / "best.pt").model.vocab.tokens)
+    assert cap.words and all(w in vocab for w in cap.words)
+    assert cap.attention.shape == (len(cap.words), 7, 7)
+
+
+def test_resume_continues_where_it_stopped(tiny_data, tiny_model_file, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_config(tiny_data, full, tiny_model_file, epochs=3))
+    # The same run, interrupted after epoch 2 (once last.pt is written), then resumed.
+    import captioner.train as T
+
+    stop_after = {"n": 0}
+    real_plot = T._plot
+
+    def plot_then_maybe_die(history, path):
+        real_plot(history, path)
+        stop_after["n"] += 1
+        if stop_after["n"] == 2:
+            raise KeyboardInterrupt
+
+    T._plot = plot_then_maybe_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(tiny_data, part, tiny_model_file, epochs=3))
+    finally:
+        T._plot = real_plot
+    train(tiny_config(tiny_data, part, tiny_model_file, epochs=3), resume=True)
+    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+
+
+def test_config_overrides_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="no_such_field"):
+        load_train_config(None, ["no_such_field=1"])
+    with pytest.raises(ConfigError, match="epochs"):
+        load_train_config(None, ["epochs=many"])
+    bad = tmp_path / "c.json"
+    bad.write_text('{"epochs": 3,\n "lr": }')
+    with pytest.raises(ConfigError, match="line 2"):
+        load_train_config(bad)
+    assert load_train_config(None, ["epochs=4", "progress=false"]).epochs == 4
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_run(tiny_data, tiny_model_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, tiny_model_file, epochs=1))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(tiny_data, out, tiny_model_file, epochs=1))
+    assert (out / "last.pt").read_bytes() == before
