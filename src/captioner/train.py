@@ -203,6 +203,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
              cfg.model, sum(p.numel() for p in model.decoder.parameters()), len(vocab),
              len(train_recs), len(dev_recs))
 
+    # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
+    # checkpoint leaves no orphan line behind.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
     rows, seqs = caption_pairs(train_recs, vocab, cfg.max_caption_len)
     lengths = [len(s) for s in seqs]
     # Train features in RAM once (fp16): random batch access without touching the disk.
