@@ -94,10 +94,13 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     # Keep every still-valid row of the old cache, encode the rest.
     keep: list[str] = []
     if old is not None:
-        for n, s in zip(index["names"], index["stats"]):
-            p = image_dir / n
-            if n not in stats and p.is_file() and _stat(p) == s or stats.get(n) == s:
-                keep.append(n)
+        for name, stat in zip(index["names"], index["stats"]):
+            if name in stats:
+                still_valid = stats[name] == stat
+            else:  # a photo this call did not ask for: keep its row while the file is unchanged
+                still_valid = (image_dir / name).is_file() and _stat(image_dir / name) == stat
+            if still_valid:
+                keep.append(name)
     kept = set(keep)
     todo = [n for n in stats if n not in kept]
     all_names = keep + todo
@@ -108,8 +111,9 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
     if keep:
         rows = {n: i for i, n in enumerate(index["names"])}
-        for s in range(0, len(keep), 1024):
-            out[s:s + 1024] = feats[[rows[n] for n in keep[s:s + 1024]]]
+        for start in range(0, len(keep), 1024):
+            chunk = keep[start:start + 1024]
+            out[start:start + len(chunk)] = feats[[rows[n] for n in chunk]]
     extract_features([image_dir / n for n in todo], cfg, out[len(keep):], batch_size=batch_size,
                      progress=progress)
     out.flush()

@@ -49,13 +49,31 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(dataset, cache)
 
 
-def caption_pairs(records: list[ImageRecord], vocab: Vocab, max_len: int) -> tuple[list[int], list[list[int]]]:
-    rows, seqs = [], []
-    for i, r in enumerate(records):
-        for c in r.captions:
-            rows.append(i)
-            seqs.append(vocab.encode(c, max_len))
-    return rows, seqs
+class TrainingSet:
+    """(image, caption) pairs of the train split, with the images' features held in RAM."""
+
+    def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int):
+        self.vocab = vocab
+        self.rows: list[int] = []  # feature row of each pair
+        self.seqs: list[list[int]] = []  # [BOS, words..., EOS] of each pair
+        for i, r in enumerate(records):
+            for c in r.captions:
+                self.rows.append(i)
+                self.seqs.append(vocab.encode(c, max_len))
+        self.lengths = [len(s) for s in self.seqs]
+        # fp16 in RAM once: random batch access without touching the disk
+        self.features = torch.from_numpy(np.ascontiguousarray(
+            cache.features[cache.rows([r.image for r in records])]))  # (N_images, R, C)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def batch(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair indices -> features (B, R, C) float32 and PAD-padded token ids (B, T)."""
+        seq = torch.full((len(pairs), max(self.lengths[i] for i in pairs)), self.vocab.pad_id, dtype=torch.long)
+        for j, i in enumerate(pairs):
+            seq[j, :self.lengths[i]] = torch.tensor(self.seqs[i])
+        return self.features[[self.rows[i] for i in pairs]].float(), seq
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -116,6 +134,28 @@ def validate(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord
     return scores
 
 
+def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: TrainingSet,
+                batches: list[list[int]], step: int, total_steps: int, cfg: TrainConfig, desc: str
+                ) -> tuple[float, int]:
+    """One pass over `batches`; returns (mean loss, global step after it)."""
+    model.train()
+    loss_sum = 0.0
+    bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
+    for n, pairs in enumerate(bar, 1):
+        feats, seq = data.batch(pairs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total_steps, cfg)
+        loss = caption_loss(model, feats, seq, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        loss_sum += loss.item()
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}")
+    return loss_sum / max(len(batches), 1), step
+
+
 def _plot(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -137,25 +177,33 @@ def _plot(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def _setup_logging(out: Path) -> None:
+def _log_to(out: Path) -> logging.Handler:
+    """Send the captioner log to out/train.log (and the console) for one run."""
     logger = logging.getLogger("captioner")
     logger.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str((out / "train.log").resolve())
-               for h in logger.handlers):
-        fh = logging.FileHandler(out / "train.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(fh)
     if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        sh = logging.StreamHandler()
-        sh.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(sh)
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    return handler
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train per `cfg` into `cfg.out`; returns the best dev scores. `resume` continues last.pt."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
+    handler = _log_to(out)
+    try:
+        return _train(cfg, out, resume)
+    finally:
+        logging.getLogger("captioner").removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
@@ -207,40 +255,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # checkpoint leaves no orphan line behind.
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    rows, seqs = caption_pairs(train_recs, vocab, cfg.max_caption_len)
-    lengths = [len(s) for s in seqs]
-    # Train features in RAM once (fp16): random batch access without touching the disk.
-    feats_all = torch.from_numpy(np.ascontiguousarray(prepared.cache.features[prepared.cache.rows(
-        [r.image for r in train_recs])]))  # (N_train, R, C) fp16
-    steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    data = TrainingSet(train_recs, prepared.cache, vocab, cfg.max_caption_len)
+    total_steps = math.ceil(len(data) / cfg.batch_size) * cfg.epochs
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stale >= cfg.patience:
             break
-        model.train()
-        t0, loss_sum, n = time.time(), 0.0, 0
-        batches = length_bucketed_batches(lengths, cfg.batch_size, gen)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for batch in bar:
-            T = max(lengths[i] for i in batch)
-            seq = torch.full((len(batch), T), vocab.pad_id, dtype=torch.long)
-            for j, i in enumerate(batch):
-                seq[j, :lengths[i]] = torch.tensor(seqs[i])
-            feats = feats_all[[rows[i] for i in batch]].float()  # (B, R, C)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, cfg)
-            loss = caption_loss(model, feats, seq, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            loss_sum, n = loss_sum + loss.item(), n + 1
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}")
+        t0 = time.time()
+        batches = length_bucketed_batches(data.lengths, cfg.batch_size, gen)
+        train_loss, step = train_epoch(model, optimizer, data, batches, step, total_steps, cfg,
+                                       f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - t0
         dev = validate(model, prepared.cache, dev_recs, cfg)
-        record = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "lr": lr_at(step, total_steps, cfg),
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr_at(step, total_steps, cfg),
                   "train_seconds": round(train_seconds, 1), "val_seconds": round(time.time() - t0 - train_seconds, 1),
                   "dev": dev}
         history.append(record)
