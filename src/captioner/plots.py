@@ -11,13 +11,12 @@ from .api import Caption
 from .encoders import ImageInput, load_image
 
 
-def attention_overlay(image: Image.Image, weights: np.ndarray, size: int = 224) -> np.ndarray:
-    """Blend one (grid, grid) attention map over the photo: (size, size, 3) uint8."""
-    photo = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32)
-    w = weights / max(float(weights.max()), 1e-8)
-    heat = np.asarray(Image.fromarray((w * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR),
-                      dtype=np.float32)[..., None] / 255.0
-    return (photo * (0.25 + 0.75 * heat)).clip(0, 255).astype(np.uint8)
+def attention_heat(weights: np.ndarray, size: int = 224) -> np.ndarray:
+    """One (grid, grid) attention map, min-max scaled and upsampled to (size, size) in [0, 1]."""
+    w = weights - weights.min()
+    w = w / max(float(w.max()), 1e-8)
+    up = Image.fromarray((w * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return np.asarray(up, dtype=np.float32) / 255.0
 
 
 def save_attention_figure(image: ImageInput, caption: Caption, path: str | Path, cols: int = 5) -> Path:
@@ -36,11 +35,13 @@ def save_attention_figure(image: ImageInput, caption: Caption, path: str | Path,
     for ax in np.ravel(axes):
         ax.axis("off")
     axes = np.ravel(axes)
-    axes[0].imshow(img.resize((224, 224)))
+    axes[0].imshow(img.resize((224, 224), Image.BICUBIC))
     axes[0].set_title("photo", fontsize=9)
+    photo = img.resize((224, 224), Image.BICUBIC)
     for i, (word, w) in enumerate(zip(caption.words, caption.attention), 1):
-        axes[i].imshow(attention_overlay(img, w))
-        axes[i].set_title(word, fontsize=10)
+        axes[i].imshow(photo)
+        axes[i].imshow(attention_heat(w), cmap="jet", alpha=0.45)
+        axes[i].set_title(f"{word} ({w.max():.2f})", fontsize=9)
     fig.suptitle(caption.text, fontsize=11)
     fig.tight_layout()
     path = Path(path)
