@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Retrain the default model from scratch (feature extraction included), score it on the
-# Flickr8k test split, and record the wall-clock minutes of each stage.
+# Retrain the default model from scratch (feature extraction included), pick the beam
+# length penalty on dev, score the model on the Flickr8k test split, and ship it.
 #   bash benchmarks/retrain_default.sh [DATA_DIR] [RUN_DIR]
-# Writes RUN_DIR/timing.json, RUN_DIR/test_scores.json and RUN_DIR/captions-test.json.
+# Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here),
+# RUN_DIR/length_penalty.json, RUN_DIR/test_scores.json, RUN_DIR/captions-test.json, and the
+# shipped model src/captioner/weights/default.pt (fp16, with its test scores inside).
 set -euo pipefail
 DATA=${1:-../shared/data/flickr8k}
 RUN=${2:-runs/default}
@@ -10,21 +12,31 @@ CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
 mkdir -p "$RUN"
 rm -rf "$CACHE"
 now() { date +%s.%N; }
+timing() {  # timing.json from the stage boundaries seen so far
+  python3 - "$RUN/timing.json" "$@" <<'PY'
+import json, os, platform, sys
+t = list(map(float, sys.argv[2:]))
+out = {"prepare_minutes": round((t[1] - t[0]) / 60, 1), "train_minutes": round((t[2] - t[1]) / 60, 1),
+       "retrain_minutes": round((t[2] - t[0]) / 60, 1), "cpus": os.cpu_count(),
+       "machine": platform.machine()}
+if len(t) > 3:
+    out["tune_and_evaluate_minutes"] = round((t[3] - t[2]) / 60, 1)
+open(sys.argv[1], "w").write(json.dumps(out, indent=2) + "\n")
+print(json.dumps(out))
+PY
+}
 t0=$(now)
 captioner prepare --config configs/flickr8k-default.json --data "$DATA" --cache-dir "$CACHE"
 t1=$(now)
 captioner train --config configs/flickr8k-default.json --data "$DATA" --cache-dir "$CACHE" --out "$RUN" --no-progress
 t2=$(now)
-captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/best.pt" --cache-dir "$CACHE" \
+timing "$t0" "$t1" "$t2"
+python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
+  --out "$RUN/length_penalty.json"
+LP=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['best_length_penalty'])" "$RUN/length_penalty.json")
+captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$LP"
+captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --cache-dir "$CACHE" \
   --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
 tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"
-t3=$(now)
-python3 - "$t0" "$t1" "$t2" "$t3" "$RUN/timing.json" <<'PY'
-import json, os, platform, sys
-t0, t1, t2, t3 = map(float, sys.argv[1:5])
-timing = {"prepare_minutes": round((t1 - t0) / 60, 1), "train_minutes": round((t2 - t1) / 60, 1),
-          "retrain_minutes": round((t2 - t0) / 60, 1), "evaluate_minutes": round((t3 - t2) / 60, 1),
-          "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
-open(sys.argv[5], "w").write(json.dumps(timing, indent=2) + "\n")
-print(json.dumps(timing))
-PY
+captioner export "$RUN/model.pt" src/captioner/weights/default.pt --half --metrics "$RUN/test_scores.json"
+timing "$t0" "$t1" "$t2" "$(now)"

@@ -70,7 +70,9 @@ class Captioner:
 
     @torch.no_grad()
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
-                         n_best: int = 1, length_penalty: float = 1.0) -> list[Caption]:
+                         n_best: int = 1, length_penalty: float | None = None) -> list[Caption]:
+        if length_penalty is None:
+            length_penalty = self.model.length_penalty
         search = SearchConfig(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
                               n_best=max(n_best, 1))
         hyps = self.model.generate(feats, search)
@@ -93,5 +95,5 @@ class Captioner:
 
     def caption(self, image: ImageInput, **search) -> Caption:
         """Caption one photo (path, bytes or PIL image). Options: beam_size, max_len, n_best,
-        length_penalty."""
+        length_penalty (default: the value the model was tuned with)."""
         return self.caption_batch([image], **search)[0]

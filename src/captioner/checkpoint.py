@@ -50,6 +50,7 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
         "vocab": model.vocab.to_dict(),
         "decoder_state": state,
         "metrics": dict(metrics or {}),
+        "decode": {"length_penalty": float(model.length_penalty)},
         **(extra or {}),
     }
 
@@ -90,6 +91,7 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
                              EncoderConfig.from_dict(ckpt["encoder"]))
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
         model.decoder.load_state_dict(state)
+        model.length_penalty = float(ckpt.get("decode", {}).get("length_penalty", 1.0))
     except CheckpointError:
         raise
     except Exception as e:

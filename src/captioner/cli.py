@@ -26,8 +26,8 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     p.add_argument("--max-len", type=int, default=25, help="most words per caption (default 25)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="rank beams by logprob / length**this (default 1.0)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="rank beams by logprob / length**this (default: the model's tuned value)")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -110,13 +110,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     captioner = Captioner.load(args.checkpoint)
-    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=args.length_penalty)
+    lp = captioner.model.length_penalty if args.length_penalty is None else args.length_penalty
+    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=lp)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
                              cache_dir=args.cache_dir, captions_out=out, progress=not args.json)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}")
+    print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
+          f"length penalty {lp}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     print(f"captions written to {out}")
@@ -129,6 +131,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint
 
     model, ckpt = load_checkpoint(args.checkpoint)
+    if args.length_penalty is not None:
+        model.length_penalty = args.length_penalty
     metrics = dict(ckpt.get("metrics", {}))
     if args.metrics:
         metrics["test"] = json.loads(Path(args.metrics).read_text())
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--half", action="store_true", help="store weights as fp16")
     p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
+    p.add_argument("--length-penalty", type=float, default=None, help="the beam ranking exponent to ship")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered model configs")

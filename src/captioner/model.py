@@ -70,6 +70,8 @@ class CaptionModel(nn.Module):
         self.vocab = vocab
         self.encoder_cfg = encoder_cfg or get_encoder_config(cfg.encoder)
         self.decoder = build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), self.encoder_cfg.feature_dim)
+        # Beam ranking exponent this model was tuned with on dev; saved with its checkpoint.
+        self.length_penalty = 1.0
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)

@@ -235,6 +235,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     vocab = (Vocab.from_dict(state["vocab"]) if state else
              Vocab.build((c for r in train_recs for c in r.captions), cfg.min_word_count))
     model = CaptionModel(get_model_config(cfg.model), vocab)
+    model.length_penalty = cfg.length_penalty
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
