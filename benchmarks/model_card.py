@@ -23,7 +23,7 @@ REFERENCE = [
      {"Bleu_1": 0.67, "Bleu_2": 0.448, "Bleu_3": 0.299, "Bleu_4": 0.195, "METEOR": 0.1893}),
     ("Show, Attend and Tell, hard attention (published, Xu et al. 2015)",
      {"Bleu_1": 0.67, "Bleu_2": 0.457, "Bleu_3": 0.314, "Bleu_4": 0.213, "METEOR": 0.2030}),
-    ("Tutorial soft-attention port, same Lite0 features, 5 epochs / 1 h (brief)",
+    ("Tutorial soft-attention port, same Lite0 features, 5 epochs / 1 h (project brief's measurement)",
      {"Bleu_4": 0.223, "CIDEr": 0.552, "METEOR": 0.205}),
 ]
 
@@ -46,9 +46,11 @@ def main(run: Path) -> None:
     best = max(history, key=lambda h: h["dev"]["CIDEr"])
     weights = REPO / "src" / "captioner" / "weights" / "default.pt"
     results = table([("**captioner default** (measured, beam 3)", scores)] + REFERENCE)
+    lp = json.loads((run / "length_penalty.json").read_text())
     facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on this {timing['cpus']}-core CPU "
              f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training, "
-             f"{len(history)} epochs; best dev CIDEr-D {best['dev']['CIDEr']:.3f} at epoch {best['epoch']}).\n")
+             f"{len(history)} epochs; best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch "
+             f"{best['epoch']}). Beam length penalty {lp['best_length_penalty']}, chosen on dev.\n")
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms).\n")
