@@ -50,7 +50,8 @@ def main(run: Path) -> None:
     facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on this {timing['cpus']}-core CPU "
              f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training, "
              f"{len(history)} epochs; best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch "
-             f"{best['epoch']}). Beam length penalty {lp['best_length_penalty']}, chosen on dev.\n")
+             f"{best['epoch']}). Beam length penalty {lp['best_length_penalty']} and no-repeat n-gram "
+             f"{lp.get('best_no_repeat_ngram', 0)}, chosen on dev.\n")
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms).\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the default model from scratch (feature extraction included), pick the beam
-# length penalty on dev, score the model on the Flickr8k test split, and ship it.
+# length penalty and n-gram blocking on dev, score the model on the Flickr8k test split, and ship it.
 #   bash benchmarks/retrain_default.sh [DATA_DIR] [RUN_DIR]
 # Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here),
 # RUN_DIR/length_penalty.json, RUN_DIR/test_scores.json, RUN_DIR/captions-test.json, and the
@@ -31,12 +31,5 @@ t1=$(now)
 captioner train --config configs/flickr8k-default.json --data "$DATA" --cache-dir "$CACHE" --out "$RUN" --no-progress
 t2=$(now)
 timing "$t0" "$t1" "$t2"
-python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
-  --out "$RUN/length_penalty.json"
-LP=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['best_length_penalty'])" "$RUN/length_penalty.json")
-captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$LP"
-captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --cache-dir "$CACHE" \
-  --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
-tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"
-captioner export "$RUN/model.pt" src/captioner/weights/default.pt --half --metrics "$RUN/test_scores.json"
+bash benchmarks/ship_default.sh "$DATA" "$RUN"
 timing "$t0" "$t1" "$t2" "$(now)"

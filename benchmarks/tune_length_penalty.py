@@ -1,10 +1,10 @@
-"""Pick the beam-ranking length penalty on the dev split (never on test).
+"""Pick the beam-ranking length penalty and n-gram blocking on the dev split (never on test).
 
     python benchmarks/tune_length_penalty.py --checkpoint runs/default/best.pt \
         [--data ../shared/data/flickr8k] [--cache-dir DIR] [--out runs/default/length_penalty.json]
 
-Decodes the dev photos with beam 3 for each penalty and keeps the one with the best
-CIDEr-D; `captioner export --length-penalty` then ships it inside the checkpoint.
+Decodes the dev photos with beam 3 for each setting and keeps the one with the best CIDEr-D;
+`captioner export --length-penalty --no-repeat-ngram` then ships it inside the checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from captioner.metrics import score_captions
 from captioner.train import decode_records
 
 PENALTIES = (0.0, 0.25, 0.5, 0.75, 1.0)
+NO_REPEAT = (0, 3)  # no-repeat-trigram blocking off / on
 
 
 def main(argv=None) -> float:
@@ -37,18 +38,20 @@ def main(argv=None) -> float:
                         Path(args.cache_dir).expanduser(), tag=ds.name, progress=False)
     refs = {r.image: r.captions for r in dev}
     table = []
-    for lp in PENALTIES:
-        preds = decode_records(model, cache, dev, SearchConfig(beam_size=args.beam_size, length_penalty=lp))
-        scores, _ = score_captions(preds, refs, ["Bleu_4", "ROUGE_L", "CIDEr"])
-        words = sum(len(c.split()) for c in preds.values()) / len(preds)
-        table.append({"length_penalty": lp, **scores, "mean_words": round(words, 2)})
-        print(json.dumps(table[-1]), flush=True)
+    for nr in NO_REPEAT:
+        for lp in PENALTIES:
+            search = SearchConfig(beam_size=args.beam_size, length_penalty=lp, no_repeat_ngram=nr)
+            preds = decode_records(model, cache, dev, search)
+            scores, _ = score_captions(preds, refs, ["Bleu_4", "ROUGE_L", "CIDEr"])
+            words = sum(len(c.split()) for c in preds.values()) / len(preds)
+            table.append({"length_penalty": lp, "no_repeat_ngram": nr, **scores, "mean_words": round(words, 2)})
+            print(json.dumps(table[-1]), flush=True)
     best = max(table, key=lambda row: row["CIDEr"])
     result = {"split": "dev", "beam_size": args.beam_size, "best_length_penalty": best["length_penalty"],
-              "table": table}
+              "best_no_repeat_ngram": best["no_repeat_ngram"], "table": table}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"best_length_penalty": best["length_penalty"]}))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("best")}))
     return best["length_penalty"]
 
 

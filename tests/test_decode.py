@@ -61,8 +61,8 @@ def test_n_best_sorted_and_padded_after_eos():
 def test_scores_are_length_normalised():
     short = run(SearchConfig(beam_size=3, n_best=3, length_penalty=0.0))
     norm = run(SearchConfig(beam_size=3, n_best=3, length_penalty=1.0))
-    assert norm.scores[0, 0] == pytest.approx(norm.logprobs[0, 0] / 3, abs=1e-4)
-    assert short.scores[0, 0] == pytest.approx(short.logprobs[0, 0], abs=1e-4)
+    assert norm.scores[0, 0].item() == pytest.approx(norm.logprobs[0, 0].item() / 3, abs=1e-4)
+    assert short.scores[0, 0].item() == pytest.approx(short.logprobs[0, 0].item(), abs=1e-4)
 
 
 def test_max_len_forces_an_end():
@@ -93,3 +93,15 @@ def test_attention_has_one_map_per_token():
     assert h.alphas.shape[:3] == h.tokens.shape and h.alphas.shape[-1] == 5
     live = h.tokens != PAD
     torch.testing.assert_close(h.alphas.sum(-1)[live], torch.ones(int(live.sum())))
+
+
+def test_no_repeat_ngram_blocks_loops():
+    loop = {BOS: {3: 0.9, EOS: 0.1}, 3: {4: 0.9, EOS: 0.1}, 4: {3: 0.9, EOS: 0.1}}
+    dec = TableDecoder(loop, 8)
+    free = beam_search(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, SearchConfig(beam_size=2, max_len=8))
+    assert free.tokens[0, 0, :4].tolist() == [3, 4, 3, 4]  # the loop is the likeliest caption
+    blocked = beam_search(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD,
+                          SearchConfig(beam_size=2, max_len=8, no_repeat_ngram=2))
+    words = [t for t in blocked.tokens[0, 0].tolist() if t not in (PAD, EOS)]
+    bigrams = list(zip(words, words[1:]))
+    assert len(bigrams) == len(set(bigrams)) and words[:2] == [3, 4]

@@ -70,11 +70,12 @@ class Captioner:
 
     @torch.no_grad()
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
-                         n_best: int = 1, length_penalty: float | None = None) -> list[Caption]:
-        if length_penalty is None:
-            length_penalty = self.model.length_penalty
-        search = SearchConfig(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                              n_best=max(n_best, 1))
+                         n_best: int = 1, length_penalty: float | None = None,
+                         no_repeat_ngram: int | None = None) -> list[Caption]:
+        search = SearchConfig(
+            beam_size=beam_size, max_len=max_len, n_best=max(n_best, 1),
+            length_penalty=self.model.length_penalty if length_penalty is None else length_penalty,
+            no_repeat_ngram=self.model.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
         hyps = self.model.generate(feats, search)
         grid = self.model.encoder_cfg.grid_size
         vocab = self.model.vocab
@@ -95,5 +96,5 @@ class Captioner:
 
     def caption(self, image: ImageInput, **search) -> Caption:
         """Caption one photo (path, bytes or PIL image). Options: beam_size, max_len, n_best,
-        length_penalty (default: the value the model was tuned with)."""
+        length_penalty and no_repeat_ngram (default: the values the model was tuned with)."""
         return self.caption_batch([image], **search)[0]

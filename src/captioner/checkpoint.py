@@ -50,7 +50,7 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
         "vocab": model.vocab.to_dict(),
         "decoder_state": state,
         "metrics": dict(metrics or {}),
-        "decode": {"length_penalty": float(model.length_penalty)},
+        "decode": {"length_penalty": float(model.length_penalty), "no_repeat_ngram": int(model.no_repeat_ngram)},
         **(extra or {}),
     }
 
@@ -91,7 +91,9 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
                              EncoderConfig.from_dict(ckpt["encoder"]))
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}
         model.decoder.load_state_dict(state)
-        model.length_penalty = float(ckpt.get("decode", {}).get("length_penalty", 1.0))
+        decode = ckpt.get("decode", {})
+        model.length_penalty = float(decode.get("length_penalty", 1.0))
+        model.no_repeat_ngram = int(decode.get("no_repeat_ngram", 0))
     except CheckpointError:
         raise
     except Exception as e:

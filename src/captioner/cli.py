@@ -28,6 +28,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=25, help="most words per caption (default 25)")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="rank beams by logprob / length**this (default: the model's tuned value)")
+    p.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="never repeat an n-gram of this size; 0 = off (default: the model's tuned value)")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -54,7 +56,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         import torch
 
         caps = captioner.caption_features(torch.cat(feats), beam_size=args.beam_size, max_len=args.max_len,
-                                          n_best=args.n_best, length_penalty=args.length_penalty)
+                                          n_best=args.n_best, length_penalty=args.length_penalty,
+                                          no_repeat_ngram=args.no_repeat_ngram)
         for p, c in zip(good, caps):
             if args.json:
                 print(json.dumps({"image": str(p), **c.to_dict()}))
@@ -111,14 +114,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     captioner = Captioner.load(args.checkpoint)
     lp = captioner.model.length_penalty if args.length_penalty is None else args.length_penalty
-    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=lp)
+    nr = captioner.model.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
+    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=lp, no_repeat_ngram=nr)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
                              cache_dir=args.cache_dir, captions_out=out, progress=not args.json)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
-          f"length penalty {lp}")
+          f"length penalty {lp}, no-repeat n-gram {nr}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     print(f"captions written to {out}")
@@ -133,6 +137,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, ckpt = load_checkpoint(args.checkpoint)
     if args.length_penalty is not None:
         model.length_penalty = args.length_penalty
+    if args.no_repeat_ngram is not None:
+        model.no_repeat_ngram = args.no_repeat_ngram
     metrics = dict(ckpt.get("metrics", {}))
     if args.metrics:
         metrics["test"] = json.loads(Path(args.metrics).read_text())
@@ -206,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store weights as fp16")
     p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
     p.add_argument("--length-penalty", type=float, default=None, help="the beam ranking exponent to ship")
+    p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered model configs")

@@ -13,6 +13,7 @@ class SearchConfig:
     max_len: int = 25  # words, EOS not counted
     length_penalty: float = 1.0  # hypotheses ranked by sum(logprob) / length ** length_penalty
     n_best: int = 1  # hypotheses returned per image (at most beam_size)
+    no_repeat_ngram: int = 0  # if > 0, no n-gram of this size appears twice in a caption
 
 
 @dataclass
@@ -53,6 +54,8 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id:
         logprobs = logprobs.view(B, K, V).clone()
         for i in banned_ids:
             logprobs[..., i] = float("-inf")
+        if cfg.no_repeat_ngram > 0 and seqs.size(-1) >= cfg.no_repeat_ngram:
+            _ban_repeated_ngrams(logprobs, seqs, cfg.no_repeat_ngram)
         if t == cfg.max_len:  # out of room: every live beam must end now
             logprobs[..., :] = float("-inf")
             logprobs[..., eos_id] = 0.0
@@ -87,3 +90,15 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id:
         logprobs=sums.gather(1, pick),
         alphas=alphas.gather(1, pick[:, :, None, None].expand(B, n, *alphas.shape[2:])),
     )
+
+
+def _ban_repeated_ngrams(logprobs: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """Set -inf on every word that would complete an n-gram the beam already holds."""
+    B, K, T = seqs.shape
+    rows = seqs.view(B * K, T).tolist()
+    flat = logprobs.view(B * K, -1)
+    for r, seq in enumerate(rows):
+        prefix = tuple(seq[T - n + 1:])
+        for s in range(T - n + 1):
+            if tuple(seq[s:s + n - 1]) == prefix:
+                flat[r, seq[s + n - 1]] = float("-inf")

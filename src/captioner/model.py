@@ -72,6 +72,7 @@ class CaptionModel(nn.Module):
         self.decoder = build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), self.encoder_cfg.feature_dim)
         # Beam ranking exponent this model was tuned with on dev; saved with its checkpoint.
         self.length_penalty = 1.0
+        self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)

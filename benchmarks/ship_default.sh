@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# From a finished training run to the shipped default model: pick the beam length penalty
+# and n-gram blocking on dev, score the result on the Flickr8k test split, and export it.
+#   bash benchmarks/ship_default.sh [DATA_DIR] [RUN_DIR]
+# Writes RUN_DIR/length_penalty.json, RUN_DIR/model.pt, RUN_DIR/test_scores.json,
+# RUN_DIR/captions-test.json and src/captioner/weights/default.pt (fp16, test scores inside).
+set -euo pipefail
+DATA=${1:-../shared/data/flickr8k}
+RUN=${2:-runs/default}
+CACHE="$RUN/cache"
+python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
+  --out "$RUN/length_penalty.json"
+best() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/length_penalty.json" "$1"; }
+captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$(best best_length_penalty)" \
+  --no-repeat-ngram "$(best best_no_repeat_ngram)"
+captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --cache-dir "$CACHE" \
+  --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
+tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"
+captioner export "$RUN/model.pt" src/captioner/weights/default.pt --half --metrics "$RUN/test_scores.json"
