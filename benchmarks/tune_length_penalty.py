@@ -17,7 +17,7 @@ from captioner.data import load_flickr8k
 from captioner.decode import SearchConfig
 from captioner.features import build_cache
 from captioner.metrics import score_captions
-from captioner.train import decode_records
+from captioner.evaluate import decode_records
 
 PENALTIES = (0.0, 0.25, 0.5, 0.75, 1.0)
 NO_REPEAT = (0, 3)  # no-repeat-trigram blocking off / on

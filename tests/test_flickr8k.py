@@ -6,7 +6,7 @@ from captioner.data import load_flickr8k
 from captioner.decode import SearchConfig
 from captioner.features import build_cache
 from captioner.metrics import score_captions
-from captioner.train import decode_records
+from captioner.evaluate import decode_records
 
 from conftest import FLICKR8K, needs_flickr8k
 

@@ -33,7 +33,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    import torch
+
     from .api import Captioner
+    from .plots import save_attention_figure
 
     paths = expand_paths(args.paths)
     if not paths:
@@ -53,8 +56,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
         if not good:
             continue
-        import torch
-
         caps = captioner.caption_features(torch.cat(feats), beam_size=args.beam_size, max_len=args.max_len,
                                           n_best=args.n_best, length_penalty=args.length_penalty,
                                           no_repeat_ngram=args.no_repeat_ngram)
@@ -66,8 +67,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 for alt, score in c.alternatives:
                     print(f"    alt ({score:.3f}): {alt}")
             if args.attention:
-                from .plots import save_attention_figure
-
                 target = Path(args.attention)
                 if len(paths) > 1:
                     target = target.with_name(f"{target.stem}-{p.stem}{target.suffix or '.png'}")

@@ -5,12 +5,28 @@ import json
 import os
 from pathlib import Path
 
-from .data import load_flickr8k
+import torch
+from tqdm import tqdm
+
+from .data import ImageRecord, load_flickr8k
 from .decode import SearchConfig
-from .features import build_cache
+from .features import FeatureCache, build_cache
 from .metrics import METRIC_NAMES, score_captions
 from .model import CaptionModel
-from .train import decode_records
+
+
+@torch.no_grad()
+def decode_records(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord],
+                   search: SearchConfig, batch_size: int = 100, progress: bool = False) -> dict[str, str]:
+    """Caption each record's image from the feature cache: {image: caption}."""
+    model.eval()
+    out = {}
+    for s in tqdm(range(0, len(records), batch_size), desc="decode", disable=not progress, leave=False):
+        chunk = records[s:s + batch_size]
+        feats = cache.get([r.image for r in chunk])
+        for r, caption in zip(chunk, model.captions(feats, search)):
+            out[r.image] = caption
+    return out
 
 
 def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,

@@ -18,6 +18,7 @@ from .checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, sav
 from .config import TrainConfig
 from .data import CaptionDataset, ImageRecord, load_flickr8k
 from .decode import SearchConfig
+from .evaluate import decode_records
 from .encoders import get_encoder_config
 from .errors import ConfigError
 from .features import FeatureCache, build_cache
@@ -109,20 +110,6 @@ def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, c
         coverage = (alphas * mask[:, :, None]).sum(1)  # (B, N)
         loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
     return loss
-
-
-@torch.no_grad()
-def decode_records(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord],
-                   search: SearchConfig, batch_size: int = 100, progress: bool = False) -> dict[str, str]:
-    """Caption each record's image from the feature cache: {image: caption}."""
-    model.eval()
-    out = {}
-    for s in tqdm(range(0, len(records), batch_size), desc="decode", disable=not progress, leave=False):
-        chunk = records[s:s + batch_size]
-        feats = cache.get([r.image for r in chunk])
-        for r, caption in zip(chunk, model.captions(feats, search)):
-            out[r.image] = caption
-    return out
 
 
 def validate(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord], cfg: TrainConfig
