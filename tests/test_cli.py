@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from captioner.cli import expand_paths, main
 
