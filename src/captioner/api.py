@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .decode import SearchConfig
 from .encoders import Encoder, ImageInput, build_encoder, preprocess
 from .model import CaptionModel
 
@@ -48,8 +47,7 @@ class Captioner:
     def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Captioner":
         path = Path(path) if path is not None else default_model_path()
         model, ckpt = load_checkpoint(path)
-        info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {}),
-                "version": ckpt.get("version", "")}
+        info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
         return cls(model, info, device)
 
     @property
@@ -72,10 +70,7 @@ class Captioner:
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
                          n_best: int = 1, length_penalty: float | None = None,
                          no_repeat_ngram: int | None = None) -> list[Caption]:
-        search = SearchConfig(
-            beam_size=beam_size, max_len=max_len, n_best=max(n_best, 1),
-            length_penalty=self.model.length_penalty if length_penalty is None else length_penalty,
-            no_repeat_ngram=self.model.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
+        search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)
         hyps = self.model.generate(feats, search)
         grid = self.model.encoder_cfg.grid_size
         vocab = self.model.vocab

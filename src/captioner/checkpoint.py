@@ -94,8 +94,6 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
         decode = ckpt.get("decode", {})
         model.length_penalty = float(decode.get("length_penalty", 1.0))
         model.no_repeat_ngram = int(decode.get("no_repeat_ngram", 0))
-    except CheckpointError:
-        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint does not match its own config: {e}", path) from None
     return model.eval(), ckpt

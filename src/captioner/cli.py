@@ -108,20 +108,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Captioner
-    from .decode import SearchConfig
     from .evaluate import evaluate
 
     captioner = Captioner.load(args.checkpoint)
-    lp = captioner.model.length_penalty if args.length_penalty is None else args.length_penalty
-    nr = captioner.model.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
-    search = SearchConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=lp, no_repeat_ngram=nr)
+    search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
+                                           args.no_repeat_ngram)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
                              cache_dir=args.cache_dir, captions_out=out, progress=not args.json)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
-          f"length penalty {lp}, no-repeat n-gram {nr}")
+          f"length penalty {search.length_penalty}, no-repeat n-gram {search.no_repeat_ngram}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     print(f"captions written to {out}")
@@ -165,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint file (default: the shipped model)")
     _search_args(p)
     p.add_argument("--n-best", type=int, default=1, help="also print the next-best captions")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batched beam search")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--attention", default=None, help="write the per-word attention figure to this PNG")
     p.set_defaults(func=cmd_caption)

@@ -77,6 +77,14 @@ class CaptionModel(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)
 
+    def search_config(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
+                      length_penalty: float | None = None, no_repeat_ngram: int | None = None) -> SearchConfig:
+        """Search settings, with this model's dev-tuned values wherever the caller gives none."""
+        return SearchConfig(
+            beam_size=beam_size, max_len=max_len, n_best=max(n_best, 1),
+            length_penalty=self.length_penalty if length_penalty is None else length_penalty,
+            no_repeat_ngram=self.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
+
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
         """Region features (B, N, C) -> best hypotheses per image."""
