@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,6 +90,12 @@ be wrong about gender, age, number and activity; do not use them as the only alt
 content where such errors matter without a person checking them.
 """
     (REPO / "src" / "captioner" / "weights" / "MODEL_CARD.md").write_text(card)
+    # Keep the run's own result files beside the README that quotes them (runs/ is not committed).
+    results_dir = REPO / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in (("timing.json", "retrain_timing.json"), ("test_scores.json", "test_scores.json"),
+                         ("length_penalty.json", "length_penalty.json")):
+        shutil.copyfile(run / name, results_dir / target)
     readme = REPO / "README.md"
     text = readme.read_text()
     new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + block + m.group(2),
