@@ -105,3 +105,47 @@ def test_no_repeat_ngram_blocks_loops():
     words = [t for t in blocked.tokens[0, 0].tolist() if t not in (PAD, EOS)]
     bigrams = list(zip(words, words[1:]))
     assert len(bigrams) == len(set(bigrams)) and words[:2] == [3, 4]
+
+
+def test_sampling_at_temperature_zero_is_greedy_search():
+    from captioner.decode import sample
+
+    dec = TableDecoder(TABLE, 8)
+    feats = torch.zeros(2, 4, 2)
+    greedy = sample(dec, feats, BOS, EOS, PAD, max_len=5, temperature=0.0)
+    beam1 = beam_search(dec, feats, BOS, EOS, PAD, SearchConfig(beam_size=1, max_len=5, length_penalty=0.0))
+    assert greedy.tokens[:, :2].tolist() == [[3, 5], [3, 5]]
+    assert greedy.tokens[:, :2].tolist() == beam1.tokens[:, 0, :2].tolist()
+    torch.testing.assert_close(greedy.logprobs, torch.full((2,), math.log(0.5 * 0.34)), atol=1e-4, rtol=0)
+
+
+def test_samples_follow_the_model_and_end_with_eos_then_pad():
+    from captioner.decode import sample
+
+    dec = TableDecoder(TABLE, 8)
+    gen = torch.Generator().manual_seed(0)
+    out = sample(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, max_len=5, n=2000, generator=gen)
+    first = out.tokens[:, 0]
+    # P(3) = .5, P(4) = .4, P(EOS) = .1 at the first step
+    assert (first == 3).float().mean().item() == pytest.approx(0.5, abs=0.04)
+    assert (first == 4).float().mean().item() == pytest.approx(0.4, abs=0.04)
+    for row in out.tokens.tolist():
+        end = row.index(EOS)
+        assert all(t == PAD for t in row[end + 1:])
+        assert PAD not in row[:end]
+    assert out.alphas.shape[:2] == out.tokens.shape
+
+
+def test_nucleus_sampling_keeps_only_the_top_mass():
+    from captioner.decode import sample
+
+    dec = TableDecoder(TABLE, 8)
+    gen = torch.Generator().manual_seed(0)
+    # top_p 0.5: only word 3 (p .5) is kept at the first step
+    out = sample(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, max_len=5, n=200, top_p=0.5, generator=gen)
+    assert set(out.tokens[:, 0].tolist()) == {3}
+    # top_p 0.85 keeps 3 and 4, never the EOS of p .1
+    out = sample(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, max_len=5, n=400, top_p=0.85, generator=gen)
+    assert set(out.tokens[:, 0].tolist()) == {3, 4}
+    with pytest.raises(ValueError, match="top_p"):
+        sample(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, top_p=0.0)

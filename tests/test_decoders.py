@@ -5,7 +5,10 @@ import torch
 from captioner.decoders import DECODERS, build_decoder
 from captioner.errors import ConfigError
 
-SMALL = {"soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20}}
+SMALL = {
+    "soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},
+    "transformer": {"d_model": 16, "heads": 2, "layers": 2, "encoder_layers": 1, "ffn_dim": 24},
+}
 V, C, N, B, T = 30, 40, 9, 3, 6
 
 
@@ -60,3 +63,13 @@ def test_unknown_arch_and_field_are_named():
         build_decoder("no-such", {}, V, C)
     with pytest.raises(ConfigError, match="hidden_size"):
         build_decoder("soft-attention-lstm", {"hidden_size": 3}, V, C)
+
+
+def test_rows_share_one_image_between_captions(decoder):
+    decoder.eval()
+    feats, tokens = torch.randn(2, N, C), torch.randint(0, V, (4, T))
+    rows = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        shared = decoder(feats, tokens, rows)
+        repeated = decoder(feats[rows], tokens)
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-4)

@@ -84,3 +84,23 @@ def test_fresh_run_refuses_to_overwrite_an_existing_run(tiny_data, tiny_model_fi
     with pytest.raises(ConfigError, match="--resume"):
         train(tiny_config(tiny_data, out, tiny_model_file, epochs=1))
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_model_file, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(epochs=2, scst_epochs=2, scst_lr=0.001, scst_samples=3, scst_batch_size=6, scst_max_len=6)
+    train(tiny_config(tiny_data, out, tiny_model_file, **kw))
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["xe", "xe", "scst", "scst"]
+    for h in history[2:]:
+        assert 0.0 <= h["baseline"] and 0.0 <= h["reward"] <= 10.0
+        assert "CIDEr" in h["dev"]
+    # SCST alone on a finished model: init_checkpoint, no cross-entropy epochs
+    only = tmp_path / "only"
+    train(tiny_config(tiny_data, only, tiny_model_file, epochs=0, scst_epochs=1, scst_samples=2,
+                      scst_batch_size=4, scst_max_len=6, scst_baseline="mean",
+                      init_checkpoint=str(out / "best.pt")))
+    history = [json.loads(x) for x in (only / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["scst"]
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(tiny_data, only, tiny_model_file, epochs=0, scst_epochs=1))

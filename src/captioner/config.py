@@ -31,6 +31,13 @@ class TrainConfig:
     val_max_len: int = 25  # words generated at most
     length_penalty: float = 1.0  # beam ranking: sum(logprob) / length ** length_penalty
     patience: int = 3  # epochs without a dev CIDEr gain before stopping early
+    scst_epochs: int = 0  # self-critical epochs on CIDEr-D after cross-entropy (0 = none)
+    scst_lr: float = 2e-5  # constant Adam learning rate during self-critical training
+    scst_samples: int = 5  # captions sampled per image per step
+    scst_batch_size: int = 50  # sampled captions per optimiser step (images x samples)
+    scst_baseline: str = "greedy"  # reward baseline: greedy caption, or mean of the other samples
+    scst_max_len: int = 16  # words sampled at most (longer Flickr8k references are rare)
+    init_checkpoint: str = ""  # start from this checkpoint (model, vocab, weights), e.g. SCST only
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images
     feature_batch_size: int = 8  # images per encoder call when filling the feature cache

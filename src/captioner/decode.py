@@ -102,3 +102,62 @@ def _ban_repeated_ngrams(logprobs: torch.Tensor, seqs: torch.Tensor, n: int) -> 
         for s in range(T - n + 1):
             if tuple(seq[s:s + n - 1]) == prefix:
                 flat[r, seq[s + n - 1]] = float("-inf")
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # (B * n, T) word ids, EOS included, PAD after it; rows image-major
+    logprobs: torch.Tensor  # (B * n,) summed log-probability under the model (temperature 1)
+    alphas: torch.Tensor  # (B * n, T, N) attention weights per emitted token
+
+
+@torch.no_grad()
+def sample(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+           max_len: int = 25, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+           banned_ids: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Samples:
+    """`n` captions per image, drawn word by word from `decoder.step`, all images at once.
+
+    temperature 0 picks the most likely word (greedy); top_p < 1 draws only from the smallest
+    set of words whose probability reaches top_p (nucleus sampling).
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+    state = decoder.init_state(features)
+    if n > 1:
+        state = {k: v.repeat_interleave(n, 0) for k, v in state.items()}  # (B*n, ...)
+    rows = features.size(0) * n
+    tokens = torch.full((rows,), bos_id, dtype=torch.long, device=features.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=features.device)
+    total = torch.zeros(rows, device=features.device)
+    out, alphas = [], []
+    for t in range(max_len + 1):
+        logprobs, state = decoder.step(tokens, state)
+        logprobs = logprobs.clone()
+        for i in banned_ids:
+            logprobs[:, i] = float("-inf")
+        if t == max_len:  # out of room: end every caption now
+            word = torch.full_like(tokens, eos_id)
+        elif temperature == 0:
+            word = logprobs.argmax(-1)
+        else:
+            word = _draw(logprobs / temperature, top_p, generator)
+        word = torch.where(finished, torch.full_like(word, pad_id), word)
+        total += torch.where(finished, 0.0, logprobs.gather(1, word[:, None])[:, 0].clamp(min=-1e4))
+        alphas.append(state["alpha"] * (~finished).float()[:, None])
+        out.append(word)
+        finished = finished | (word == eos_id)
+        tokens = word
+        if bool(finished.all()):
+            break
+    return Samples(torch.stack(out, 1), total, torch.stack(alphas, 1))
+
+
+def _draw(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = logits.softmax(-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # keep a word while the mass before it is below top_p: the top word always stays
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

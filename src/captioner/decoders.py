@@ -8,6 +8,7 @@ Every decoder offers the same contract:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -108,10 +109,17 @@ class SoftAttentionLSTM(nn.Module):
         return self.out(self.drop(emb + self.out_hidden(h) + self.out_context(context)))
 
     # --- contract ------------------------------------------------------------------
-    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: features (B, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N)."""
+        """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
+
+        `rows` (B,) names each caption's image (the regions are projected once per image);
+        without it caption i belongs to image i. The LSTM computes its alphas either way.
+        """
         state = self.init_state(features)
+        if rows is not None:
+            state = {k: v.index_select(0, rows) for k, v in state.items()}
         emb = self.drop(self.embed(tokens))  # (B, T, E)
         word_gates = self.word_gates(emb)  # (B, T, 4H), all steps in one matmul
         hs, contexts, alphas = [], [], []
@@ -123,10 +131,201 @@ class SoftAttentionLSTM(nn.Module):
         logits = self._logits(emb, torch.stack(hs, 1), torch.stack(contexts, 1))  # (B, T, V)
         return logits, torch.stack(alphas, 1)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_attention(features, tokens)[0]
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_with_attention(features, tokens, rows)[0]
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         emb = self.drop(self.embed(prev_tokens))  # (B, E)
         context, state = self._cell(self.word_gates(emb), state)
         return self._logits(emb, state["h"], context).log_softmax(-1), state
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int = 512  # width of the residual stream, words and regions alike
+    heads: int = 8  # attention heads (d_model must divide by it)
+    layers: int = 3  # decoder layers: masked self-attention, cross-attention, feed-forward
+    encoder_layers: int = 1  # self-attention layers that refine the region grid, once per image
+    ffn_dim: int = 2048  # hidden size of each feed-forward block
+    dropout: float = 0.1  # residual, attention and embedding dropout
+    region_dropout: float = 0.1  # on the projected region features
+    max_len: int = 40  # learned word positions (BOS + words + EOS must fit)
+    max_regions: int = 100  # learned region positions (7x7 = 49 for Lite0, 9x9 = 81 for Lite2)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention whose keys/values can be projected once and reused (cache, memory)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float):
+        super().__init__()
+        if d_model % heads:
+            raise ConfigError(f"transformer: d_model {d_model} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(d_model, d_model)
+        self.key_value = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.key_value(x).chunk(2, -1)  # (B, S, D) each
+        return k, v
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        return x.view(B, S, self.heads, D // self.heads).transpose(1, 2)  # (B, H, S, D/H)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) attends to k, v (B, S, D); weights (B, T, S) averaged over heads if asked."""
+        B, T, D = x.shape
+        q, k, v = self._split(self.query(x)), self._split(k), self._split(v)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
+            if causal:
+                scores = scores.masked_fill(torch.ones(T, k.size(2), dtype=torch.bool, device=x.device)
+                                            .triu(1 + k.size(2) - T), float("-inf"))
+            weights = scores.softmax(-1)
+            y = F.dropout(weights, p, self.training) @ v
+            mean_weights = weights.mean(1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal and T > 1)
+            mean_weights = None
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), mean_weights
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention over the regions, then a feed-forward block."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, *self.attn.keys_values(h))[0])
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm masked self-attention, cross-attention over the regions, feed-forward."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.self_attn = MultiHeadAttention(D, cfg.heads, cfg.dropout)
+        self.cross_attn = MultiHeadAttention(D, cfg.heads, cfg.dropout)
+        self.ffn = FeedForward(D, cfg.ffn_dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, self_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_kv: tuple[torch.Tensor, torch.Tensor], causal: bool, need_weights: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`self_kv` are the keys/values of every position so far (this step's included)."""
+        x = x + self.drop(self.self_attn(self.norm1(x), *self_kv, causal=causal)[0])
+        y, alpha = self.cross_attn(self.norm2(x), *memory_kv, need_weights=need_weights)
+        x = x + self.drop(y)
+        return x + self.drop(self.ffn(self.norm3(x))), alpha
+
+
+@register_decoder("transformer", TransformerConfig)
+class TransformerDecoder(nn.Module):
+    """Transformer decoder (Vaswani et al., 2017) over the region grid, pre-norm, with tied
+    word embeddings; `alpha` is the last layer's cross-attention, averaged over heads."""
+
+    def __init__(self, cfg: TransformerConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.region_proj = nn.Sequential(nn.Linear(feature_dim, D), nn.ReLU(), nn.Dropout(cfg.region_dropout),
+                                         nn.LayerNorm(D))
+        self.region_pos = nn.Parameter(torch.zeros(cfg.max_regions, D))
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.memory_norm = nn.LayerNorm(D)
+        self.embed = nn.Embedding(vocab_size, D)
+        self.word_pos = nn.Parameter(torch.zeros(cfg.max_len, D))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(D)
+        self.out_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.embed.weight, std=D ** -0.5)
+        nn.init.normal_(self.region_pos, std=0.02)
+        nn.init.normal_(self.word_pos, std=0.02)
+
+    def memory(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Regions (B, N, C) -> each layer's cross-attention keys and values, (B, N, D) each."""
+        N = features.size(1)
+        if N > self.cfg.max_regions:
+            raise ConfigError(f"transformer: {N} regions exceed max_regions {self.cfg.max_regions}")
+        x = self.region_proj(features) + self.region_pos[:N]  # (B, N, D)
+        for layer in self.encoder:
+            x = layer(x)
+        x = self.memory_norm(x)
+        return [layer.cross_attn.keys_values(x) for layer in self.layers]
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        T = tokens.size(1)
+        if start + T > self.cfg.max_len:
+            raise ValueError(f"transformer: position {start + T} exceeds max_len {self.cfg.max_len}")
+        return self.drop(self.embed(tokens) * math.sqrt(self.cfg.d_model) + self.word_pos[start:start + T])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(x), self.embed.weight, self.out_bias)
+
+    # --- contract ------------------------------------------------------------------
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
+
+        `rows` (B,) names each caption's image, so an image's memory is computed once for all
+        its captions; without it caption i belongs to image i.
+        """
+        memory = self.memory(features)
+        if rows is not None:
+            memory = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in memory]
+        x = self._embed(tokens, 0)  # (B, T, D)
+        alpha = None
+        for i, layer in enumerate(self.layers):
+            h = layer.norm1(x)
+            last = i == len(self.layers) - 1
+            x, alpha_i = layer(x, layer.self_attn.keys_values(h), memory[i], causal=True,
+                               need_weights=need_weights and last)
+            alpha = alpha_i if last else alpha
+        return self._logits(x), alpha
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_with_attention(features, tokens, rows, need_weights=False)[0]
+
+    def init_state(self, features: torch.Tensor) -> State:
+        B, N = features.shape[:2]
+        state: State = {"t": torch.zeros(B, dtype=torch.long, device=features.device),
+                        "alpha": features.new_zeros(B, N)}
+        empty = features.new_zeros(B, 0, self.cfg.d_model)
+        for i, (k, v) in enumerate(self.memory(features)):
+            state.update({f"mem_k{i}": k, f"mem_v{i}": v, f"k{i}": empty, f"v{i}": empty})
+        return state
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        t = int(state["t"][0]) if state["t"].numel() else 0
+        x = self._embed(prev_tokens[:, None], t)  # (B, 1, D)
+        state = dict(state)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.keys_values(layer.norm1(x))
+            state[f"k{i}"] = torch.cat([state[f"k{i}"], k], 1)  # (B, t + 1, D)
+            state[f"v{i}"] = torch.cat([state[f"v{i}"], v], 1)
+            x, alpha = layer(x, (state[f"k{i}"], state[f"v{i}"]), (state[f"mem_k{i}"], state[f"mem_v{i}"]),
+                             causal=False, need_weights=i == len(self.layers) - 1)
+        state["t"] = state["t"] + 1
+        state["alpha"] = alpha[:, 0]
+        return self._logits(x[:, 0]).log_softmax(-1), state

@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from .encoders import get_encoder_config
 from .errors import ConfigError
 from .features import FeatureCache, build_cache
 from .metrics import score_captions
-from .model import CaptionModel, get_model_config
+from .model import CaptionModel, ModelConfig, get_model_config
+from .scst import reward_scorer, scst_epoch
 from .vocab import Vocab
 
 log = logging.getLogger("captioner.train")
@@ -38,12 +39,13 @@ class Prepared:
     cache: FeatureCache
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Load and check the dataset, then fill (or reuse) the feature cache for all its images."""
+def prepare(cfg: TrainConfig, encoder: str | None = None) -> Prepared:
+    """Load and check the dataset, then fill (or reuse) the feature cache for all its images
+    (`encoder` defaults to that of `cfg.model`)."""
     dataset = load_flickr8k(cfg.data, layout=cfg.layout, seed=cfg.seed)
     for note in dataset.notes:
         log.info("data: %s", note)
-    enc = get_encoder_config(get_model_config(cfg.model).encoder)
+    enc = get_encoder_config(encoder or get_model_config(cfg.model).encoder)
     cache = build_cache(dataset.image_dir, [r.image for r in dataset.records], enc,
                         Path(cfg.cache_dir).expanduser(), tag=dataset.name,
                         batch_size=cfg.feature_batch_size, progress=cfg.progress)
@@ -51,17 +53,18 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 class TrainingSet:
-    """(image, caption) pairs of the train split, with the images' features held in RAM."""
+    """Train-split images with all their captions, the images' features held in RAM.
+
+    Batches are groups of images with every caption of each: an image's regions are encoded
+    once per step for all its captions (as self-critical training needs them grouped too).
+    """
 
     def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int):
         self.vocab = vocab
-        self.rows: list[int] = []  # feature row of each pair
-        self.seqs: list[list[int]] = []  # [BOS, words..., EOS] of each pair
-        for i, r in enumerate(records):
-            for c in r.captions:
-                self.rows.append(i)
-                self.seqs.append(vocab.encode(c, max_len))
-        self.lengths = [len(s) for s in self.seqs]
+        self.records = records
+        self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
+        self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
+        self.captions = sum(len(s) for s in self.seqs)
         # fp16 in RAM once: random batch access without touching the disk
         self.features = torch.from_numpy(np.ascontiguousarray(
             cache.features[cache.rows([r.image for r in records])]))  # (N_images, R, C)
@@ -69,17 +72,20 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def batch(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair indices -> features (B, R, C) float32 and PAD-padded token ids (B, T)."""
-        seq = torch.full((len(pairs), max(self.lengths[i] for i in pairs)), self.vocab.pad_id, dtype=torch.long)
-        for j, i in enumerate(pairs):
-            seq[j, :self.lengths[i]] = torch.tensor(self.seqs[i])
-        return self.features[[self.rows[i] for i in pairs]].float(), seq
+    def batch(self, images: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image indices -> features (B_img, R, C) float32, PAD-padded token ids (B, T) of all
+        their captions, and each caption's row in the features (B,)."""
+        seqs = [(j, s) for j, i in enumerate(images) for s in self.seqs[i]]
+        tokens = torch.full((len(seqs), max(len(s) for _, s in seqs)), self.vocab.pad_id, dtype=torch.long)
+        for k, (_, s) in enumerate(seqs):
+            tokens[k, :len(s)] = torch.tensor(s)
+        rows = torch.tensor([j for j, _ in seqs])
+        return self.features[images].float(), tokens, rows
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
     """Shuffle, sort by length within pools of 50 batches, then shuffle the batches:
-    batches hold captions of near-equal length, so little compute goes to padding."""
+    batches hold items of near-equal length, so little compute goes to padding."""
     order = torch.randperm(len(lengths), generator=gen).tolist()
     pool = batch_size * 50
     batches = []
@@ -90,6 +96,12 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Gene
     return [batches[i] for i in perm]
 
 
+def images_per_batch(cfg: TrainConfig, data: TrainingSet) -> int:
+    """batch_size counts captions; batches hold whole images, so round to images."""
+    per_image = max(1, round(data.captions / max(len(data), 1)))
+    return max(1, cfg.batch_size // per_image)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -98,14 +110,15 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig
-                 ) -> torch.Tensor:
-    """Cross-entropy (label-smoothed) + the doubly stochastic attention penalty."""
+def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy (label-smoothed) + the doubly stochastic attention penalty where the
+    decoder has one (`alpha_c`)."""
     inputs, targets = seqs[:, :-1], seqs[:, 1:]  # (B, T)
-    logits, alphas = model.decoder.forward_with_attention(feats, inputs)  # (B, T, V), (B, T, N)
-    mask = targets != model.vocab.pad_id
-    loss = F.cross_entropy(logits[mask], targets[mask], label_smoothing=cfg.label_smoothing)
     alpha_c = model.cfg.decoder_params.get("alpha_c", 0.0)
+    logits, alphas = model.decoder.forward_with_attention(feats, inputs, rows, need_weights=bool(alpha_c))
+    mask = targets != model.vocab.pad_id  # (B, T)
+    loss = F.cross_entropy(logits[mask], targets[mask], label_smoothing=cfg.label_smoothing)
     if alpha_c:
         coverage = (alphas * mask[:, :, None]).sum(1)  # (B, N)
         loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
@@ -128,11 +141,11 @@ def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Tra
     model.train()
     loss_sum = 0.0
     bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
-    for n, pairs in enumerate(bar, 1):
-        feats, seq = data.batch(pairs)
+    for n, images in enumerate(bar, 1):
+        feats, seq, rows = data.batch(images)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        loss = caption_loss(model, feats, seq, cfg)
+        loss = caption_loss(model, feats, seq, cfg, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
@@ -151,8 +164,13 @@ def _plot(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    a.set(title="training loss", xlabel="epoch")
+    xe = [h for h in history if "train_loss" in h]
+    scst = [h for h in history if "reward" in h]
+    a.plot([h["epoch"] for h in xe], [h["train_loss"] for h in xe], marker="o", label="cross-entropy loss")
+    if scst:
+        a.plot([h["epoch"] for h in scst], [h["reward"] for h in scst], marker="s", label="SCST reward (CIDEr-D)")
+    a.set(title="training", xlabel="epoch")
+    a.legend()
     for key in ("CIDEr", "Bleu_4"):
         b.plot(epochs, [h["dev"].get(key, float("nan")) for h in history], marker="o", label=key)
     b.set(title="dev scores (real decoding)", xlabel="epoch")
@@ -190,24 +208,130 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         handler.close()
 
 
+@dataclass
+class Progress:
+    """Where a run stands; last.pt keeps it so --resume continues exactly."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # cross-entropy optimiser steps done (the LR schedule's clock)
+    best: float = -1.0  # best dev CIDEr-D so far
+    stale: int = 0  # epochs since it last improved
+    phase: str = "xe"  # "xe" (cross-entropy), then "scst" (self-critical)
+    history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
+
+
+def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """The config to run with, and last.pt's contents when resuming."""
+    last_path = out / "last.pt"
+    if not resume and last_path.is_file():
+        raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
+                          f"--resume, or choose another --out")
+    if not (resume and last_path.is_file()):
+        return cfg, None
+    state = read_checkpoint(last_path)
+    if state["train_config"] != cfg.to_dict():
+        log.info("resume: using the run's saved config from %s", last_path)
+    return TrainConfig(**state["train_config"]), state
+
+
+def _model_config(cfg: TrainConfig, state: dict | None) -> ModelConfig:
+    if state is not None:
+        return ModelConfig.from_dict(state["model"])
+    if cfg.init_checkpoint:
+        return ModelConfig.from_dict(read_checkpoint(cfg.init_checkpoint)["model"])
+    return get_model_config(cfg.model)
+
+
+def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord]
+           ) -> tuple[CaptionModel, torch.optim.Optimizer, torch.Generator, Progress]:
+    """A fresh model, one from `init_checkpoint`, or the run saved in `state`."""
+    init = state or (read_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+    vocab = (Vocab.from_dict(init["vocab"]) if init else
+             Vocab.build((c for r in train_recs for c in r.captions), cfg.min_word_count))
+    model = CaptionModel(model_cfg, vocab)
+    model.length_penalty = cfg.length_penalty
+    if init:
+        model.decoder.load_state_dict(init["decoder_state"])
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    progress = Progress()
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = Progress(**state["progress"])
+        log.info("resume: epoch %d done, best dev CIDEr %.4f", progress.epoch, progress.best)
+    elif cfg.init_checkpoint:
+        log.info("init: model, vocab and weights from %s", cfg.init_checkpoint)
+    return model, optimizer, gen, progress
+
+
+def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress: Progress
+                ) -> torch.optim.Optimizer:
+    """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser."""
+    if best_path.is_file():
+        model.decoder.load_state_dict(read_checkpoint(best_path)["decoder_state"])
+        log.info("scst: starting from %s (dev CIDEr %.4f)", best_path, progress.best)
+    progress.phase, progress.stale = "scst", 0
+    return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
+
+
 def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    state = None
-    if not resume and last_path.is_file():
-        raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
-                          f"--resume, or choose another --out")
-    if resume and last_path.is_file():
-        state = read_checkpoint(last_path)
-        saved = state["train_config"]
-        if saved != cfg.to_dict():
-            log.info("resume: using the run's saved config from %s", last_path)
-        cfg = TrainConfig(**saved)
+    best_path = out / "best.pt"
+    cfg, state = _open_run(cfg, out, resume)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    model_cfg = _model_config(cfg, state)
+    prepared = prepare(cfg, model_cfg.encoder)
+    train_recs, dev_recs = _splits(prepared, cfg)
 
-    prepared = prepare(cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, optimizer, gen, progress = _build(cfg, state, model_cfg, train_recs)
+    log.info("model %s: %d decoder parameters, vocab %d words; %d train / %d dev images",
+             model_cfg.name, sum(p.numel() for p in model.decoder.parameters()), len(model.vocab),
+             len(train_recs), len(dev_recs))
+    # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
+    # checkpoint leaves no orphan line behind.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+
+    data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len)
+    batch_images = images_per_batch(cfg, data)
+    total_steps = math.ceil(len(data) / batch_images) * cfg.epochs
+    cider = None
+    for epoch in range(progress.epoch + 1, cfg.epochs + cfg.scst_epochs + 1):
+        scst = epoch > cfg.epochs
+        if not scst and progress.stale >= cfg.patience:
+            continue  # cross-entropy stopped early; self-critical epochs (if any) still run
+        t0 = time.time()
+        if scst:
+            if progress.phase != "scst":
+                optimizer = _start_scst(model, best_path, cfg, progress)
+            cider = cider or reward_scorer([r.captions for r in train_recs])
+            per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
+            order = torch.randperm(len(data), generator=gen).tolist()
+            batches = [order[i:i + per_step] for i in range(0, len(order), per_step)]
+            reward, baseline = scst_epoch(model, optimizer, data, batches, cider, cfg,
+                                          f"scst {epoch - cfg.epochs}/{cfg.scst_epochs}")
+            record = {"epoch": epoch, "phase": "scst", "reward": reward, "baseline": baseline, "lr": cfg.scst_lr}
+        else:
+            batches = length_bucketed_batches(data.lengths, batch_images, gen)
+            loss, progress.step = train_epoch(model, optimizer, data, batches, progress.step, total_steps,
+                                              cfg, f"epoch {epoch}/{cfg.epochs}")
+            record = {"epoch": epoch, "phase": "xe", "train_loss": loss,
+                      "lr": lr_at(progress.step, total_steps, cfg)}
+        record["train_seconds"] = round(time.time() - t0, 1)
+        _end_epoch(model, optimizer, gen, progress, record, prepared.cache, dev_recs, cfg, out)
+    if progress.stale >= cfg.patience and not cfg.scst_epochs:
+        log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
+    minutes = (time.time() - started) / 60
+    log.info("done in %.1f min; best dev CIDEr %.4f -> %s", minutes, progress.best, best_path)
+    return {"best_dev_CIDEr": progress.best, "best_checkpoint": str(best_path), "minutes": minutes}
+
+
+def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
     train_recs = prepared.dataset.split("train")
     dev_recs = prepared.dataset.split("dev")
     if cfg.max_train_images:
@@ -216,67 +340,33 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         dev_recs = dev_recs[:cfg.max_val_images]
     if not train_recs or not dev_recs:
         raise ValueError(f"need train and dev images; found {len(train_recs)} and {len(dev_recs)}")
+    return train_recs, dev_recs
 
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    vocab = (Vocab.from_dict(state["vocab"]) if state else
-             Vocab.build((c for r in train_recs for c in r.captions), cfg.min_word_count))
-    model = CaptionModel(get_model_config(cfg.model), vocab)
-    model.length_penalty = cfg.length_penalty
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    start_epoch, step, best, stale = 1, 0, -1.0, 0
-    if state:
-        model.decoder.load_state_dict(state["decoder_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, step, best, stale = state["history"], state["step"], state["best"], state["stale"]
-        start_epoch = state["epoch"] + 1
-        log.info("resume: epoch %d done, best dev CIDEr %.4f", state["epoch"], best)
-    log.info("model %s: %d decoder parameters, vocab %d words; %d train / %d dev images",
-             cfg.model, sum(p.numel() for p in model.decoder.parameters()), len(vocab),
-             len(train_recs), len(dev_recs))
 
-    # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
-    # checkpoint leaves no orphan line behind.
-    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    data = TrainingSet(train_recs, prepared.cache, vocab, cfg.max_caption_len)
-    total_steps = math.ceil(len(data) / cfg.batch_size) * cfg.epochs
-
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stale >= cfg.patience:
-            break
-        t0 = time.time()
-        batches = length_bucketed_batches(data.lengths, cfg.batch_size, gen)
-        train_loss, step = train_epoch(model, optimizer, data, batches, step, total_steps, cfg,
-                                       f"epoch {epoch}/{cfg.epochs}")
-        train_seconds = time.time() - t0
-        dev = validate(model, prepared.cache, dev_recs, cfg)
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr_at(step, total_steps, cfg),
-                  "train_seconds": round(train_seconds, 1), "val_seconds": round(time.time() - t0 - train_seconds, 1),
-                  "dev": dev}
-        history.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        improved = dev["CIDEr"] > best
-        if improved:
-            best, stale = dev["CIDEr"], 0
-            save_checkpoint(best_path, model, metrics={"dev": dev, "epoch": epoch},
-                            extra={"train_config": cfg.to_dict()})
-        else:
-            stale += 1
-        log.info("epoch %d: loss %.3f, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", epoch,
-                 record["train_loss"], dev["Bleu_4"], dev["CIDEr"], " *best*" if improved else "",
-                 record["train_seconds"], record["val_seconds"])
-        atomic_torch_save({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
-                           "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                           "history": history, "step": step, "best": best, "stale": stale, "epoch": epoch,
-                           "train_config": cfg.to_dict()}, last_path)
-        _plot(history, out / "curves.png")
-    if stale >= cfg.patience:
-        log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
-    log.info("done in %.1f min; best dev CIDEr %.4f -> %s", (time.time() - started) / 60, best, best_path)
-    return {"best_dev_CIDEr": best, "best_checkpoint": str(best_path), "minutes": (time.time() - started) / 60}
+def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+               progress: Progress, record: dict, cache: FeatureCache, dev_recs: list[ImageRecord],
+               cfg: TrainConfig, out: Path) -> None:
+    """Score dev for real, keep best.pt, log, and save last.pt (everything --resume needs)."""
+    t0 = time.time()
+    dev = validate(model, cache, dev_recs, cfg)
+    record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
+    progress.history.append(record)
+    progress.epoch = record["epoch"]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    improved = dev["CIDEr"] > progress.best
+    if improved:
+        progress.best, progress.stale = dev["CIDEr"], 0
+        save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
+                        extra={"train_config": cfg.to_dict()})
+    else:
+        progress.stale += 1
+    what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
+            f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
+    log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
+             dev["Bleu_4"], dev["CIDEr"], " *best*" if improved else "", record["train_seconds"],
+             record["val_seconds"])
+    atomic_torch_save({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
+                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                       "progress": asdict(progress), "train_config": cfg.to_dict()}, out / "last.pt")
+    _plot(progress.history, out / "curves.png")

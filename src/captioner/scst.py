@@ -1,0 +1,73 @@
+"""Self-critical sequence training (Rennie et al., 2017): CIDEr-D as reward, a baseline from
+the model's own captions, policy gradient on sampled captions."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .cider import CiderD
+from .config import TrainConfig
+from .decode import sample
+from .model import CaptionModel
+from .vocab import tokenize
+
+BASELINES = ("greedy", "mean")
+
+
+def reward_scorer(captions: list[list[str]]) -> CiderD:
+    """CIDEr-D over the training references, keyed by image index."""
+    return CiderD({i: [tokenize(c) for c in caps] for i, caps in enumerate(captions)})
+
+
+def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider: CiderD,
+              cfg: TrainConfig) -> tuple[torch.Tensor, float, float]:
+    """Policy-gradient loss for one batch of images; also (mean sample reward, mean baseline).
+
+    `scst_samples` captions are drawn per image. The baseline is the greedy caption's reward
+    (`greedy`, as in the paper) or the mean reward of the image's other samples (`mean`,
+    Luo 2020). Sampling and the gradient pass both run with dropout off, so the gradient is
+    taken under the very policy that drew the captions.
+    """
+    if cfg.scst_baseline not in BASELINES:
+        raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
+    v, n = model.vocab, cfg.scst_samples
+    common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_len=cfg.scst_max_len,
+                  banned_ids=(v.bos_id, v.unk_id))
+    model.eval()
+    drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
+    keys = [i for i in images for _ in range(n)]
+    rewards = torch.tensor(cider.scores(keys, [v.decode(s).split() for s in drawn.tolist()]))
+    rewards = rewards.view(len(images), n)  # (B, n)
+    if cfg.scst_baseline == "greedy":
+        greedy = sample(model.decoder, feats, temperature=0.0, **common).tokens
+        base = torch.tensor(cider.scores(images, [v.decode(s).split() for s in greedy.tolist()]))[:, None]
+    else:
+        base = (rewards.sum(1, keepdim=True) - rewards) / max(n - 1, 1)
+    advantage = (rewards - base).view(-1)  # (B*n,)
+
+    inputs = torch.cat([torch.full_like(drawn[:, :1], v.bos_id), drawn[:, :-1]], 1)  # (B*n, T)
+    rows = torch.arange(len(images)).repeat_interleave(n)
+    logits = model.decoder(feats, inputs, rows)  # (B*n, T, V)
+    logp = logits.log_softmax(-1).gather(2, drawn[:, :, None])[:, :, 0]  # (B*n, T)
+    mask = (drawn != v.pad_id).float()  # words and the EOS that ends them
+    loss = -(advantage[:, None] * logp * mask).sum() / mask.sum()
+    return loss, float(rewards.mean()), float(base.mean())
+
+
+def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data, batches: list[list[int]],
+               cider: CiderD, cfg: TrainConfig, desc: str) -> tuple[float, float]:
+    """One self-critical pass over `batches` of image indices; (mean reward, mean baseline)."""
+    reward_sum = base_sum = 0.0
+    bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
+    for k, images in enumerate(bar, 1):
+        feats = data.features[images].float()
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.scst_lr
+        loss, reward, base = scst_loss(model, feats, images, cider, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
+        optimizer.step()
+        reward_sum, base_sum = reward_sum + reward, base_sum + base
+        bar.set_postfix(reward=f"{reward_sum / k:.3f}", baseline=f"{base_sum / k:.3f}")
+    return reward_sum / max(len(batches), 1), base_sum / max(len(batches), 1)
