@@ -7,15 +7,22 @@ from captioner.errors import ConfigError
 
 SMALL = {
     "soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},
+    "show-tell": {"embed_dim": 16, "hidden_dim": 24},
     "transformer": {"d_model": 16, "heads": 2, "layers": 2, "encoder_layers": 1, "ffn_dim": 24},
 }
 V, C, N, B, T = 30, 40, 9, 3, 6
 
 
-@pytest.fixture(params=sorted(DECODERS))
+# Variants of a registered arch that change its computation, tested like archs of their own.
+VARIANTS = {"local-attention-lstm": ("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "attention": "local",
+                                                             "window": 1})}
+
+
+@pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS))
 def decoder(request):
     torch.manual_seed(0)
-    return build_decoder(request.param, SMALL.get(request.param, {}), V, C)
+    arch, params = VARIANTS.get(request.param, (request.param, SMALL.get(request.param, {})))
+    return build_decoder(arch, params, V, C)
 
 
 def test_every_registered_decoder_has_a_small_test_config():
@@ -73,3 +80,20 @@ def test_rows_share_one_image_between_captions(decoder):
         shared = decoder(feats, tokens, rows)
         repeated = decoder(feats[rows], tokens)
     torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-4)
+
+
+def test_local_attention_stays_inside_its_window():
+    torch.manual_seed(0)
+    dec = build_decoder("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "attention": "local", "window": 1},
+                        V, C).eval()
+    with torch.no_grad():
+        state = dec.init_state(torch.randn(B, 49, C))
+        _, state = dec.step(torch.zeros(B, dtype=torch.long), state)
+    alpha = state["alpha"].view(B, 7, 7)
+    for a in alpha:
+        rows, cols = (a > 0).nonzero(as_tuple=True)
+        # a window of half-width 1 spans at most 3 x 3 cells
+        assert 1 <= len(rows) <= 9
+        assert rows.max() - rows.min() <= 2 and cols.max() - cols.min() <= 2
+    with pytest.raises(ConfigError, match="attention"):
+        build_decoder("soft-attention-lstm", {"attention": "nearby"}, V, C)

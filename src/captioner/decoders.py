@@ -54,6 +54,8 @@ class AttentionLSTMConfig:
     region_dim: int = 512  # encoder regions are projected to this size first
     dropout: float = 0.5  # on embeddings, regions and the deep output
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty (training)
+    attention: str = "global"  # "global" (all regions) or "local" (a window around a predicted spot)
+    window: int = 2  # local attention: half-width of the window, in grid cells
 
 
 @register_decoder("soft-attention-lstm", AttentionLSTMConfig)
@@ -78,6 +80,12 @@ class SoftAttentionLSTM(nn.Module):
         self.out_context = nn.Linear(D, E, bias=False)  # L_z
         self.out = nn.Linear(E, vocab_size)  # L_o
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.attention not in ("global", "local"):
+            raise ConfigError(f"soft-attention-lstm: attention must be 'global' or 'local', not {cfg.attention!r}")
+        if cfg.attention == "local":
+            if cfg.window < 1:
+                raise ConfigError("soft-attention-lstm: local attention needs window >= 1")
+            self.position = nn.Sequential(nn.Linear(H, A), nn.Tanh(), nn.Linear(A, 2))  # (row, col) of the spot
 
     # --- shared pieces -------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:
@@ -98,12 +106,32 @@ class SoftAttentionLSTM(nn.Module):
         hb = self.att_hidden_beta(h)  # (B, A + D)
         e = self.att_score(torch.tanh(state["regions_att"] + hb[:, None, :A])).squeeze(-1)  # (B, N)
         alpha = e.softmax(-1)
+        if self.cfg.attention == "local":
+            alpha = self._local(alpha, h)
         context = torch.sigmoid(hb[:, A:]) * (alpha[:, :, None] * state["regions"]).sum(1)  # (B, D)
         gates = word_gates + self.recurrent_gates(torch.cat([context, h], -1))  # (B, 4H)
         i, f, g, o = gates.chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return context, {**state, "h": h, "c": c, "alpha": alpha}
+
+    def _local(self, alpha: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Local attention (Luong et al., 2015, local-p, on a 2-D grid): predict a spot on the
+        grid, keep the regions within `window` cells of it, weight them by a Gaussian
+        (sigma = window / 2) around it, and renormalise so the weights stay a distribution."""
+        N = alpha.size(1)
+        G = math.isqrt(N)
+        if G * G != N:
+            raise ValueError(f"local attention needs a square region grid, got {N} regions")
+        cells = torch.arange(N, device=alpha.device)
+        grid = torch.stack([cells // G, cells % G], -1).to(alpha.dtype)  # (N, 2)
+        spot = (G - 1) * torch.sigmoid(self.position(h))  # (B, 2)
+        offset = grid[None] - spot[:, None]  # (B, N, 2)
+        sigma = self.cfg.window / 2
+        weight = torch.exp(-(offset ** 2).sum(-1) / (2 * sigma ** 2))  # (B, N)
+        inside = (offset.abs() <= self.cfg.window).all(-1)
+        alpha = alpha * weight * inside
+        return alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def _logits(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.out(self.drop(emb + self.out_hidden(h) + self.out_context(context)))
@@ -140,6 +168,53 @@ class SoftAttentionLSTM(nn.Module):
         context, state = self._cell(self.word_gates(emb), state)
         return self._logits(emb, state["h"], context).log_softmax(-1), state
 
+
+
+@dataclass
+class ShowTellConfig:
+    embed_dim: int = 512  # word (and projected image) embedding size
+    hidden_dim: int = 512  # LSTM state size
+    dropout: float = 0.5  # on the embeddings and the LSTM output
+
+
+@register_decoder("show-tell", ShowTellConfig)
+class ShowTell(nn.Module):
+    """Show and Tell (Vinyals et al., 2015): the mean-pooled image, projected to a word
+    embedding, is the LSTM's first input; no attention, so `alpha` is uniform."""
+
+    def __init__(self, cfg: ShowTellConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_proj = nn.Linear(feature_dim, cfg.embed_dim)
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
+        self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        image = self.drop(self.image_proj(features.mean(1)))  # (B, E)
+        _, (h, c) = self.lstm(image[:, None])  # the image is step 0's input
+        return {"h": h[0], "c": c[0], "alpha": features.new_full(features.shape[:2], 1.0 / features.size(1))}
+
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N)."""
+        state = self.init_state(features)
+        if rows is not None:
+            state = {k: v.index_select(0, rows) for k, v in state.items()}
+        hs, _ = self.lstm(self.drop(self.embed(tokens)), (state["h"][None], state["c"][None]))  # (B, T, H)
+        alphas = state["alpha"][:, None].expand(-1, tokens.size(1), -1)  # (B, T, N)
+        return self.out(self.drop(hs)), alphas
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_with_attention(features, tokens, rows)[0]
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        emb = self.drop(self.embed(prev_tokens))[:, None]  # (B, 1, E)
+        out, (h, c) = self.lstm(emb, (state["h"][None], state["c"][None]))
+        return self.out(self.drop(out[:, 0])).log_softmax(-1), {**state, "h": h[0], "c": c[0]}
 
 @dataclass
 class TransformerConfig:
