@@ -72,3 +72,22 @@ def test_prepare_reports_splits(tiny_data, tmp_path, capsys):
 def test_bad_data_folder_exit_code_and_message(tmp_path, capsys):
     assert main(["prepare", "--data", str(tmp_path / "none")]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_sampling_is_repeatable_with_a_seed_and_ranked(capsys):
+    args = ["caption", str(EXAMPLES / "cat.jpg"), "--json", "--temperature", "0.8", "--top-p", "0.9",
+            "--n-best", "3", "--seed", "7"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    scores = [first["score"]] + [a["score"] for a in first["alternatives"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+
+
+def test_temperature_zero_gives_the_greedy_caption(capsys):
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--json", "--temperature", "0"]) == 0
+    sampled = json.loads(capsys.readouterr().out)["caption"]
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--json", "--beam-size", "1",
+                 "--no-repeat-ngram", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["caption"] == sampled

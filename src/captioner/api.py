@@ -69,19 +69,41 @@ class Captioner:
     @torch.no_grad()
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
                          n_best: int = 1, length_penalty: float | None = None,
-                         no_repeat_ngram: int | None = None) -> list[Caption]:
+                         no_repeat_ngram: int | None = None, temperature: float | None = None,
+                         top_p: float = 1.0, seed: int | None = None) -> list[Caption]:
+        """Region features -> captions. Beam search by default; with a `temperature` the
+        captions are sampled instead (n_best of them per image, best first; top_p for
+        nucleus sampling, seed for repeatable draws)."""
+        if temperature is not None:
+            return self._sampled(feats, max_len, max(n_best, 1), temperature, top_p, seed)
         search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)
         hyps = self.model.generate(feats, search)
-        grid = self.model.encoder_cfg.grid_size
-        vocab = self.model.vocab
         out = []
         for b in range(feats.size(0)):
-            texts = [vocab.decode(hyps.tokens[b, k].tolist()) for k in range(hyps.tokens.size(1))]
-            words = texts[0].split()
-            attention = hyps.alphas[b, 0, :len(words)].reshape(len(words), grid, grid).cpu().numpy()
-            out.append(Caption(texts[0], float(hyps.scores[b, 0]), words, attention,
-                               [(t, float(hyps.scores[b, k])) for k, t in enumerate(texts) if k > 0]))
+            rows = [(hyps.tokens[b, k], float(hyps.scores[b, k]), hyps.alphas[b, k]) for k in range(hyps.tokens.size(1))]
+            out.append(self._caption(rows))
         return out
+
+    def _sampled(self, feats: torch.Tensor, max_len: int, n: int, temperature: float, top_p: float,
+                 seed: int | None) -> list[Caption]:
+        gen = torch.Generator(device=feats.device).manual_seed(seed) if seed is not None else None
+        drawn = self.model.sample(feats, n=n, temperature=temperature, top_p=top_p, max_len=max_len, generator=gen)
+        lengths = (drawn.tokens != self.model.vocab.pad_id).sum(1).clamp(min=1)  # words + EOS
+        scores = (drawn.logprobs / lengths).tolist()  # length-normalised, as beam search ranks
+        out = []
+        for b in range(feats.size(0)):
+            rows = [(drawn.tokens[r], scores[r], drawn.alphas[r]) for r in range(b * n, (b + 1) * n)]
+            out.append(self._caption(sorted(rows, key=lambda row: -row[1])))
+        return out
+
+    def _caption(self, rows: list[tuple[torch.Tensor, float, torch.Tensor]]) -> Caption:
+        """(tokens, score, alphas) of one image's hypotheses, best first -> Caption."""
+        grid = self.model.encoder_cfg.grid_size
+        texts = [self.model.vocab.decode(tokens.tolist()) for tokens, _, _ in rows]
+        words = texts[0].split()
+        attention = rows[0][2][:len(words)].float().reshape(len(words), grid, grid).cpu().numpy()
+        return Caption(texts[0], rows[0][1], words, attention,
+                       [(t, score) for t, (_, score, _) in zip(texts[1:], rows[1:])])
 
     def caption_batch(self, images: Sequence[ImageInput], **search) -> list[Caption]:
         """Caption several photos in one encoder call and one batched beam search."""
@@ -91,5 +113,6 @@ class Captioner:
 
     def caption(self, image: ImageInput, **search) -> Caption:
         """Caption one photo (path, bytes or PIL image). Options: beam_size, max_len, n_best,
-        length_penalty and no_repeat_ngram (default: the values the model was tuned with)."""
+        length_penalty and no_repeat_ngram (default: the values the model was tuned with); or
+        temperature, top_p and seed to sample instead of searching."""
         return self.caption_batch([image], **search)[0]

@@ -32,6 +32,13 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="never repeat an n-gram of this size; 0 = off (default: the model's tuned value)")
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample captions at this temperature instead of beam search (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="with --temperature: seed for repeatable samples")
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     import torch
 
@@ -58,7 +65,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             continue
         caps = captioner.caption_features(torch.cat(feats), beam_size=args.beam_size, max_len=args.max_len,
                                           n_best=args.n_best, length_penalty=args.length_penalty,
-                                          no_repeat_ngram=args.no_repeat_ngram)
+                                          no_repeat_ngram=args.no_repeat_ngram, temperature=args.temperature,
+                                          top_p=args.top_p, seed=args.seed)
         for p, c in zip(good, caps):
             if args.json:
                 print(json.dumps({"image": str(p), **c.to_dict()}))
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders of images")
     p.add_argument("--model", default=None, help="checkpoint file (default: the shipped model)")
     _search_args(p)
+    _sampling_args(p)
     p.add_argument("--n-best", type=int, default=1, help="also print the next-best captions")
     p.add_argument("--batch-size", type=int, default=16, help="images per batched beam search")
     p.add_argument("--json", action="store_true", help="one JSON object per image")

@@ -41,6 +41,7 @@ class TrainConfig:
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images
     feature_batch_size: int = 8  # images per encoder call when filling the feature cache
+    amp: str = "auto"  # bfloat16 autocast while training: auto (where the CPU does bf16 natively), on, off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # progress bars
 

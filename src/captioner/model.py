@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decode import Hypotheses, SearchConfig, beam_search
+from .decode import Hypotheses, Samples, SearchConfig, beam_search, sample
 from .decoders import build_decoder
 from .encoders import EncoderConfig, get_encoder_config
 from .errors import ConfigError
@@ -91,6 +91,14 @@ class CaptionModel(nn.Module):
         v = self.vocab
         return beam_search(self.decoder, features, v.bos_id, v.eos_id, v.pad_id, search,
                            banned_ids=(v.bos_id, v.unk_id))
+
+    @torch.no_grad()
+    def sample(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+               max_len: int = 25, generator: torch.Generator | None = None) -> Samples:
+        """`n` sampled captions per image (rows image-major); temperature 0 is greedy."""
+        v = self.vocab
+        return sample(self.decoder, features, v.bos_id, v.eos_id, v.pad_id, max_len=max_len, n=n,
+                      temperature=temperature, top_p=top_p, banned_ids=(v.bos_id, v.unk_id), generator=generator)
 
     def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
         hyps = self.generate(features, search)

@@ -2,6 +2,8 @@
 the model's own captions, policy gradient on sampled captions."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from tqdm import tqdm
 
@@ -55,15 +57,18 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
 
 
 def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data, batches: list[list[int]],
-               cider: CiderD, cfg: TrainConfig, desc: str) -> tuple[float, float]:
-    """One self-critical pass over `batches` of image indices; (mean reward, mean baseline)."""
+               cider: CiderD, cfg: TrainConfig, precision: AbstractContextManager, desc: str
+               ) -> tuple[float, float]:
+    """One self-critical pass over `batches` of image indices; (mean reward, mean baseline).
+    `precision` wraps each step's forward passes (autocast)."""
     reward_sum = base_sum = 0.0
     bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
     for k, images in enumerate(bar, 1):
         feats = data.features[images].float()
         for g in optimizer.param_groups:
             g["lr"] = cfg.scst_lr
-        loss, reward, base = scst_loss(model, feats, images, cider, cfg)
+        with precision:
+            loss, reward, base = scst_loss(model, feats, images, cider, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)

@@ -110,6 +110,15 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def autocast(cfg: TrainConfig) -> torch.autocast:
+    """bfloat16 autocast for the training matmuls (weights stay fp32): about twice as fast on
+    CPUs with native bf16 (AVX512-BF16, AMX), so `auto` turns it on only there."""
+    if cfg.amp not in ("auto", "on", "off"):
+        raise ConfigError(f"amp must be auto, on or off, not {cfg.amp!r}")
+    enabled = cfg.amp == "on" or (cfg.amp == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
 def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy (label-smoothed) + the doubly stochastic attention penalty where the
@@ -145,7 +154,8 @@ def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Tra
         feats, seq, rows = data.batch(images)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        loss = caption_loss(model, feats, seq, cfg, rows)
+        with autocast(cfg):
+            loss = caption_loss(model, feats, seq, cfg, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
@@ -313,7 +323,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
             per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
             order = torch.randperm(len(data), generator=gen).tolist()
             batches = [order[i:i + per_step] for i in range(0, len(order), per_step)]
-            reward, baseline = scst_epoch(model, optimizer, data, batches, cider, cfg,
+            reward, baseline = scst_epoch(model, optimizer, data, batches, cider, cfg, autocast(cfg),
                                           f"scst {epoch - cfg.epochs}/{cfg.scst_epochs}")
             record = {"epoch": epoch, "phase": "scst", "reward": reward, "baseline": baseline, "lr": cfg.scst_lr}
         else:
