@@ -1,0 +1,114 @@
+"""Train and score each registered architecture x encoder on Flickr8k; write the README table.
+
+    python benchmarks/zoo.py [--models show-tell,show-attend-tell,...] [--encoders efficientnet-lite0,...]
+        [--epochs 5] [--scst-epochs 0] [--data ../shared/data/flickr8k] [--runs runs/zoo] [--force]
+
+Each pair trains with configs/flickr8k-default.json and the given epoch counts (the same budget
+for every model), is scored by `captioner evaluate`'s code on the 1000 test photos (beam 3),
+and timed for one-photo captioning like benchmarks/latency.py. Rows are kept in
+benchmarks/results/zoo.json (a pair already there is skipped unless --force, so the script can
+be run a few models at a time), and the README's zoo block is rewritten from that file beside
+the published numbers, which are marked as such. Feature extraction is timed once per encoder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+from latency import median_ms
+from model_card import REFERENCE, table
+
+from captioner.api import Captioner
+from captioner.config import load_train_config
+from captioner.evaluate import evaluate
+from captioner.model import get_model_config, list_models
+from captioner.train import prepare, train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "zoo.json"
+
+
+def model_file(name: str, encoder: str, folder: Path) -> Path:
+    """The registered config `name` with its encoder swapped, as a config file."""
+    cfg = get_model_config(name).to_dict()
+    if encoder != cfg["encoder"]:
+        cfg["name"] = f"{name}@{encoder}"
+        cfg["encoder"] = encoder
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cfg['name']}.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
+    runs = Path(args.runs)
+    out = runs / f"{name}@{encoder}"
+    overrides = [f"model={model_file(name, encoder, runs / 'configs')}", f"data={args.data}", f"out={out}",
+                 f"cache_dir={args.cache_dir}", f"epochs={args.epochs}", f"scst_epochs={args.scst_epochs}",
+                 "progress=false"]
+    cfg = load_train_config(REPO / "configs" / "flickr8k-default.json", overrides)
+    t = time.time()
+    prepare(cfg)  # features once per encoder (timed in extraction_minutes)
+    extraction = time.time() - t
+    t = time.time()
+    train(cfg, resume=(out / "last.pt").is_file())
+    minutes = (time.time() - t) / 60
+    cap = Captioner.load(out / "best.pt")
+    search = cap.model.search_config(beam_size=3)
+    scores, notes = evaluate(cap.model, args.data, "test", search, cache_dir=args.cache_dir,
+                             captions_out=out / "captions-test.json", progress=False)
+    photos = sorted((REPO / "examples").glob("*.jpg"))
+    latency = statistics.median(median_ms(lambda: cap.caption(p, beam_size=3), 10) for p in photos)
+    return {"model": name, "encoder": encoder, "epochs": args.epochs, "scst_epochs": args.scst_epochs,
+            "params_millions": round(sum(p.numel() for p in cap.model.decoder.parameters()) / 1e6, 2),
+            "train_minutes": round(minutes, 1), "extraction_minutes": round(extraction / 60, 1),
+            "caption_beam3_ms": round(latency, 1), "test": scores, "notes": notes}
+
+
+def readme_block(rows: list[dict]) -> str:
+    scored = [(f"{r['model']} ({r['encoder']}, {r['epochs']}+{r['scst_epochs']} epochs; measured)", r["test"])
+              for r in rows]
+    extra = "| model | encoder | decoder params (M) | train min | caption ms (beam 3) |\n|---|---|---|---|---|\n"
+    extra += "".join(f"| {r['model']} | {r['encoder']} | {r['params_millions']} | {r['train_minutes']} | "
+                     f"{r['caption_beam3_ms']} |\n" for r in rows)
+    return table(scored + REFERENCE) + "\n" + extra
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(list_models()))
+    p.add_argument("--encoders", default="efficientnet-lite0")
+    p.add_argument("--epochs", type=int, default=5, help="cross-entropy epochs per model")
+    p.add_argument("--scst-epochs", type=int, default=0, help="self-critical epochs per model")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--cache-dir", default="~/.cache/captioner")
+    p.add_argument("--runs", default="runs/zoo")
+    p.add_argument("--force", action="store_true", help="rerun pairs already in zoo.json")
+    args = p.parse_args(argv)
+    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    for encoder in args.encoders.split(","):
+        for name in args.models.split(","):
+            key = (name, encoder, args.epochs, args.scst_epochs)
+            if not args.force and any((r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) == key for r in rows):
+                continue
+            row = run_pair(name, encoder, args)
+            rows = [r for r in rows if (r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) != key] + [row]
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+            print(json.dumps(row), flush=True)
+    block = readme_block(rows)
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if "<!-- zoo:start -->" in text:
+        readme.write_text(re.sub(r"(<!-- zoo:start -->\n).*?(<!-- zoo:end -->)",
+                                 lambda m: m.group(1) + block + m.group(2), text, flags=re.S))
+    print(block)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
