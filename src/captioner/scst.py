@@ -9,11 +9,12 @@ from tqdm import tqdm
 
 from .cider import CiderD
 from .config import TrainConfig
-from .decode import sample
+from .decode import SearchConfig, beam_search, sample
 from .model import CaptionModel
 from .vocab import tokenize
 
 BASELINES = ("greedy", "mean")
+SAMPLERS = ("multinomial", "beam")
 
 
 def reward_scorer(captions: list[list[str]]) -> CiderD:
@@ -25,18 +26,26 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
               cfg: TrainConfig) -> tuple[torch.Tensor, float, float]:
     """Policy-gradient loss for one batch of images; also (mean sample reward, mean baseline).
 
-    `scst_samples` captions are drawn per image. The baseline is the greedy caption's reward
-    (`greedy`, as in the paper) or the mean reward of the image's other samples (`mean`,
-    Luo 2020). Sampling and the gradient pass both run with dropout off, so the gradient is
-    taken under the very policy that drew the captions.
+    `scst_samples` captions are drawn per image, by multinomial sampling (Rennie et al., 2017)
+    or as the beam search's top `scst_samples` (`scst_sampler=beam`, as in Cornia et al., 2020).
+    The baseline is the greedy caption's reward (`greedy`, as in the paper) or the mean reward
+    of the image's other captions (`mean`, Luo 2020). Sampling and the gradient pass both run
+    with dropout off, so the gradient is taken under the very policy that drew the captions.
     """
     if cfg.scst_baseline not in BASELINES:
         raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
+    if cfg.scst_sampler not in SAMPLERS:
+        raise ValueError(f"scst_sampler must be one of {SAMPLERS}, not {cfg.scst_sampler!r}")
     v, n = model.vocab, cfg.scst_samples
     common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_len=cfg.scst_max_len,
                   banned_ids=(v.bos_id, v.unk_id))
     model.eval()
-    drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
+    if cfg.scst_sampler == "beam":
+        search = SearchConfig(beam_size=n, max_len=cfg.scst_max_len, n_best=n, length_penalty=1.0)
+        drawn = beam_search(model.decoder, feats, v.bos_id, v.eos_id, v.pad_id, search,
+                            banned_ids=(v.bos_id, v.unk_id)).tokens.flatten(0, 1)  # (B*n, T)
+    else:
+        drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
     keys = [i for i in images for _ in range(n)]
     rewards = torch.tensor(cider.scores(keys, [v.decode(s).split() for s in drawn.tolist()]))
     rewards = rewards.view(len(images), n)  # (B, n)
