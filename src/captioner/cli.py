@@ -214,6 +214,25 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=args.data, out=args.out, epochs=args.epochs,
+                         lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=args.cache_dir, half=args.half,
+                         progress=not args.no_progress)
+    report = finetune(cfg)
+    before, after = report["nll_before"], report["nll_after"]
+    print(f"{report['corrections']} corrections + {report['replayed_images']} replayed original photos, "
+          f"{report['epochs']} epochs")
+    print(f"per-word loss on the corrections: {before['corrections']:.3f} -> {after['corrections']:.3f}; "
+          f"on {report['dev_images']} original dev photos: {before['original_dev']:.3f} -> {after['original_dev']:.3f}")
+    if report["unknown_words"]:
+        print(f"note: words outside the model's vocab are learnt as <unk>: {', '.join(report['unknown_words'][:10])}")
+    print(f"wrote {args.out}")
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--json", action="store_true", help="one JSON object per experiment")
     p.set_defaults(func=cmd_ab_report)
+
+    p = sub.add_parser("finetune", help="continue training a model on its users' corrected captions")
+    p.add_argument("--db", required=True, help="SQLite feedback store with corrections")
+    p.add_argument("--checkpoint", required=True, help="the base model")
+    p.add_argument("--data", required=True, help="its original dataset, replayed so it does not forget")
+    p.add_argument("--out", required=True, help="the new checkpoint (serve it as a new variant)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--replay-ratio", type=float, default=10.0, help="original photos per corrected photo")
+    p.add_argument("--cache-dir", default="~/.cache/captioner", help="feature cache of the original data")
+    p.add_argument("--half", action="store_true", help="store the weights as fp16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
