@@ -1,7 +1,7 @@
 """Load test of `captioner serve`: throughput and latency with micro-batching on and off.
 
     nice -n 19 python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--rounds 2]
-                                               [--out benchmarks/results/serve_load.json]
+                                               [--out benchmarks/results/serve_load.json] [--readme]
 
 Starts the server on 127.0.0.1 (a free port) once with micro-batching (max_batch 16) and once
 serving one photo at a time (max_batch 1), same model, same torch threads, and runs N client
@@ -49,10 +49,11 @@ def multipart(photo: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
 class Server:
     """`captioner serve` in a child process on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, max_batch: int, threads: int, workdir: Path):
+    def __init__(self, max_batch: int, threads: int, workdir: Path, max_wait_ms: float = 10, encode_chunk: int = 4):
         self.port = free_port()
         cfg = workdir / f"serve-{max_batch}.json"
-        cfg.write_text(json.dumps({"max_batch": max_batch, "max_wait_ms": 10, "threads": threads,
+        cfg.write_text(json.dumps({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
+                                   "encode_chunk": encode_chunk,
                                    "db": f"load-{max_batch}.db"}))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.pop("CAPTIONER_API_KEYS", None)
@@ -88,31 +89,69 @@ class Server:
             self.proc.wait()
 
 
-def client(port: int, bodies: list[tuple[bytes, str]], stop_at: float, max_requests: int, offset: int,
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client on a raw socket: the load generator shares the
+    server's CPUs, so it should cost as little as possible per request."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            self.buf = b""
+        self.sock.sendall(raw)
+        while b"\r\n\r\n" not in self.buf:
+            self._read()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (x.partition(b":") for x in lines[1:]) if k.lower() == b"content-length")
+        while len(self.buf) < length:
+            self._read()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, body
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def raw_request(port: int, body: bytes, ctype: str) -> bytes:
+    return (f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def client(port: int, requests: list[bytes], stop_at: float, max_requests: int, offset: int,
            latencies: list[float], failures: list[str]) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = Connection(port)
     for i in range(max_requests):
         if time.perf_counter() >= stop_at:
             break
-        body, ctype = bodies[(offset + i) % len(bodies)]
         t = time.perf_counter()
         try:
-            conn.request("POST", "/v1/captions", body=body, headers={"Content-Type": ctype})
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status != 200 or not json.loads(data).get("caption"):
-                failures.append(f"HTTP {resp.status}: {data[:200]!r}")
+            status, data = conn.request(requests[(offset + i) % len(requests)])
+            if status != 200 or not json.loads(data).get("caption"):
+                failures.append(f"HTTP {status}: {data[:200]!r}")
             else:
                 latencies.append(time.perf_counter() - t)
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except (OSError, ValueError, StopIteration) as e:
             failures.append(f"{type(e).__name__}: {e}")
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.close()
 
 
 def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
-    bodies = [multipart(p.read_bytes(), {"beam_size": "3", "max_len": "25"}) for p in PHOTOS]
+    bodies = [raw_request(port, *multipart(p.read_bytes(), {"beam_size": "3", "max_len": "25"})) for p in PHOTOS]
     latencies: list[float] = []
     failures: list[str] = []
     start = time.perf_counter()
@@ -133,7 +172,7 @@ def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
 
 
 def run_mode(max_batch: int, args: argparse.Namespace, workdir: Path) -> dict:
-    server = Server(max_batch, args.threads, workdir)
+    server = Server(max_batch, args.threads, workdir, args.max_wait_ms, args.encode_chunk)
     try:
         load(server.port, args.clients, min(3.0, args.seconds), 8)  # warm-up: encoder, allocator, caches
         before = server.get("/healthz")
@@ -143,6 +182,10 @@ def run_mode(max_batch: int, args: argparse.Namespace, workdir: Path) -> dict:
         result["model_calls"] = batches
         result["mean_batch"] = round((after["images"] - before["images"]) / max(batches, 1), 2)
         result["largest_batch"] = after["largest_batch"]
+        # share of the load time the model worker was busy: near 1 means the model is the bottleneck
+        result["model_busy_fraction"] = round((after["model_busy_s"] - before["model_busy_s"]) / result["seconds"], 3)
+        result["model_ms_per_photo"] = round(1000 * (after["model_busy_s"] - before["model_busy_s"])
+                                             / max(after["images"] - before["images"], 1), 1)
         return result
     finally:
         server.stop()
@@ -157,6 +200,32 @@ def summarise(runs: list[dict]) -> dict:
             "mean_batch": round(statistics.fmean(r["mean_batch"] for r in runs), 2)}
 
 
+README = REPO / "README.md"
+MARKERS = ("<!-- serve-load:start -->", "<!-- serve-load:end -->")
+
+
+def readme_block(result: dict) -> str:
+    """The README's quote of a results file: a table of its summary, nothing typed by hand."""
+    rows = ["| serving | throughput (req/s) | p50 latency (ms) | p99 latency (ms) | failed / requests | photos per model call |",
+            "|---|---|---|---|---|---|"]
+    for mode, label in (("batched", "micro-batched (max 16 photos, 10 ms wait)"), ("one_at_a_time", "one photo at a time")):
+        m = result["summary"][mode]
+        rows.append(f"| {label} | {m['throughput_rps']} | {m['latency_ms_p50']} | {m['latency_ms_p99']} | "
+                    f"{m['failed']} / {m['requests']} | {m['mean_batch']} |")
+    rows.append("")
+    rows.append(f"{result['clients']} concurrent clients, {result['rounds']} alternating rounds of "
+                f"{result['seconds_per_round']:g} s per mode, server on {result['server_threads']} torch thread(s); "
+                f"throughput ratio **{result['throughput_ratio']}x** (bar: 2x, "
+                f"{'met' if result['bar_2x_met'] else 'not met'}). Source: `benchmarks/results/serve_load.json`.")
+    return "\n".join(rows)
+
+
+def update_readme(result: dict) -> None:
+    text = README.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
@@ -164,8 +233,16 @@ def main(argv=None) -> dict:
     p.add_argument("--max-requests", type=int, default=2000, help="per client per round, an upper bound")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both modes (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching: the first photo's longest wait")
+    p.add_argument("--encode-chunk", type=int, default=4, help="photos per encoder call within a batch")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
+    p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
+    p.add_argument("--readme-only", action="store_true", help="rewrite the README's quote of --out; no load run")
     args = p.parse_args(argv)
+    if args.readme_only:
+        result = json.loads(Path(args.out).read_text())
+        update_readme(result)
+        return result
     modes = {"batched": 16, "one_at_a_time": 1}
     rounds: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,13 +251,14 @@ def main(argv=None) -> dict:
                 res = run_mode(max_batch, args, Path(tmp))
                 rounds[mode].append(res)
                 print(f"round {r + 1} {mode:14s} {res['throughput_rps']:6.2f} req/s  p50 {res['latency_ms']['p50']:7.1f} ms  "
-                      f"p99 {res['latency_ms']['p99']:7.1f} ms  failed {res['failed']}  mean batch {res['mean_batch']}",
+                      f"p99 {res['latency_ms']['p99']:7.1f} ms  failed {res['failed']}  mean batch {res['mean_batch']}  "
+                      f"model busy {res['model_busy_fraction']:.0%} ({res['model_ms_per_photo']} ms/photo)",
                       flush=True)
     summary = {m: summarise(rs) for m, rs in rounds.items()}
     ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
     result = {
         "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
-        "server_threads": args.threads, "request": "multipart upload of an example photo, beam 3, max_len 25",
+        "server_threads": args.threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": args.encode_chunk, "request": "multipart upload of an example photo, beam 3, max_len 25",
         "summary": summary, "throughput_ratio": round(ratio, 2),
         "bar_2x_met": bool(ratio >= 2.0 and summary["batched"]["failed"] == 0
                            and summary["one_at_a_time"]["failed"] == 0),
@@ -192,6 +270,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"throughput ratio batched / one at a time: {ratio:.2f}x; written to {out}")
+    if args.readme:
+        update_readme(result)
     return result
 
 

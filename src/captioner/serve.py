@@ -121,6 +121,7 @@ class MicroBatcher:
         self.batches = 0  # model calls made
         self.images = 0  # photos captioned
         self.largest = 0  # largest batch so far
+        self.busy_s = 0.0  # seconds spent in model calls (busy_s / uptime: how loaded the model is)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="captioner-batcher", daemon=True)
@@ -159,12 +160,14 @@ class MicroBatcher:
             if first is None:
                 break
             jobs, stopping = self._gather(first)
+            t0 = time.perf_counter()
             try:
                 self.run(jobs)
             except BaseException as e:  # never leave a client waiting
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
+            self.busy_s += time.perf_counter() - t0
             self.batches += 1
             self.images += len(jobs)
             self.largest = max(self.largest, len(jobs))
@@ -426,7 +429,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         """Liveness, with the batcher's counters."""
         b = svc.batcher
         return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
-                "largest_batch": b.largest, "queued": b.pending()}
+                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending()}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
