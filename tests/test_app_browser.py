@@ -57,6 +57,15 @@ def app_url(tmp_path):
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + 10
+        while time.time() < deadline:  # wait for the whole group (streamlit too) to be gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
             os.killpg(proc.pid, signal.SIGKILL)
 
 

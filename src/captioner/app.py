@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,16 @@ def launch(config: str | None, cfg, port: int = 8501) -> int:
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
            "--server.maxUploadSize", str(max(1, cfg.max_body_bytes // 2**20)),
            "--", "--db", str(cfg.db)] + (["--config", str(config)] if config else [])
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping us stops streamlit
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
