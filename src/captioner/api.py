@@ -60,11 +60,24 @@ class Captioner:
     def name(self) -> str:
         return self.info.get("name", self.model.cfg.name)
 
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One photo -> this model's encoder input (3, S, S), exactly as in training. A server
+        can run this in its request threads and batch only `encode_pixels`."""
+        return preprocess(image, self.model.encoder_cfg)
+
+    @torch.no_grad()
+    def encode_pixels(self, batch: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Preprocessed photos (B, 3, S, S) -> region features (B, N, C); `chunk` > 0 runs the
+        encoder on that many photos at a time (large batches spill the CPU cache)."""
+        batch = batch.to(self.device)
+        if chunk <= 0 or batch.size(0) <= chunk:
+            return self.encoder(batch)
+        return torch.cat([self.encoder(part) for part in batch.split(chunk)])
+
     @torch.no_grad()
     def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Photos -> region features (B, N, C), preprocessed exactly as in training."""
-        batch = torch.stack([preprocess(im, self.model.encoder_cfg) for im in images]).to(self.device)
-        return self.encoder(batch)
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
 
     @torch.no_grad()
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,

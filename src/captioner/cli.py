@@ -1,4 +1,5 @@
-"""`captioner` command line: caption, prepare, train, evaluate, export, models."""
+"""`captioner` command line: caption, prepare, train, evaluate, export, models, serve, app,
+ab-report, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +163,76 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace):
+    from .config import load_serve_config
+
+    return load_serve_config(args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
+                             db=args.db)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import run
+    except ImportError as e:
+        print(f"error: the server needs the serve extra (pip install \"captioner[serve]\"): {e}", file=sys.stderr)
+        return 2
+    run(_serve_config(args))
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from .app import launch
+    except ImportError as e:
+        print(f"error: the web app needs the serve extra (pip install \"captioner[serve]\"): {e}", file=sys.stderr)
+        return 2
+    cfg = _serve_config(args)  # checked here, so a bad config fails before streamlit starts
+    return launch(args.config, cfg, port=args.port)
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .ab import build_report, format_report
+    from .feedback import FeedbackStore
+
+    if not Path(args.db).is_file():
+        print(f"error: {args.db}: feedback database not found", file=sys.stderr)
+        return 2
+    store = FeedbackStore(args.db)
+    experiments = [args.experiment] if args.experiment else store.experiments()
+    if not experiments:
+        print(f"no captions recorded in {args.db} yet")
+        return 0
+    for i, name in enumerate(experiments):
+        rep = build_report(name, store.traffic(name), store.ratings(name), alpha=args.alpha)
+        if args.json:
+            print(json.dumps(asdict(rep)))
+        else:
+            print(("\n" if i else "") + format_report(rep))
+    store.close()
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=args.data, out=args.out, epochs=args.epochs,
+                         lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=args.cache_dir, half=args.half,
+                         progress=not args.no_progress)
+    report = finetune(cfg)
+    before, after = report["nll_before"], report["nll_after"]
+    print(f"{report['corrections']} corrections + {report['replayed_images']} replayed original photos, "
+          f"{report['epochs']} epochs")
+    print(f"per-word loss on the corrections: {before['corrections']:.3f} -> {after['corrections']:.3f}; "
+          f"on {report['dev_images']} original dev photos: {before['original_dev']:.3f} -> {after['original_dev']:.3f}")
+    if report["unknown_words"]:
+        print(f"note: words outside the model's vocab are learnt as <unk>: {', '.join(report['unknown_words'][:10])}")
+    print(f"wrote {args.out}")
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +294,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered model configs")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="REST API server (needs the serve extra)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--config", default=None, help="serve config, JSON or TOML: models, A/B experiment, limits, keys")
+    p.add_argument("--db", default=None, help="SQLite feedback store (default: the config's, captioner.db)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("app", help="Streamlit web app (needs the serve extra)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--config", default=None, help="serve config: the same models and feedback store")
+    p.add_argument("--db", default=None, help="SQLite feedback store (default: the config's, captioner.db)")
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("ab-report", help="per-variant traffic and ratings, and whether they differ")
+    p.add_argument("--db", required=True, help="SQLite feedback store written by serve or app")
+    p.add_argument("--experiment", default=None, help="one experiment (default: every one in the store)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--json", action="store_true", help="one JSON object per experiment")
+    p.set_defaults(func=cmd_ab_report)
+
+    p = sub.add_parser("finetune", help="continue training a model on its users' corrected captions")
+    p.add_argument("--db", required=True, help="SQLite feedback store with corrections")
+    p.add_argument("--checkpoint", required=True, help="the base model")
+    p.add_argument("--data", required=True, help="its original dataset, replayed so it does not forget")
+    p.add_argument("--out", required=True, help="the new checkpoint (serve it as a new variant)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--replay-ratio", type=float, default=10.0, help="original photos per corrected photo")
+    p.add_argument("--cache-dir", default="~/.cache/captioner", help="feature cache of the original data")
+    p.add_argument("--half", action="store_true", help="store the weights as fp16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -1,11 +1,14 @@
-"""Run configs: typed dataclasses, read from a JSON file plus `key=value` overrides."""
+"""Run configs: typed dataclasses, read from a JSON file plus `key=value` overrides (training),
+or from a JSON or TOML file (serving)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .ab import Experiment, experiment_from_dict
 from .errors import ConfigError
 
 
@@ -102,4 +105,89 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
               "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(kind, True)
         if not ok:
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
+    return cfg
+
+
+@dataclass
+class ServeConfig:
+    """The server's and the web app's settings (`captioner serve --config FILE`, JSON or TOML)."""
+
+    host: str = "127.0.0.1"  # listen address; the default keeps the server local
+    port: int = 8000
+    model_dir: str = "models"  # variants' checkpoints must lie inside it (relative to the config file)
+    db: str = "captioner.db"  # SQLite feedback store (relative to the config file)
+    api_keys: list = field(default_factory=list)  # accepted keys; none = open (plus CAPTIONER_API_KEYS)
+    max_batch: int = 16  # photos per model call at most; 1 = no micro-batching
+    max_wait_ms: float = 10.0  # how long the first photo of a batch waits for others to join it
+    encode_chunk: int = 4  # photos per encoder call within a batch (large batches spill the CPU cache)
+    max_body_bytes: int = 10_000_000  # larger request bodies get 413 before they are read
+    max_pixels: int = 40_000_000  # larger photos get 413, judged from the header before decoding
+    max_images: int = 16  # photos per JSON request
+    max_beam_size: int = 8
+    max_len: int = 40  # the most words a client may ask for
+    max_n_best: int = 5  # the most alternatives a client may ask for (also bounded by the beam)
+    store_images: bool = True  # keep uploaded photos in the store (finetune needs them)
+    threads: int = 1  # torch CPU threads for the model
+    experiment: Experiment = field(default_factory=Experiment)  # variants and their traffic weights
+
+    def keys(self) -> list[str]:
+        """API keys from the config and the CAPTIONER_API_KEYS environment variable (comma-separated)."""
+        env = [k.strip() for k in os.environ.get("CAPTIONER_API_KEYS", "").split(",") if k.strip()]
+        return [str(k) for k in self.api_keys] + env
+
+
+def _read_table(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            loaded = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    else:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a table/object of config fields")
+    return loaded
+
+
+def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeConfig:
+    """Defaults < the JSON/TOML file < explicit keyword values (None ignored). Relative
+    `model_dir` and `db` in the file are taken relative to the file's folder."""
+    values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(ServeConfig)}
+    if path is not None:
+        path = Path(path)
+        loaded = _read_table(path)
+        unknown = sorted(set(loaded) - set(types))
+        if unknown:
+            raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
+        if "experiment" in loaded:
+            loaded["experiment"] = experiment_from_dict(loaded["experiment"], f"{path}: experiment")
+        for key in ("model_dir", "db"):
+            if isinstance(loaded.get(key), str):
+                loaded[key] = str(path.parent / Path(loaded[key]).expanduser())
+        values.update(loaded)
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    cfg = ServeConfig(**values)
+    where = f"{path}: " if path is not None else ""
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)),
+              "bool": isinstance(v, bool), "str": isinstance(v, str), "list": isinstance(v, list)}.get(kind, True)
+        if not ok:
+            raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
+    for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_images", "max_beam_size",
+                 "max_len", "max_n_best", "threads"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{where}field {name}: must be at least 1")
     return cfg

@@ -49,3 +49,19 @@ def save_attention_figure(image: ImageInput, caption: Caption, path: str | Path,
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _heat_colors(heat: np.ndarray) -> np.ndarray:
+    """[0, 1] heat -> RGB in [0, 1] along a blue-cyan-yellow-red ramp (jet-like, no matplotlib)."""
+    r = np.clip(1.5 - np.abs(4 * heat - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * heat - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * heat - 1), 0, 1)
+    return np.stack([r, g, b], -1)  # (S, S, 3)
+
+
+def attention_overlay(image: ImageInput, weights: np.ndarray, size: int = 224, alpha: float = 0.45) -> Image.Image:
+    """The photo (squashed to size x size, as the encoder saw it) with one word's attention map
+    laid over it in colour."""
+    photo = np.asarray(load_image(image).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    heat = _heat_colors(attention_heat(weights, size))
+    return Image.fromarray(((1 - alpha) * photo * 255 + alpha * heat * 255).clip(0, 255).astype(np.uint8))

@@ -1,0 +1,279 @@
+"""Load test of `captioner serve`: throughput and latency with micro-batching on and off.
+
+    nice -n 19 python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--rounds 2]
+                                               [--out benchmarks/results/serve_load.json] [--readme]
+
+Starts the server on 127.0.0.1 (a free port) once with micro-batching (max_batch 16) and once
+serving one photo at a time (max_batch 1), same model, same torch threads, and runs N client
+threads against each for a bounded time and a bounded number of requests: each client posts
+the example photos in turn (multipart upload, beam 3) and waits for the answer. Rounds
+alternate the two modes, so drift in the machine's load hits both. Reports requests, failures,
+throughput and p50/p99 latency per mode, and the throughput ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted((REPO / "examples").glob("*.jpg"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(photo: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+                 f'Content-Type: image/jpeg\r\n\r\n'.encode() + photo + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    """`captioner serve` in a child process on 127.0.0.1, stopped on exit."""
+
+    def __init__(self, max_batch: int, threads: int, workdir: Path, max_wait_ms: float = 10, encode_chunk: int = 4):
+        self.port = free_port()
+        cfg = workdir / f"serve-{max_batch}.json"
+        cfg.write_text(json.dumps({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
+                                   "encode_chunk": encode_chunk,
+                                   "db": f"load-{max_batch}.db"}))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env.pop("CAPTIONER_API_KEYS", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--config", str(cfg),
+                                      "--host", "127.0.0.1", "--port", str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if self.get("/healthz")["status"] == "ok":
+                    return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not start within 120 s")
+
+    def get(self, path: str) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client on a raw socket: the load generator shares the
+    server's CPUs, so it should cost as little as possible per request."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            self.buf = b""
+        self.sock.sendall(raw)
+        while b"\r\n\r\n" not in self.buf:
+            self._read()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (x.partition(b":") for x in lines[1:]) if k.lower() == b"content-length")
+        while len(self.buf) < length:
+            self._read()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, body
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def raw_request(port: int, body: bytes, ctype: str) -> bytes:
+    return (f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def client(port: int, requests: list[bytes], stop_at: float, max_requests: int, offset: int,
+           latencies: list[float], failures: list[str]) -> None:
+    conn = Connection(port)
+    for i in range(max_requests):
+        if time.perf_counter() >= stop_at:
+            break
+        t = time.perf_counter()
+        try:
+            status, data = conn.request(requests[(offset + i) % len(requests)])
+            if status != 200 or not json.loads(data).get("caption"):
+                failures.append(f"HTTP {status}: {data[:200]!r}")
+            else:
+                latencies.append(time.perf_counter() - t)
+        except (OSError, ValueError, StopIteration) as e:
+            failures.append(f"{type(e).__name__}: {e}")
+            conn.close()
+    conn.close()
+
+
+def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
+    bodies = [raw_request(port, *multipart(p.read_bytes(), {"beam_size": "3", "max_len": "25"})) for p in PHOTOS]
+    latencies: list[float] = []
+    failures: list[str] = []
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(port, bodies, start + seconds, max_requests, k, latencies,
+                                                      failures)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start  # includes the requests in flight at the deadline
+    ms = sorted(x * 1000 for x in latencies)
+    pct = (lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]) if ms else (lambda q: float("nan"))
+    return {"requests": len(latencies) + len(failures), "ok": len(latencies), "failed": len(failures),
+            "failures_sample": failures[:3], "seconds": round(elapsed, 2),
+            "throughput_rps": round(len(latencies) / elapsed, 2),
+            "latency_ms": {"p50": round(pct(0.50), 1), "p99": round(pct(0.99), 1),
+                           "mean": round(statistics.fmean(ms), 1) if ms else None}}
+
+
+def run_mode(max_batch: int, args: argparse.Namespace, workdir: Path) -> dict:
+    server = Server(max_batch, args.threads, workdir, args.max_wait_ms, args.encode_chunk)
+    try:
+        load(server.port, args.clients, min(3.0, args.seconds), 8)  # warm-up: encoder, allocator, caches
+        before = server.get("/healthz")
+        result = load(server.port, args.clients, args.seconds, args.max_requests)
+        after = server.get("/healthz")
+        batches = after["batches"] - before["batches"]
+        result["model_calls"] = batches
+        result["mean_batch"] = round((after["images"] - before["images"]) / max(batches, 1), 2)
+        result["largest_batch"] = after["largest_batch"]
+        # share of the load time the model worker was busy: near 1 means the model is the bottleneck
+        result["model_busy_fraction"] = round((after["model_busy_s"] - before["model_busy_s"]) / result["seconds"], 3)
+        result["model_ms_per_photo"] = round(1000 * (after["model_busy_s"] - before["model_busy_s"])
+                                             / max(after["images"] - before["images"], 1), 1)
+        return result
+    finally:
+        server.stop()
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok, secs = sum(r["ok"] for r in runs), sum(r["seconds"] for r in runs)
+    return {"throughput_rps": round(ok / secs, 2), "requests": sum(r["requests"] for r in runs),
+            "failed": sum(r["failed"] for r in runs),
+            "latency_ms_p50": round(statistics.median(r["latency_ms"]["p50"] for r in runs), 1),
+            "latency_ms_p99": round(max(r["latency_ms"]["p99"] for r in runs), 1),
+            "mean_batch": round(statistics.fmean(r["mean_batch"] for r in runs), 2)}
+
+
+README = REPO / "README.md"
+MARKERS = ("<!-- serve-load:start -->", "<!-- serve-load:end -->")
+
+
+def readme_block(result: dict) -> str:
+    """The README's quote of a results file: a table of its summary, nothing typed by hand."""
+    rows = ["| serving | throughput (req/s) | p50 latency (ms) | p99 latency (ms) | failed / requests | photos per model call |",
+            "|---|---|---|---|---|---|"]
+    for mode, label in (("batched", "micro-batched (max 16 photos, 10 ms wait)"), ("one_at_a_time", "one photo at a time")):
+        m = result["summary"][mode]
+        rows.append(f"| {label} | {m['throughput_rps']} | {m['latency_ms_p50']} | {m['latency_ms_p99']} | "
+                    f"{m['failed']} / {m['requests']} | {m['mean_batch']} |")
+    rows.append("")
+    rows.append(f"{result['clients']} concurrent clients, {result['rounds']} alternating rounds of "
+                f"{result['seconds_per_round']:g} s per mode, server on {result['server_threads']} torch thread(s); "
+                f"throughput ratio **{result['throughput_ratio']}x** (bar: 2x, "
+                f"{'met' if result['bar_2x_met'] else 'not met'}). Source: `benchmarks/results/serve_load.json`.")
+    return "\n".join(rows)
+
+
+def update_readme(result: dict) -> None:
+    text = README.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--seconds", type=float, default=20.0, help="load time per mode and round (default 20)")
+    p.add_argument("--max-requests", type=int, default=2000, help="per client per round, an upper bound")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both modes (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching: the first photo's longest wait")
+    p.add_argument("--encode-chunk", type=int, default=4, help="photos per encoder call within a batch")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
+    p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
+    p.add_argument("--readme-only", action="store_true", help="rewrite the README's quote of --out; no load run")
+    args = p.parse_args(argv)
+    if args.readme_only:
+        result = json.loads(Path(args.out).read_text())
+        update_readme(result)
+        return result
+    modes = {"batched": 16, "one_at_a_time": 1}
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for mode, max_batch in modes.items():
+                res = run_mode(max_batch, args, Path(tmp))
+                rounds[mode].append(res)
+                print(f"round {r + 1} {mode:14s} {res['throughput_rps']:6.2f} req/s  p50 {res['latency_ms']['p50']:7.1f} ms  "
+                      f"p99 {res['latency_ms']['p99']:7.1f} ms  failed {res['failed']}  mean batch {res['mean_batch']}  "
+                      f"model busy {res['model_busy_fraction']:.0%} ({res['model_ms_per_photo']} ms/photo)",
+                      flush=True)
+    summary = {m: summarise(rs) for m, rs in rounds.items()}
+    ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
+    result = {
+        "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
+        "server_threads": args.threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": args.encode_chunk, "request": "multipart upload of an example photo, beam 3, max_len 25",
+        "summary": summary, "throughput_ratio": round(ratio, 2),
+        "bar_2x_met": bool(ratio >= 2.0 and summary["batched"]["failed"] == 0
+                           and summary["one_at_a_time"]["failed"] == 0),
+        "runs": rounds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_end": list(os.getloadavg())},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"throughput ratio batched / one at a time: {ratio:.2f}x; written to {out}")
+    if args.readme:
+        update_readme(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

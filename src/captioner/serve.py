@@ -1,0 +1,536 @@
+"""REST API: FastAPI on uvicorn, with micro-batching, limits, API keys, A/B variants and feedback.
+
+    captioner serve [--host 127.0.0.1] [--port 8000] [--config serve.toml]
+
+Concurrent requests' photos are gathered by one worker thread (at most `max_batch` photos, the
+first waiting at most `max_wait_ms`) and captioned with one encoder pass and one batched beam
+search per model variant and search options. Uses only the `Captioner` facade.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import logging
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .ab import ServedModel, assign, load_variants
+from .api import Caption
+from .config import ServeConfig
+from .errors import CaptionerError
+from .feedback import FeedbackError, FeedbackStore, Served
+
+log = logging.getLogger("captioner.serve")
+FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}  # what PIL is asked to decode; anything else is 415
+
+
+class ApiError(Exception):
+    """An error the client gets as JSON: {"error": code, "detail": message}."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def error_response(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+# --- request and response bodies -------------------------------------------------------------
+
+class SearchOptions(BaseModel):
+    beam_size: int = Field(3, ge=1, description="beam width; 1 = greedy")
+    max_len: int = Field(25, ge=1, description="most words per caption")
+    n_best: int = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
+    attention: bool = Field(False, description="also return the words and one attention map per word")
+    model: str | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
+
+
+class CaptionRequest(SearchOptions):
+    images: list[str] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
+
+
+class Alternative(BaseModel):
+    caption: str
+    score: float
+
+
+class CaptionResult(BaseModel):
+    caption_id: str = Field(description="send it back with POST /v1/feedback")
+    caption: str
+    score: float = Field(description="length-normalised log-probability (higher is better)")
+    alternatives: list[Alternative]
+    model: str
+    model_version: str = Field(description="hash of the checkpoint file")
+    experiment: str
+    variant: str
+    words: list[str] | None = None
+    attention: list[list[list[float]]] | None = Field(None, description="(words, grid, grid) weights")
+
+
+class CaptionBatch(BaseModel):
+    results: list[CaptionResult]
+
+
+class FeedbackRequest(BaseModel):
+    caption_id: str
+    rating: int | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
+    correction: str | None = Field(None, max_length=500, description="the caption the photo should have had")
+
+
+# --- micro-batching --------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One photo waiting for the model."""
+
+    variant: str
+    options: tuple[int, int, int]  # (beam_size, max_len, n_best): photos batch only with their equals
+    pixels: torch.Tensor  # (3, S, S), preprocessed for this variant's encoder
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """A worker thread that gathers jobs into batches: up to `max_batch` jobs, the first one
+    waiting at most `max_wait_s` for others, then hands each batch to `run`."""
+
+    def __init__(self, run: Callable[[list[Job]], None], max_batch: int, max_wait_s: float):
+        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # model calls made
+        self.images = 0  # photos captioned
+        self.largest = 0  # largest batch so far
+        self.busy_s = 0.0  # seconds spent in model calls (busy_s / uptime: how loaded the model is)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="captioner-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, job: Job) -> Future:
+        self._queue.put(job)
+        return job.future
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        jobs, deadline = [first], time.monotonic() + self.max_wait_s
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:  # past the deadline, still take whatever is already queued
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, stopping = self._gather(first)
+            t0 = time.perf_counter()
+            try:
+                self.run(jobs)
+            except BaseException as e:  # never leave a client waiting
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            self.busy_s += time.perf_counter() - t0
+            self.batches += 1
+            self.images += len(jobs)
+            self.largest = max(self.largest, len(jobs))
+
+
+def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int) -> None:
+    """One encoder pass per variant, then one batched search per (variant, options) group."""
+    by_variant: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_variant.setdefault(job.variant, []).append(job)
+    for name, group in by_variant.items():
+        captioner = models[name].captioner
+        try:
+            feats = captioner.encode_pixels(torch.stack([j.pixels for j in group]), chunk=encode_chunk)  # (B, N, C)
+            by_options: dict[tuple[int, int, int], list[int]] = {}
+            for i, job in enumerate(group):
+                by_options.setdefault(job.options, []).append(i)
+            for (beam_size, max_len, n_best), rows in by_options.items():
+                caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best)
+                for i, cap in zip(rows, caps):
+                    group[i].future.set_result(cap)
+        except Exception as e:
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)
+
+
+# --- photos, keys, options -------------------------------------------------------------------
+
+def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
+    """Bytes -> decoded PIL image. The size is judged from the header before anything is
+    decoded, so a decompression bomb costs no memory."""
+    if not data:
+        raise ApiError(422, "empty_image", f"{name}: the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "too_many_pixels", f"{name}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ApiError(415, "unsupported_image",
+                       f"{name}: not an image in a supported format ({', '.join(sorted(FORMATS))})") from None
+    if img.format not in FORMATS:
+        raise ApiError(415, "unsupported_image",
+                       f"{name}: {img.format} images are not accepted; send one of {', '.join(sorted(FORMATS))}")
+    if img.width * img.height > max_pixels:
+        raise ApiError(413, "too_many_pixels",
+                       f"{name}: {img.width}x{img.height} is more than the {max_pixels} pixels this server accepts")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ApiError(422, "undecodable_image", f"{name}: cannot decode the image: {e}") from None
+    return img
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Constant-time check against every key (hashing first makes lengths equal too)."""
+    digest = hashlib.sha256(given.encode()).digest()
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(digest, hashlib.sha256(k.encode()).digest())
+    return ok
+
+
+def check_options(opts: SearchOptions, cfg: ServeConfig) -> None:
+    for name, limit in (("beam_size", cfg.max_beam_size), ("max_len", cfg.max_len), ("n_best", cfg.max_n_best)):
+        if getattr(opts, name) > limit:
+            raise ApiError(422, "option_out_of_range", f"{name} {getattr(opts, name)} is above this server's limit {limit}")
+    if opts.n_best > opts.beam_size:
+        raise ApiError(422, "option_out_of_range", f"n_best {opts.n_best} cannot exceed beam_size {opts.beam_size}")
+
+
+def _form_int(form: Any, name: str, default: int) -> int:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_request", f"form field {name}: expected an integer, got {raw!r}") from None
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, "body_too_large", f"request body is larger than this server's limit of {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body above `max_bytes` by its Content-Length before reading
+    it, and stop reading a body without one as soon as it passes the limit."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            err = BodyTooLarge(self.max_bytes)
+            return await error_response(err.status, err.code, err.detail)(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as err:
+            if started:
+                raise
+            await error_response(err.status, err.code, err.detail)(scope, receive, send)
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+class Service:
+    """What the endpoints share: config, loaded variants, batcher, feedback store."""
+
+    def __init__(self, cfg: ServeConfig, models: dict[str, ServedModel], store: FeedbackStore):
+        self.cfg, self.models, self.store = cfg, models, store
+        self.keys = cfg.keys()
+        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk),
+                                    cfg.max_batch, cfg.max_wait_ms / 1000)
+
+    def client(self, request: Request) -> str:
+        """Check the API key (when keys are configured); return the client id for A/B assignment."""
+        auth = request.headers.get("authorization", "")
+        given = request.headers.get("x-api-key") or (auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        if self.keys and not (given and key_matches(given, self.keys)):
+            raise ApiError(401, "unauthorized", "missing or invalid API key: send it as X-API-Key or "
+                                                "Authorization: Bearer")
+        cid = request.headers.get("x-client-id")
+        if cid:
+            return "id:" + cid
+        if given:
+            return "key:" + given  # hashed before it is stored or used
+        return "ip:" + (request.client.host if request.client else "unknown")
+
+    def pick(self, client: str, requested: str | None) -> tuple[ServedModel, bool]:
+        """(variant's model, whether the experiment assigned it) for this client."""
+        if requested:
+            if requested not in self.models:
+                raise ApiError(404, "unknown_model",
+                               f"no model variant {requested!r}; this server has {', '.join(self.models)}")
+            return self.models[requested], False
+        return self.models[assign(self.cfg.experiment, client).name], True
+
+    async def caption(self, client: str, photos: list[bytes], opts: SearchOptions
+                      ) -> list[dict]:
+        check_options(opts, self.cfg)
+        served, assigned = self.pick(client, opts.model)
+        names = ["image"] if len(photos) == 1 else [f"images[{i}]" for i in range(len(photos))]
+
+        def prepare() -> list[torch.Tensor]:
+            out = []
+            for data, name in zip(photos, names):
+                img = open_image(data, self.cfg.max_pixels, name)
+                try:
+                    out.append(served.captioner.preprocess(img))
+                except CaptionerError as e:
+                    raise ApiError(422, "undecodable_image", f"{name}: {e}") from None
+            return out
+
+        pixels = await run_in_threadpool(prepare)
+        options = (opts.beam_size, opts.max_len, opts.n_best)
+        futures = [self.batcher.submit(Job(served.variant.name, options, p)) for p in pixels]
+        caps: list[Caption] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+        def record() -> list[dict]:
+            results = []
+            for data, cap in zip(photos, caps):
+                cid = self.store.record_caption(Served(
+                    "api", client, self.cfg.experiment.name, served.variant.name, assigned,
+                    served.captioner.name, served.version, cap.text, cap.score,
+                    {"beam_size": opts.beam_size, "max_len": opts.max_len, "n_best": opts.n_best},
+                    data if self.cfg.store_images else None))
+                results.append(result_dict(cid, cap, served, self.cfg.experiment.name, opts.attention))
+            return results
+
+        return await run_in_threadpool(record)
+
+
+def result_dict(caption_id: str, cap: Caption, served: ServedModel, experiment: str, attention: bool) -> dict:
+    out = {"caption_id": caption_id, **cap.to_dict(), "model": served.captioner.name,
+           "model_version": served.version, "experiment": experiment, "variant": served.variant.name}
+    if attention:
+        out["words"] = cap.words
+        out["attention"] = [[[round(float(w), 5) for w in row] for row in m] for m in cap.attention]
+    return out
+
+
+CAPTION_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"},
+                           "beam_size": {"type": "integer", "default": 3},
+                           "max_len": {"type": "integer", "default": 25},
+                           "n_best": {"type": "integer", "default": 1},
+                           "attention": {"type": "boolean", "default": False},
+                           "model": {"type": "string"}}}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}},
+    },
+}
+
+
+def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -> FastAPI:
+    """The FastAPI app: loads the experiment's variants (unless given) and opens the store."""
+    torch.set_num_threads(cfg.threads)
+    models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir)
+    svc = Service(cfg, models, FeedbackStore(cfg.db))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.batcher.start()
+        try:
+            yield
+        finally:
+            svc.batcher.stop()
+            svc.store.close()
+
+    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan,
+                  description="Photo in, English sentence out. Multipart upload (field `image`) or JSON "
+                              "with base64 photos; A/B variants; ratings and corrections.")
+    app.state.service = svc
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.code, e.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", validation_message(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, "http_error", str(e.detail))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness, with the batcher's counters."""
+        b = svc.batcher
+        return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
+                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        """The experiment and its model variants."""
+        svc.client(request)
+        return {"experiment": svc.cfg.experiment.name, "variants": [
+            {"name": m.variant.name, "model": m.captioner.name, "version": m.version, "weight": m.variant.weight}
+            for m in svc.models.values()]}
+
+    @app.post("/v1/captions", openapi_extra={"requestBody": CAPTION_BODY},
+              responses={200: {"model": CaptionResult, "description": "multipart: one result; JSON: "
+                                                                      "{\"results\": [...]} (CaptionBatch)"}})
+    async def captions(request: Request) -> dict:
+        """Caption one uploaded photo (multipart field `image`) or several base64 photos (JSON)."""
+        client = svc.client(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            photos, opts = await read_multipart(request)
+            return (await svc.caption(client, photos, opts))[0]
+        if ctype == "application/json":
+            body = await read_json(request, svc.cfg.max_images)
+            photos = [decode_base64(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            opts = SearchOptions(**body.model_dump(exclude={"images"}))
+            return {"results": await svc.caption(client, photos, opts)}
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data (field 'image') or application/json, not {ctype or 'no type'}")
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request, body: FeedbackRequest) -> dict:
+        """Rate a served caption (1-5) and/or correct it."""
+        svc.client(request)
+        try:
+            fid = await run_in_threadpool(svc.store.add_feedback, body.caption_id, body.rating, body.correction)
+        except FeedbackError as e:
+            status = 404 if "no caption" in str(e) else 422
+            raise ApiError(status, "unknown_caption" if status == 404 else "invalid_feedback", str(e)) from None
+        return {"feedback_id": fid, "caption_id": body.caption_id}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CaptionRequest, CaptionResult, CaptionBatch, Alternative):
+                schemas.update(model.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas[model.__name__].pop("$defs", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def validation_message(errors: list[dict]) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+
+
+async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "invalid_request", "multipart form needs a file field named 'image'")
+    data = await upload.read()
+    try:
+        opts = SearchOptions(beam_size=_form_int(form, "beam_size", 3), max_len=_form_int(form, "max_len", 25),
+                             n_best=_form_int(form, "n_best", 1),
+                             attention=str(form.get("attention", "")).lower() in ("1", "true", "yes", "on"),
+                             model=(str(form["model"]) if form.get("model") else None))
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
+    return [data], opts
+
+
+async def read_json(request: Request, max_images: int) -> CaptionRequest:
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"body is not valid JSON: {e}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
+        raise ApiError(413, "too_many_images",
+                       f"{len(raw['images'])} images in one request; this server takes at most {max_images}")
+    try:
+        return CaptionRequest.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # a data URL: keep what follows the comma
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_base64", f"{name}: not valid base64") from None
+
+
+def run(cfg: ServeConfig) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")

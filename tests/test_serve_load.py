@@ -1,0 +1,74 @@
+"""The README quotes the load benchmark's results file; the micro-batcher's own contract."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import REPO
+
+RESULTS = REPO / "benchmarks" / "results" / "serve_load.json"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_quotes_the_results_file():
+    bench = load_benchmark()
+    result = json.loads(RESULTS.read_text())
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(bench.MARKERS[0])[1].split(bench.MARKERS[1])[0].strip()
+    assert block == bench.readme_block(result), "run: python benchmarks/serve_load.py --readme-only"
+    assert result["summary"]["batched"]["requests"] > 0 and result["clients"] == 16
+
+
+def test_micro_batcher_groups_bounds_and_routes_results():
+    pytest.importorskip("fastapi")
+    import torch
+
+    from captioner.serve import Job, MicroBatcher
+
+    seen: list[list[tuple[str, int]]] = []
+
+    def run(jobs):
+        seen.append([(j.variant, int(j.pixels[0])) for j in jobs])
+        time.sleep(0.02)  # a slow model: more jobs queue up meanwhile
+        for j in jobs:
+            j.future.set_result(f"{j.variant}:{int(j.pixels[0])}")
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.05)
+    batcher.start()
+    jobs = [Job("a" if i % 2 else "b", (3, 25, 1), torch.tensor([i])) for i in range(11)]
+    threads = [threading.Thread(target=batcher.submit, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    results = [j.future.result(timeout=10) for j in jobs]
+    batcher.stop()
+    assert results == [f"{'a' if i % 2 else 'b'}:{i}" for i in range(11)]  # each job gets its own answer
+    assert max(len(b) for b in seen) <= 4 and len(seen) < 11 and sum(len(b) for b in seen) == 11
+    assert batcher.images == 11 and batcher.largest == max(len(b) for b in seen)
+
+
+def test_micro_batcher_passes_model_errors_to_every_waiting_client():
+    pytest.importorskip("fastapi")
+    import torch
+
+    from captioner.serve import Job, MicroBatcher
+
+    def run(jobs):
+        raise RuntimeError("model exploded")
+
+    batcher = MicroBatcher(run, max_batch=8, max_wait_s=0.01)
+    batcher.start()
+    jobs = [batcher.submit(Job("a", (1, 5, 1), torch.zeros(1))) for _ in range(3)]
+    for f in jobs:
+        with pytest.raises(RuntimeError, match="exploded"):
+            f.result(timeout=10)
+    batcher.stop()
