@@ -40,6 +40,7 @@ class TrainConfig:
     scst_batch_size: int = 50  # sampled captions per optimiser step (images x samples)
     scst_baseline: str = "greedy"  # reward baseline: greedy caption, or mean of the other samples
     scst_sampler: str = "multinomial"  # how captions are drawn: multinomial sampling, or the beam's top k
+    scst_dropout: bool = False  # keep dropout on while sampling and in the gradient pass
     scst_max_len: int = 16  # words sampled at most (longer Flickr8k references are rare)
     init_checkpoint: str = ""  # start from this checkpoint (model, vocab, weights), e.g. SCST only
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs

@@ -29,8 +29,9 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     `scst_samples` captions are drawn per image, by multinomial sampling (Rennie et al., 2017)
     or as the beam search's top `scst_samples` (`scst_sampler=beam`, as in Cornia et al., 2020).
     The baseline is the greedy caption's reward (`greedy`, as in the paper) or the mean reward
-    of the image's other captions (`mean`, Luo 2020). Sampling and the gradient pass both run
-    with dropout off, so the gradient is taken under the very policy that drew the captions.
+    of the image's other captions (`mean`, Luo 2020). With `scst_dropout` off, sampling and the
+    gradient pass both run without dropout, so the gradient is taken under the very policy
+    that drew the captions; on, dropout stays as in cross-entropy training (a regulariser).
     """
     if cfg.scst_baseline not in BASELINES:
         raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
@@ -39,7 +40,7 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     v, n = model.vocab, cfg.scst_samples
     common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_len=cfg.scst_max_len,
                   banned_ids=(v.bos_id, v.unk_id))
-    model.eval()
+    model.train(cfg.scst_dropout)
     if cfg.scst_sampler == "beam":
         search = SearchConfig(beam_size=n, max_len=cfg.scst_max_len, n_best=n, length_penalty=1.0)
         drawn = beam_search(model.decoder, feats, v.bos_id, v.eos_id, v.pad_id, search,
