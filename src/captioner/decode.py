@@ -133,7 +133,7 @@ def sample(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id: int,
     for t in range(max_len + 1):
         logprobs, state = decoder.step(tokens, state)
         logprobs = logprobs.clone()
-        for i in banned_ids:
+        for i in (pad_id, *banned_ids):  # PAD only ever follows EOS
             logprobs[:, i] = float("-inf")
         if t == max_len:  # out of room: end every caption now
             word = torch.full_like(tokens, eos_id)
