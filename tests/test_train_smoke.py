@@ -104,3 +104,15 @@ def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_m
     assert [h["phase"] for h in history] == ["scst"]
     with pytest.raises(ConfigError, match="--resume"):
         train(tiny_config(tiny_data, only, tiny_model_file, epochs=0, scst_epochs=1))
+
+
+def test_caption_batching_trains_on_independent_pairs(tiny_data, tiny_model_file, tmp_path):
+    import captioner.train as T
+
+    out = tmp_path / "pairs"
+    cfg = tiny_config(tiny_data, out, tiny_model_file, epochs=2, batching="caption", amp="off")
+    train(cfg)
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    with pytest.raises(ConfigError, match="batching"):
+        T.epoch_batches(tiny_config(tiny_data, out, tiny_model_file, batching="photos"), None, None)

@@ -22,6 +22,7 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 12  # upper bound; early stopping may end sooner
     batch_size: int = 100  # captions per optimiser step
+    batching: str = "image"  # image: whole photos with all their captions; caption: independent pairs
     lr: float = 1e-3  # peak Adam learning rate
     warmup_steps: int = 200  # linear warm-up, then cosine decay to lr * final_lr_ratio
     final_lr_ratio: float = 0.05

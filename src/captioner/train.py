@@ -55,8 +55,9 @@ def prepare(cfg: TrainConfig, encoder: str | None = None) -> Prepared:
 class TrainingSet:
     """Train-split images with all their captions, the images' features held in RAM.
 
-    Batches are groups of images with every caption of each: an image's regions are encoded
-    once per step for all its captions (as self-critical training needs them grouped too).
+    Batches are groups of images with every caption of each (`batch`): an image's regions are
+    encoded once per step for all its captions, as self-critical training needs them grouped
+    too. `batch_pairs` gives the older batching, (image, caption) pairs drawn independently.
     """
 
     def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int):
@@ -65,6 +66,8 @@ class TrainingSet:
         self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
         self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
         self.captions = sum(len(s) for s in self.seqs)
+        self.pairs = [(i, k) for i, seqs in enumerate(self.seqs) for k in range(len(seqs))]
+        self.pair_lengths = [len(self.seqs[i][k]) for i, k in self.pairs]
         # fp16 in RAM once: random batch access without touching the disk
         self.features = torch.from_numpy(np.ascontiguousarray(
             cache.features[cache.rows([r.image for r in records])]))  # (N_images, R, C)
@@ -81,6 +84,15 @@ class TrainingSet:
             tokens[k, :len(s)] = torch.tensor(s)
         rows = torch.tensor([j for j, _ in seqs])
         return self.features[images].float(), tokens, rows
+
+
+    def batch_pairs(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Pair indices -> features (B, R, C) float32 (one row per caption) and token ids (B, T)."""
+        seqs = [self.seqs[i][k] for i, k in (self.pairs[j] for j in pairs)]
+        tokens = torch.full((len(seqs), max(len(s) for s in seqs)), self.vocab.pad_id, dtype=torch.long)
+        for k, seq in enumerate(seqs):
+            tokens[k, :len(seq)] = torch.tensor(seq)
+        return self.features[[self.pairs[j][0] for j in pairs]].float(), tokens, None
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -100,6 +112,21 @@ def images_per_batch(cfg: TrainConfig, data: TrainingSet) -> int:
     """batch_size counts captions; batches hold whole images, so round to images."""
     per_image = max(1, round(data.captions / max(len(data), 1)))
     return max(1, cfg.batch_size // per_image)
+
+
+def epoch_batches(cfg: TrainConfig, data: TrainingSet, gen: torch.Generator) -> list[list[int]]:
+    """One epoch's cross-entropy batches: of images (`batching=image`) or of pairs (`caption`)."""
+    if cfg.batching == "image":
+        return length_bucketed_batches(data.lengths, images_per_batch(cfg, data), gen)
+    if cfg.batching == "caption":
+        return length_bucketed_batches(data.pair_lengths, cfg.batch_size, gen)
+    raise ConfigError(f"batching must be image or caption, not {cfg.batching!r}")
+
+
+def steps_per_epoch(cfg: TrainConfig, data: TrainingSet) -> int:
+    if cfg.batching == "caption":
+        return math.ceil(len(data.pairs) / cfg.batch_size)
+    return math.ceil(len(data) / images_per_batch(cfg, data))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -150,8 +177,8 @@ def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Tra
     model.train()
     loss_sum = 0.0
     bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
-    for n, images in enumerate(bar, 1):
-        feats, seq, rows = data.batch(images)
+    for n, items in enumerate(bar, 1):
+        feats, seq, rows = data.batch(items) if cfg.batching == "image" else data.batch_pairs(items)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
         with autocast(cfg):
@@ -308,8 +335,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
 
     data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len)
-    batch_images = images_per_batch(cfg, data)
-    total_steps = math.ceil(len(data) / batch_images) * cfg.epochs
+    total_steps = steps_per_epoch(cfg, data) * cfg.epochs
     cider = None
     for epoch in range(progress.epoch + 1, cfg.epochs + cfg.scst_epochs + 1):
         scst = epoch > cfg.epochs
@@ -327,7 +353,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
                                           f"scst {epoch - cfg.epochs}/{cfg.scst_epochs}")
             record = {"epoch": epoch, "phase": "scst", "reward": reward, "baseline": baseline, "lr": cfg.scst_lr}
         else:
-            batches = length_bucketed_batches(data.lengths, batch_images, gen)
+            batches = epoch_batches(cfg, data, gen)
             loss, progress.step = train_epoch(model, optimizer, data, batches, progress.step, total_steps,
                                               cfg, f"epoch {epoch}/{cfg.epochs}")
             record = {"epoch": epoch, "phase": "xe", "train_loss": loss,
