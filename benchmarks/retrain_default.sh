@@ -2,12 +2,15 @@
 # Retrain the default model from scratch (feature extraction included), pick the beam
 # length penalty and n-gram blocking on dev, score the model on the Flickr8k test split, and ship it.
 #   bash benchmarks/retrain_default.sh [DATA_DIR] [RUN_DIR]
+# CONFIG=configs/flickr8k-transformer.json EXPORT_TO=runs/transformer/model-fp16.pt bash ... runs another
+# recipe the same way without replacing the shipped model.
 # Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here),
 # RUN_DIR/length_penalty.json, RUN_DIR/test_scores.json, RUN_DIR/captions-test.json, and the
 # shipped model src/captioner/weights/default.pt (fp16, with its test scores inside).
 set -euo pipefail
 DATA=${1:-../shared/data/flickr8k}
 RUN=${2:-runs/default}
+CONFIG=${CONFIG:-configs/flickr8k-default.json}
 CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
 mkdir -p "$RUN"
 rm -rf "$CACHE"
@@ -26,9 +29,9 @@ print(json.dumps(out))
 PY
 }
 t0=$(now)
-captioner prepare --config configs/flickr8k-default.json --data "$DATA" --cache-dir "$CACHE"
+captioner prepare --config "$CONFIG" --data "$DATA" --cache-dir "$CACHE"
 t1=$(now)
-captioner train --config configs/flickr8k-default.json --data "$DATA" --cache-dir "$CACHE" --out "$RUN" --no-progress
+captioner train --config "$CONFIG" --data "$DATA" --cache-dir "$CACHE" --out "$RUN" --no-progress
 t2=$(now)
 timing "$t0" "$t1" "$t2"
 bash benchmarks/ship_default.sh "$DATA" "$RUN"

@@ -8,6 +8,7 @@ set -euo pipefail
 DATA=${1:-../shared/data/flickr8k}
 RUN=${2:-runs/default}
 CACHE="$RUN/cache"
+EXPORT_TO=${EXPORT_TO:-src/captioner/weights/default.pt}
 python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
   --out "$RUN/length_penalty.json"
 best() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/length_penalty.json" "$1"; }
@@ -16,4 +17,4 @@ captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$(best best_le
 captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --cache-dir "$CACHE" \
   --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
 tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"
-captioner export "$RUN/model.pt" src/captioner/weights/default.pt --half --metrics "$RUN/test_scores.json"
+captioner export "$RUN/model.pt" "$EXPORT_TO" --half --metrics "$RUN/test_scores.json"
