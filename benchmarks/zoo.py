@@ -88,8 +88,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cache-dir", default="~/.cache/captioner")
     p.add_argument("--runs", default="runs/zoo")
     p.add_argument("--force", action="store_true", help="rerun pairs already in zoo.json")
+    p.add_argument("--results", default=str(RESULTS), help="results file (default benchmarks/results/zoo.json)")
+    p.add_argument("--no-readme", action="store_true", help="leave the README's table alone")
     args = p.parse_args(argv)
-    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    results = Path(args.results)
+    rows = json.loads(results.read_text()) if results.is_file() else []
     for encoder in args.encoders.split(","):
         for name in args.models.split(","):
             key = (name, encoder, args.epochs, args.scst_epochs)
@@ -97,13 +100,13 @@ def main(argv=None) -> list[dict]:
                 continue
             row = run_pair(name, encoder, args)
             rows = [r for r in rows if (r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) != key] + [row]
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(rows, indent=2) + "\n")
             print(json.dumps(row), flush=True)
     block = readme_block(rows)
     readme = REPO / "README.md"
     text = readme.read_text()
-    if "<!-- zoo:start -->" in text:
+    if "<!-- zoo:start -->" in text and not args.no_readme:
         readme.write_text(re.sub(r"(<!-- zoo:start -->\n).*?(<!-- zoo:end -->)",
                                  lambda m: m.group(1) + block + m.group(2), text, flags=re.S))
     print(block)
