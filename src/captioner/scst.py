@@ -3,6 +3,7 @@ the model's own captions, policy gradient on sampled captions."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -12,6 +13,9 @@ from .config import TrainConfig
 from .decode import SearchConfig, beam_search, sample
 from .model import CaptionModel
 from .vocab import tokenize
+
+if TYPE_CHECKING:  # train imports this module
+    from .train import TrainingSet
 
 BASELINES = ("greedy", "mean")
 SAMPLERS = ("multinomial", "beam")
@@ -66,7 +70,7 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     return loss, float(rewards.mean()), float(base.mean())
 
 
-def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data, batches: list[list[int]],
+def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: TrainingSet, batches: list[list[int]],
                cider: CiderD, cfg: TrainConfig, precision: AbstractContextManager, desc: str
                ) -> tuple[float, float]:
     """One self-critical pass over `batches` of image indices; (mean reward, mean baseline).
