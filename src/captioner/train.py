@@ -62,7 +62,6 @@ class TrainingSet:
 
     def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int):
         self.vocab = vocab
-        self.records = records
         self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
         self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
         self.captions = sum(len(s) for s in self.seqs)
@@ -79,20 +78,20 @@ class TrainingSet:
         """Image indices -> features (B_img, R, C) float32, PAD-padded token ids (B, T) of all
         their captions, and each caption's row in the features (B,)."""
         seqs = [(j, s) for j, i in enumerate(images) for s in self.seqs[i]]
-        tokens = torch.full((len(seqs), max(len(s) for _, s in seqs)), self.vocab.pad_id, dtype=torch.long)
-        for k, (_, s) in enumerate(seqs):
-            tokens[k, :len(s)] = torch.tensor(s)
         rows = torch.tensor([j for j, _ in seqs])
-        return self.features[images].float(), tokens, rows
-
+        return self.features[images].float(), self._pad([s for _, s in seqs]), rows
 
     def batch_pairs(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Pair indices -> features (B, R, C) float32 (one row per caption) and token ids (B, T)."""
         seqs = [self.seqs[i][k] for i, k in (self.pairs[j] for j in pairs)]
+        return self.features[[self.pairs[j][0] for j in pairs]].float(), self._pad(seqs), None
+
+    def _pad(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Token id lists -> (B, T) PAD-padded to the longest."""
         tokens = torch.full((len(seqs), max(len(s) for s in seqs)), self.vocab.pad_id, dtype=torch.long)
         for k, seq in enumerate(seqs):
             tokens[k, :len(seq)] = torch.tensor(seq)
-        return self.features[[self.pairs[j][0] for j in pairs]].float(), tokens, None
+        return tokens
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
