@@ -88,3 +88,22 @@ def tiny_model_file(tmp_path: Path) -> Path:
 def needs_flickr8k():
     return pytest.mark.skipif(not (FLICKR8K / "Images").is_dir(),
                               reason=f"Flickr8k copy not found at {FLICKR8K} (set CAPTIONER_FLICKR8K)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the reliability suite's counts (when any of it ran): inputs tried, faults
+    injected, requests sent, failures (seen inside tests, plus reliability tests that failed)."""
+    from reliability import COUNTS, LABELS
+
+    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
+               if getattr(r, "when", "call") == "call" and "reliability" in r.keywords]
+    if not reports and not COUNTS:
+        return
+    failed = sum(1 for r in reports if r.failed)
+    counts = {**{k: COUNTS[k] for k in LABELS}, "failures": COUNTS["failures"] + failed}
+    terminalreporter.write_sep("-", "reliability suite")
+    terminalreporter.write_line(", ".join(f"{LABELS[k]}: {v}" for k, v in counts.items())
+                                + f" ({len(reports)} tests)")
+    out = os.environ.get("CAPTIONER_RELIABILITY_JSON")
+    if out:
+        Path(out).write_text(json.dumps({**counts, "tests": len(reports)}, indent=2) + "\n")

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -24,7 +23,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from captioner.ab import assign  # noqa: E402
@@ -34,16 +32,11 @@ from captioner.feedback import FeedbackStore, client_hash  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
 
 from conftest import REPO, make_photo  # noqa: E402
+from servers import Running, free_port  # noqa: E402
 
 KEY = "test-key-0123456789"
 CAT = (REPO / "examples" / "cat.jpg").read_bytes()
 FAST = {"beam_size": "1", "max_len": "6"}  # short searches keep the tests quick
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_photo(tmp: Path, seed: int) -> bytes:
@@ -58,26 +51,6 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-class Running:
-    """A uvicorn server in a thread, on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .api import Captioner
+    from .images import ImageLimits
 
 DEFAULT_CHECKPOINT = "default"  # a variant's checkpoint naming the model shipped in the package
 
@@ -77,6 +78,8 @@ def resolve_checkpoint(model_dir: str | Path, checkpoint: str) -> Path:
         from .api import default_model_path
 
         return default_model_path()
+    if "\0" in checkpoint:
+        raise ConfigError(f"checkpoint {checkpoint!r}: a file name cannot hold a NUL character")
     root = Path(model_dir).resolve()
     path = (root / checkpoint).resolve()
     if not path.is_relative_to(root):
@@ -118,14 +121,16 @@ def file_version(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def load_variants(experiment: Experiment, model_dir: str | Path) -> dict[str, ServedModel]:
-    """Load every variant's checkpoint (each must lie inside `model_dir`)."""
+def load_variants(experiment: Experiment, model_dir: str | Path, limits: "ImageLimits | None" = None
+                  ) -> dict[str, ServedModel]:
+    """Load every variant's checkpoint (each must lie inside `model_dir`); `limits` says which
+    photos they open."""
     from .api import Captioner
 
     out = {}
     for v in experiment.variants:
         path = resolve_checkpoint(model_dir, v.checkpoint)
-        out[v.name] = ServedModel(v, Captioner.load(path), file_version(path), path)
+        out[v.name] = ServedModel(v, Captioner.load(path, limits=limits), file_version(path), path)
     return out
 
 

@@ -10,8 +10,14 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .encoders import Encoder, ImageInput, build_encoder, preprocess
+from .encoders import Encoder, build_encoder, preprocess
+from .errors import OptionError
+from .images import ImageInput, ImageLimits
 from .model import CaptionModel
+
+# Bounds on what any caller may ask of a search: decoding cost grows with both.
+MAX_BEAM_SIZE = 64
+MAX_DECODE_LEN = 200  # words
 
 
 def default_model_path() -> Path:
@@ -37,18 +43,21 @@ class Caption:
 class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
-    def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu"):
+    def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
+                 limits: ImageLimits | None = None):
         self.model = model.eval().to(device)
         self.info = info or {}
         self.device = torch.device(device)
+        self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
         self._encoder: Encoder | None = None
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Captioner":
+    def load(cls, path: str | Path | None = None, device: str = "cpu",
+             limits: ImageLimits | None = None) -> "Captioner":
         path = Path(path) if path is not None else default_model_path()
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device)
+        return cls(model, info, device, limits)
 
     @property
     def encoder(self) -> Encoder:
@@ -60,10 +69,33 @@ class Captioner:
     def name(self) -> str:
         return self.info.get("name", self.model.cfg.name)
 
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """One photo -> this model's encoder input (3, S, S), exactly as in training. A server
-        can run this in its request threads and batch only `encode_pixels`."""
-        return preprocess(image, self.model.encoder_cfg)
+    @property
+    def max_len(self) -> int:
+        """The most words a caption may be asked to have (the decoder's positions may bound it)."""
+        return min(MAX_DECODE_LEN, getattr(self.model.decoder, "max_words", MAX_DECODE_LEN))
+
+    def check_search(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
+                     temperature: float | None = None, top_p: float = 1.0) -> None:
+        """Raise `OptionError` naming the first search option outside its range."""
+        def bad(option: str, value, allowed: str) -> OptionError:
+            return OptionError(f"{option} {value!r} is out of range: {allowed}")
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise bad("beam_size", beam_size, f"1 to {MAX_BEAM_SIZE}")
+        if not 1 <= max_len <= self.max_len:
+            raise bad("max_len", max_len, f"1 to {self.max_len} words for this model")
+        if not 1 <= n_best <= (beam_size if temperature is None else MAX_BEAM_SIZE):
+            raise bad("n_best", n_best, f"1 to the beam size ({beam_size})" if temperature is None
+                      else f"1 to {MAX_BEAM_SIZE}")
+        if temperature is not None and not 0 <= temperature <= 100:
+            raise bad("temperature", temperature, "0 to 100")
+        if not 0 < top_p <= 1:
+            raise bad("top_p", top_p, "above 0, at most 1")
+
+    def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
+        """One photo -> this model's encoder input (3, S, S), exactly as in training; raises
+        `ImageError` (naming the photo, or `name`) for anything it cannot open within
+        `self.limits`. A server can run this in its request threads and batch only `encode_pixels`."""
+        return preprocess(image, self.model.encoder_cfg, self.limits, name)
 
     @torch.no_grad()
     def encode_pixels(self, batch: torch.Tensor, chunk: int = 0) -> torch.Tensor:
@@ -87,6 +119,7 @@ class Captioner:
         """Region features -> captions. Beam search by default; with a `temperature` the
         captions are sampled instead (n_best of them per image, best first; top_p for
         nucleus sampling, seed for repeatable draws)."""
+        self.check_search(beam_size, max_len, max(n_best, 1), temperature, top_p)
         if temperature is not None:
             return self._sampled(feats, max_len, max(n_best, 1), temperature, top_p, seed)
         search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)

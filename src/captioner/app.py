@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     @st.cache_resource
     def resources(config: str | None, db: str | None):
         cfg = load_serve_config(config, db=db)
-        return cfg, load_variants(cfg.experiment, cfg.model_dir), FeedbackStore(cfg.db)
+        return cfg, load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits()), FeedbackStore(cfg.db)
 
     cfg, models, store = resources(args.config, args.db)
     st.title("captioner")

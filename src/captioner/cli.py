@@ -51,6 +51,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
     captioner = Captioner.load(args.model)
+    # options are checked before any photo is read: a bad one fails at once, not after a batch
+    captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]

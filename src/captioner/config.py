@@ -6,10 +6,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .ab import Experiment, experiment_from_dict
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .images import ImageLimits
 
 
 @dataclass
@@ -130,7 +133,21 @@ class ServeConfig:
     max_n_best: int = 5  # the most alternatives a client may ask for (also bounded by the beam)
     store_images: bool = True  # keep uploaded photos in the store (finetune needs them)
     threads: int = 1  # torch CPU threads for the model
+    # Pillow formats accepted; any other gets 415 naming it (TIFF is left out: its decoders are a
+    # larger attack surface, and phones and browsers do not send it)
+    image_formats: list = field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+    decode_workers: int = 2  # photos decoded at once: bounds the memory large uploads can take
+    request_timeout_s: float = 30.0  # a caption not ready this long after the request arrived: 503
+    body_timeout_s: float = 20.0  # a request body that stalls this long between chunks: 408
+    max_in_flight: int = 64  # requests handled at once; more get 503 with Retry-After at once
+    keep_alive_s: int = 5  # idle keep-alive connections are closed after this many seconds
+    max_connections: int = 256  # uvicorn's hard cap on open connections (it answers 503 above it)
     experiment: Experiment = field(default_factory=Experiment)  # variants and their traffic weights
+
+    def image_limits(self) -> "ImageLimits":
+        from .images import ImageLimits
+
+        return ImageLimits(self.max_pixels, tuple(f.upper() for f in self.image_formats))
 
     def keys(self) -> list[str]:
         """API keys from the config and the CAPTIONER_API_KEYS environment variable (comma-separated)."""
@@ -189,7 +206,15 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
         if not ok:
             raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
     for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_images", "max_beam_size",
-                 "max_len", "max_n_best", "threads"):
+                 "max_len", "max_n_best", "threads", "decode_workers", "max_in_flight", "keep_alive_s",
+                 "max_connections"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}field {name}: must be at least 1")
+    for name in ("request_timeout_s", "body_timeout_s"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{where}field {name}: must be above 0")
+    if not cfg.max_wait_ms >= 0:
+        raise ConfigError(f"{where}field max_wait_ms: must be at least 0")
+    if not all(isinstance(f, str) and f for f in cfg.image_formats) or not cfg.image_formats:
+        raise ConfigError(f"{where}field image_formats: expected a non-empty list of format names, e.g. [\"JPEG\"]")
     return cfg

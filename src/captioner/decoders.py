@@ -336,6 +336,11 @@ class TransformerDecoder(nn.Module):
         nn.init.normal_(self.region_pos, std=0.02)
         nn.init.normal_(self.word_pos, std=0.02)
 
+    @property
+    def max_words(self) -> int:
+        """The longest caption search may ask for: BOS and every word need a learned position."""
+        return self.cfg.max_len - 1
+
     def memory(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Regions (B, N, C) -> each layer's cross-attention keys and values, (B, N, D) each."""
         N = features.size(1)

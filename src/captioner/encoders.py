@@ -6,22 +6,15 @@ function that turns a photo into encoder input, for training and for inference a
 from __future__ import annotations
 
 import importlib
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
-from .errors import ImageError
-
-ImageInput = Union[str, Path, bytes, Image.Image]
-
-# Photos above this many pixels are refused rather than decoded (decompression bombs).
-MAX_PIXELS = 64_000_000
+from .images import MAX_PIXELS, ImageInput, ImageLimits, load_image  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -60,44 +53,11 @@ def get_encoder_config(name: str) -> EncoderConfig:
         raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}") from None
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """Open a photo as RGB: EXIF rotation applied, alpha flattened onto white."""
-    name = str(image) if isinstance(image, (str, Path)) else "<image bytes>"
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        try:
-            src = io.BytesIO(image) if isinstance(image, bytes) else open(image, "rb")
-        except FileNotFoundError:
-            raise ImageError("file not found", name) from None
-        except IsADirectoryError:
-            raise ImageError("is a folder, not an image", name) from None
-        try:
-            with src:
-                img = Image.open(src)
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"too many pixels ({img.width}x{img.height} > {MAX_PIXELS})", name)
-                img.load()
-        except UnidentifiedImageError:
-            raise ImageError("not a readable image (unknown or corrupt format)", name) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"cannot decode image: {e}", name) from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not lose the photo
-        pass
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def preprocess(image: ImageInput, cfg: EncoderConfig) -> torch.Tensor:
-    """Photo -> normalised (3, S, S) float tensor, as the encoder was trained on."""
-    img = load_image(image).resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+def preprocess(image: ImageInput, cfg: EncoderConfig, limits: ImageLimits | None = None,
+               name: str | None = None) -> torch.Tensor:
+    """Photo -> normalised (3, S, S) float tensor, as the encoder was trained on. The photo is
+    opened by `images.load_image` (which raises `ImageError` for anything it cannot read)."""
+    img = load_image(image, limits, name).resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
     x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)  # (3, S, S)
     return (x - cfg.mean) / cfg.std
 

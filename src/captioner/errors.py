@@ -21,11 +21,21 @@ class DataError(CaptionerError):
 
 
 class ImageError(CaptionerError):
-    """An image that cannot be read or decoded."""
+    """An image that cannot be read or decoded. `kind` says which way, for callers that map
+    it (the server to an HTTP status): not_found, not_a_file, empty, unsupported,
+    too_many_pixels or undecodable."""
 
-    def __init__(self, message: str, path: str | Path | None = None):
+    KINDS = ("not_found", "not_a_file", "empty", "unsupported", "too_many_pixels", "undecodable")
+
+    def __init__(self, message: str, path: str | Path | None = None, kind: str = "undecodable"):
         self.path = str(path) if path is not None else None
+        self.kind = kind
+        self.reason = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class OptionError(CaptionerError):
+    """A caller's option outside the range it may take (names the option and the range)."""
 
 
 class CheckpointError(CaptionerError):

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .api import Caption
-from .encoders import ImageInput, load_image
+from .images import ImageInput, load_image
 
 
 def attention_heat(weights: np.ndarray, size: int = 224) -> np.ndarray:

@@ -13,12 +13,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-import io
 import logging
 import queue
+import sqlite3
 import threading
 import time
-import warnings
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,23 +35,39 @@ from . import __version__
 from .ab import ServedModel, assign, load_variants
 from .api import Caption
 from .config import ServeConfig
-from .errors import CaptionerError
+from .errors import ImageError, OptionError
 from .feedback import FeedbackError, FeedbackStore, Served
 
 log = logging.getLogger("captioner.serve")
-FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}  # what PIL is asked to decode; anything else is 415
+RETRY_AFTER = {"Retry-After": "1"}  # on 503: the server is busy, not broken
 
 
-class ApiError(Exception):
-    """An error the client gets as JSON: {"error": code, "detail": message}."""
+class ApiError(StarletteHTTPException):
+    """An error the client gets as JSON: {"error": code, "detail": message}. An HTTPException,
+    so that it passes through FastAPI's own body parsing unchanged."""
 
-    def __init__(self, status: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers)
+        self.status, self.code = status, code
 
 
-def error_response(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="a stable code, e.g. unsupported_image, too_many_pixels, unauthorized")
+    detail: str = Field(description="what was wrong, naming the photo or field")
+
+
+def error_docs(*statuses: int) -> dict:
+    what = {400: "malformed request", 401: "missing or invalid API key", 404: "unknown model variant or caption",
+            408: "the request body stalled", 413: "body, photo count or pixel count over the limit",
+            415: "unsupported media type or image format", 422: "invalid field, option or image",
+            503: "busy or timed out; retry (Retry-After)"}
+    return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -160,6 +174,11 @@ class MicroBatcher:
             if first is None:
                 break
             jobs, stopping = self._gather(first)
+            # A job whose client has given up (timed out) was cancelled: drop it. The others are
+            # marked running, so they can no longer be cancelled while the model works on them.
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
             t0 = time.perf_counter()
             try:
                 self.run(jobs)
@@ -197,33 +216,17 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
 
 # --- photos, keys, options -------------------------------------------------------------------
 
-def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
-    """Bytes -> decoded PIL image. The size is judged from the header before anything is
-    decoded, so a decompression bomb costs no memory."""
-    if not data:
-        raise ApiError(422, "empty_image", f"{name}: the image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, "too_many_pixels", f"{name}: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ApiError(415, "unsupported_image",
-                       f"{name}: not an image in a supported format ({', '.join(sorted(FORMATS))})") from None
-    if img.format not in FORMATS:
-        raise ApiError(415, "unsupported_image",
-                       f"{name}: {img.format} images are not accepted; send one of {', '.join(sorted(FORMATS))}")
-    if img.width * img.height > max_pixels:
-        raise ApiError(413, "too_many_pixels",
-                       f"{name}: {img.width}x{img.height} is more than the {max_pixels} pixels this server accepts")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ApiError(422, "undecodable_image", f"{name}: cannot decode the image: {e}") from None
-    return img
+IMAGE_STATUS = {"empty": (422, "empty_image"), "unsupported": (415, "unsupported_image"),
+                "too_many_pixels": (413, "too_many_pixels"), "undecodable": (422, "undecodable_image")}
+
+
+def image_error(e: ImageError, formats: tuple[str, ...] | None) -> ApiError:
+    """The library's image error -> the client's: 413, 415 or 422, naming the photo."""
+    status, code = IMAGE_STATUS.get(e.kind, (422, "undecodable_image"))
+    detail = str(e)
+    if e.kind == "unsupported" and formats and "send one of" not in detail:
+        detail += f"; send one of {', '.join(sorted(formats))}"
+    return ApiError(status, code, detail)
 
 
 def key_matches(given: str, keys: list[str]) -> bool:
@@ -258,12 +261,18 @@ class BodyTooLarge(ApiError):
         super().__init__(413, "body_too_large", f"request body is larger than this server's limit of {limit} bytes")
 
 
+class BodyTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(408, "body_timeout", f"the request body stopped arriving for {seconds:g} s")
+
+
 class BodyLimit:
     """ASGI middleware: refuse a body above `max_bytes` by its Content-Length before reading
-    it, and stop reading a body without one as soon as it passes the limit."""
+    it, stop reading a body without one as soon as it passes the limit, and give up on a body
+    that stalls for `timeout_s` between chunks (a slow client must not hold a slot for ever)."""
 
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 20.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -274,14 +283,21 @@ class BodyLimit:
             return await error_response(err.status, err.code, err.detail)(scope, receive, send)
         seen = 0
         started = False
+        body_done = False
 
         async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: dict) -> None:
@@ -291,10 +307,32 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as err:
+        except (BodyTooLarge, BodyTimeout) as err:
             if started:
                 raise
             await error_response(err.status, err.code, err.detail)(scope, receive, send)
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `limit` requests handled at once; above it, 503 with
+    Retry-After before the body is read (load is shed, not queued without bound). /healthz
+    is always answered."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            return await error_response(503, "busy", f"the server is handling {self.limit} requests; retry shortly",
+                                        RETRY_AFTER)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -305,6 +343,9 @@ class Service:
     def __init__(self, cfg: ServeConfig, models: dict[str, ServedModel], store: FeedbackStore):
         self.cfg, self.models, self.store = cfg, models, store
         self.keys = cfg.keys()
+        self.formats = cfg.image_limits().formats
+        # photos decoded at once: a 40 MP photo takes ~120 MB while it is decoded
+        self.decoding = threading.BoundedSemaphore(cfg.decode_workers)
         self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk),
                                     cfg.max_batch, cfg.max_wait_ms / 1000)
 
@@ -331,26 +372,48 @@ class Service:
             return self.models[requested], False
         return self.models[assign(self.cfg.experiment, client).name], True
 
+    def timed_out(self) -> ApiError:
+        return ApiError(503, "timeout", f"the caption was not ready within {self.cfg.request_timeout_s:g} s: "
+                                        f"the server is busy; retry shortly", RETRY_AFTER)
+
+    async def within(self, awaitable: Any, deadline: float) -> Any:
+        """Await it until the request's deadline; past it the client gets 503 (its queued photos
+        are cancelled, so the model never spends time on them)."""
+        try:
+            return await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise self.timed_out() from None
+
     async def caption(self, client: str, photos: list[bytes], opts: SearchOptions
                       ) -> list[dict]:
+        deadline = time.monotonic() + self.cfg.request_timeout_s
         check_options(opts, self.cfg)
         served, assigned = self.pick(client, opts.model)
+        try:
+            served.captioner.check_search(opts.beam_size, opts.max_len, opts.n_best)
+        except OptionError as e:
+            raise ApiError(422, "option_out_of_range", str(e)) from None
         names = ["image"] if len(photos) == 1 else [f"images[{i}]" for i in range(len(photos))]
 
         def prepare() -> list[torch.Tensor]:
-            out = []
-            for data, name in zip(photos, names):
-                img = open_image(data, self.cfg.max_pixels, name)
-                try:
-                    out.append(served.captioner.preprocess(img))
-                except CaptionerError as e:
-                    raise ApiError(422, "undecodable_image", f"{name}: {e}") from None
-            return out
+            if not self.decoding.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise self.timed_out()
+            try:
+                out = []
+                for data, name in zip(photos, names):
+                    try:
+                        out.append(served.captioner.preprocess(data, name=name))
+                    except ImageError as e:
+                        raise image_error(e, self.formats) from None
+                return out
+            finally:
+                self.decoding.release()
 
-        pixels = await run_in_threadpool(prepare)
+        pixels = await self.within(run_in_threadpool(prepare), deadline)
         options = (opts.beam_size, opts.max_len, opts.n_best)
         futures = [self.batcher.submit(Job(served.variant.name, options, p)) for p in pixels]
-        caps: list[Caption] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        caps: list[Caption] = await self.within(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                                                deadline)
 
         def record() -> list[dict]:
             results = []
@@ -363,7 +426,10 @@ class Service:
                 results.append(result_dict(cid, cap, served, self.cfg.experiment.name, opts.attention))
             return results
 
-        return await run_in_threadpool(record)
+        try:
+            return await run_in_threadpool(record)
+        except sqlite3.OperationalError as e:
+            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
 
 
 def result_dict(caption_id: str, cap: Caption, served: ServedModel, experiment: str, attention: bool) -> dict:
@@ -394,7 +460,7 @@ CAPTION_BODY = {
 def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """The FastAPI app: loads the experiment's variants (unless given) and opens the store."""
     torch.set_num_threads(cfg.threads)
-    models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir)
+    models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits())
     svc = Service(cfg, models, FeedbackStore(cfg.db))
 
     @asynccontextmanager
@@ -410,11 +476,12 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
                   description="Photo in, English sentence out. Multipart upload (field `image`) or JSON "
                               "with base64 photos; A/B variants; ratings and corrections.")
     app.state.service = svc
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(InFlightLimit, limit=cfg.max_in_flight)  # outermost: sheds load first
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.code, e.detail)
+        return error_response(e.status, e.code, e.detail, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -422,7 +489,15 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, "http_error", str(e.detail))
+        return error_response(e.status_code, "http_error", str(e.detail), e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # The traceback goes to the log (with the path, never the headers: no API key in logs);
+        # the client gets JSON, not a stack trace.
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(e).__name__,
+                  exc_info=e)
+        return error_response(500, "internal_error", "the server failed on this request; it was logged")
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -431,7 +506,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
                 "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_docs(401, 503))
     async def list_models(request: Request) -> dict:
         """The experiment and its model variants."""
         svc.client(request)
@@ -441,7 +516,8 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
 
     @app.post("/v1/captions", openapi_extra={"requestBody": CAPTION_BODY},
               responses={200: {"model": CaptionResult, "description": "multipart: one result; JSON: "
-                                                                      "{\"results\": [...]} (CaptionBatch)"}})
+                                                                      "{\"results\": [...]} (CaptionBatch)"},
+                         **error_docs(400, 401, 404, 408, 413, 415, 422, 503)})
     async def captions(request: Request) -> dict:
         """Caption one uploaded photo (multipart field `image`) or several base64 photos (JSON)."""
         client = svc.client(request)
@@ -457,12 +533,14 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data (field 'image') or application/json, not {ctype or 'no type'}")
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", responses=error_docs(400, 401, 404, 408, 413, 422, 503))
     async def feedback(request: Request, body: FeedbackRequest) -> dict:
         """Rate a served caption (1-5) and/or correct it."""
         svc.client(request)
         try:
             fid = await run_in_threadpool(svc.store.add_feedback, body.caption_id, body.rating, body.correction)
+        except sqlite3.OperationalError as e:  # locked past the busy timeout: nothing was stored
+            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
         except FeedbackError as e:
             status = 404 if "no caption" in str(e) else 422
             raise ApiError(status, "unknown_caption" if status == 404 else "invalid_feedback", str(e)) from None
@@ -475,7 +553,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CaptionRequest, CaptionResult, CaptionBatch, Alternative):
+            for model in (CaptionRequest, CaptionResult, CaptionBatch, Alternative, ErrorBody):
                 schemas.update(model.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
                 schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas[model.__name__].pop("$defs", None)
@@ -511,6 +589,8 @@ async def read_json(request: Request, max_images: int) -> CaptionRequest:
         raw = await request.json()
     except ValueError as e:
         raise ApiError(422, "invalid_request", f"body is not valid JSON: {e}") from None
+    except RecursionError:  # '[[[[...' nested deeper than the parser recurses
+        raise ApiError(422, "invalid_request", "body is not valid JSON: nested too deeply") from None
     if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
         raise ApiError(413, "too_many_images",
                        f"{len(raw['images'])} images in one request; this server takes at most {max_images}")
@@ -533,4 +613,6 @@ def run(cfg: ServeConfig) -> None:
     """Serve until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info",
+                timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections,
+                timeout_graceful_shutdown=10, server_header=False)
