@@ -2,12 +2,14 @@
 
 A checkpoint holds its format version, the model config, the vocab, the encoder's name and
 preprocessing, the decoder weights and the metrics it earned, so it loads on its own with
-`torch.load(weights_only=True)`: no pickled code, no side files.
+`torch.load(weights_only=True)`: no pickled code, no side files. A SHA-256 of the whole
+content is stored with it and checked on loading, so a damaged file (a flipped bit, a
+botched copy) is refused by name instead of loading wrong weights; files from before the
+checksum load unchecked.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 from .encoders import EncoderConfig
 from .errors import CheckpointError
+from .files import atomic_write, remove_stale_temps
 from .model import CaptionModel, ModelConfig
 from .vocab import Vocab
 
@@ -23,19 +26,41 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temp file in the same folder, then rename: never a half-written file
+    (and the temp files of earlier, killed writers are removed)."""
+    remove_stale_temps(path)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Hash plain types and tensors in a canonical order (dict keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)};".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_checksum(ckpt: dict) -> str:
+    """SHA-256 of a checkpoint's content (everything but the checksum field itself)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ckpt.items() if k != "checksum"})
+    return "sha256:" + h.hexdigest()
+
+
+def write_checkpoint(ckpt: dict, path: str | Path) -> None:
+    """Store the checksum in the checkpoint, then write it atomically."""
+    atomic_torch_save({**ckpt, "checksum": content_checksum(ckpt)}, path)
 
 
 def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dict | None = None,
@@ -57,14 +82,15 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
 
 def save_checkpoint(path: str | Path, model: CaptionModel, metrics: dict | None = None,
                     extra: dict | None = None, half: bool = False) -> None:
-    atomic_torch_save(checkpoint_dict(model, metrics, extra, half), path)
+    write_checkpoint(checkpoint_dict(model, metrics, extra, half), path)
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load and check a checkpoint's dict, with a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError("checkpoint file not found", path)
+        raise CheckpointError("checkpoint file not found" if not path.exists() else
+                              "not a regular file, so not a checkpoint", path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -80,6 +106,9 @@ def read_checkpoint(path: str | Path) -> dict:
     for key in ("model", "encoder", "vocab", "decoder_state"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint lacks the field {key!r}", path)
+    if "checksum" in ckpt and ckpt["checksum"] != content_checksum(ckpt):
+        raise CheckpointError("the contents do not match the checksum saved with them: the file is damaged "
+                              "(on disk or in a copy); use another copy", path)
     return ckpt
 
 

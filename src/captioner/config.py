@@ -106,7 +106,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
     cfg = TrainConfig(**values)
     for f in fields(cfg):
         v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)),
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": number,
               "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(kind, True)
         if not ok:
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
@@ -201,7 +202,8 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
     where = f"{path}: " if path is not None else ""
     for f in fields(cfg):
         v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)),
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": number,
               "bool": isinstance(v, bool), "str": isinstance(v, str), "list": isinstance(v, list)}.get(kind, True)
         if not ok:
             raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
@@ -210,6 +212,8 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
                  "max_connections"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}field {name}: must be at least 1")
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"{where}field port: must be 0 to 65535, not {cfg.port}")
     for name in ("request_timeout_s", "body_timeout_s"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{where}field {name}: must be above 0")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +62,22 @@ def _clean_image_name(name: str) -> str:
     return name
 
 
+def read_text(path: Path, newline: str | None = None) -> io.StringIO:
+    """A UTF-8 text file (a leading byte-order mark dropped) to iterate by line; bytes that are
+    not UTF-8 are a DataError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text: byte {data[e.start]:#04x} cannot be decoded", path,
+                        data[:e.start].count(b"\n") + 1) from None
+    return io.StringIO(text, newline=newline)
+
+
 def read_token_file(path: Path) -> dict[str, list[tuple[int, str]]]:
     """`<image>#<n>\\t<caption>` lines -> {image: [(line, caption), ...]}."""
     captions: dict[str, list[tuple[int, str]]] = {}
-    with open(path, encoding="utf-8") as f:
+    with read_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n\r")
             if not line.strip():
@@ -84,24 +97,27 @@ def read_token_file(path: Path) -> dict[str, list[tuple[int, str]]]:
 def read_captions_csv(path: Path) -> dict[str, list[tuple[int, str]]]:
     """`image,caption` CSV with a header -> {image: [(line, caption), ...]}."""
     captions: dict[str, list[tuple[int, str]]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with read_text(path, newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
-            raise DataError("expected the header 'image,caption'", path, 1)
-        for row in reader:
-            lineno = reader.line_num
-            if not row or not any(c.strip() for c in row):
-                continue
-            if len(row) < 2:
-                raise DataError(f"expected 2 fields (image, caption), found {len(row)}", path, lineno)
-            # A caption with unquoted commas splits into several fields: join them back.
-            image, caption = row[0].strip(), ",".join(row[1:]).strip()
-            if not image:
-                raise DataError("empty image field", path, lineno)
-            if not caption:
-                raise DataError(f"empty caption for {image}", path, lineno)
-            captions.setdefault(_clean_image_name(image), []).append((lineno, caption))
+        try:
+            header = next(reader, None)
+            if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+                raise DataError("expected the header 'image,caption'", path, 1)
+            for row in reader:
+                lineno = reader.line_num
+                if not row or not any(c.strip() for c in row):
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"expected 2 fields (image, caption), found {len(row)}", path, lineno)
+                # A caption with unquoted commas splits into several fields: join them back.
+                image, caption = row[0].strip(), ",".join(row[1:]).strip()
+                if not image:
+                    raise DataError("empty image field", path, lineno)
+                if not caption:
+                    raise DataError(f"empty caption for {image}", path, lineno)
+                captions.setdefault(_clean_image_name(image), []).append((lineno, caption))
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise DataError(f"malformed CSV: {e}", path, reader.line_num) from None
     if not captions:
         raise DataError("no captions found", path)
     return captions
@@ -109,7 +125,7 @@ def read_captions_csv(path: Path) -> dict[str, list[tuple[int, str]]]:
 
 def read_split_file(path: Path) -> list[str]:
     names = []
-    with open(path, encoding="utf-8") as f:
+    with read_text(path) as f:
         for line in f:
             if line.strip():
                 names.append(_clean_image_name(line.strip()))

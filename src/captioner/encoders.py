@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .images import MAX_PIXELS, ImageInput, ImageLimits, load_image  # noqa: F401  (re-exported)
+from .images import ImageInput, ImageLimits, load_image  # noqa: F401  (load_image: re-exported)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .encoders import EncoderConfig, build_encoder, preprocess, weights_file
+from .files import remove_stale_temps
 
 FORMAT = 1
 
@@ -66,10 +67,15 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
 
 
 def _open(folder: Path) -> tuple[dict, np.ndarray] | None:
+    """The cache in `folder`, or None where it is missing or damaged (then it is rebuilt)."""
     try:
         index = json.loads((folder / "index.json").read_text())
-        return index, np.load(folder / "features.npy", mmap_mode="r")
-    except (OSError, ValueError):
+        feats = np.load(folder / "features.npy", mmap_mode="r")  # never unpickles (allow_pickle=False)
+        rows = feats.shape[0]
+        if not isinstance(index, dict) or len(index.get("names", ())) != rows or len(index.get("stats", ())) != rows:
+            return None
+        return index, feats
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
         return None
 
 
@@ -104,23 +110,28 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     kept = set(keep)
     todo = [n for n in stats if n not in kept]
     all_names = keep + todo
+    remove_stale_temps(folder)  # what killed extractions left behind
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shape = (len(all_names), cfg.grid_size ** 2, cfg.feature_dim)
-    out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
-    if keep:
-        rows = {n: i for i, n in enumerate(index["names"])}
-        for start in range(0, len(keep), 1024):
-            chunk = keep[start:start + 1024]
-            out[start:start + len(chunk)] = feats[[rows[n] for n in chunk]]
-    extract_features([image_dir / n for n in todo], cfg, out[len(keep):], batch_size=batch_size,
-                     progress=progress)
-    out.flush()
-    del out
-    all_stats = [stats[n] if n in stats else _stat(image_dir / n) for n in all_names]
-    (tmp / "index.json").write_text(json.dumps({"names": all_names, "stats": all_stats,
-                                                "encoder": cfg.to_dict()}))
+    try:
+        shape = (len(all_names), cfg.grid_size ** 2, cfg.feature_dim)
+        out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+        if keep:
+            rows = {n: i for i, n in enumerate(index["names"])}
+            for start in range(0, len(keep), 1024):
+                chunk = keep[start:start + 1024]
+                out[start:start + len(chunk)] = feats[[rows[n] for n in chunk]]
+        extract_features([image_dir / n for n in todo], cfg, out[len(keep):], batch_size=batch_size,
+                         progress=progress)
+        out.flush()
+        del out
+        all_stats = [stats[n] if n in stats else _stat(image_dir / n) for n in all_names]
+        (tmp / "index.json").write_text(json.dumps({"names": all_names, "stats": all_stats,
+                                                    "encoder": cfg.to_dict()}))
+    except BaseException:  # a photo that cannot be read, an interrupt: no half cache stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # The whole folder appears at once: a killed extraction leaves only a .tmp folder behind.
     old = None
     shutil.rmtree(folder, ignore_errors=True)

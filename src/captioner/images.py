@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -66,36 +65,35 @@ def _open_path(path: Path, name: str) -> BinaryIO:
 
 
 def _decode(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
-    """Header checks, then decoding of the first frame; every failure becomes an ImageError."""
-    with warnings.catch_warnings():
-        # The pixel cap below is the check that counts; Pillow's own warning would only be noise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(src)  # reads the header only
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"too many pixels: {_first_line(e)}", name, "too_many_pixels") from None
-        except UnidentifiedImageError:
-            raise ImageError("not an image in any format Pillow reads (unknown format, or not an image at all)",
-                             name, "unsupported") from None
-        except Exception as e:  # a header bad enough to upset the format's parser
-            raise ImageError(f"corrupt image header: {_first_line(e)}", name, "undecodable") from None
-        if limits.formats is not None and img.format not in limits.formats:
-            raise ImageError(f"{img.format} images are not accepted here; send one of "
-                             f"{', '.join(sorted(limits.formats))}", name, "unsupported")
-        width, height = img.size
-        if width * height > limits.max_pixels:
-            raise ImageError(f"too many pixels: {width}x{height} is more than the {limits.max_pixels} "
-                             f"accepted", name, "too_many_pixels")
-        if width < 1 or height < 1:
-            raise ImageError(f"the image has no pixels ({width}x{height})", name, "undecodable")
-        try:
-            img.load()  # the first frame of an animation
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"too many pixels: {_first_line(e)}", name, "too_many_pixels") from None
-        except Exception as e:  # truncated or corrupt data, whichever decoder raised it
-            raise ImageError(f"cannot decode the image (truncated or corrupt): {_first_line(e)}", name,
-                             "undecodable") from None
-        return _to_rgb(img, name)
+    """Header checks, then decoding of the first frame; every failure becomes an ImageError.
+    (Pillow's own DecompressionBombWarning only fires above its 89 MP threshold, past our cap;
+    warnings are not silenced here because the filters are process-wide, not per thread.)"""
+    try:
+        img = Image.open(src)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too many pixels: {_first_line(e)}", name, "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image in any format Pillow reads (unknown format, or not an image at all)",
+                         name, "unsupported") from None
+    except Exception as e:  # a header bad enough to upset the format's parser
+        raise ImageError(f"corrupt image header: {_first_line(e)}", name, "undecodable") from None
+    if limits.formats is not None and img.format not in limits.formats:
+        raise ImageError(f"{img.format} images are not accepted here; send one of "
+                         f"{', '.join(sorted(limits.formats))}", name, "unsupported")
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageError(f"too many pixels: {width}x{height} is more than the {limits.max_pixels} "
+                         f"accepted", name, "too_many_pixels")
+    if width < 1 or height < 1:
+        raise ImageError(f"the image has no pixels ({width}x{height})", name, "undecodable")
+    try:
+        img.load()  # the first frame of an animation
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too many pixels: {_first_line(e)}", name, "too_many_pixels") from None
+    except Exception as e:  # truncated or corrupt data, whichever decoder raised it
+        raise ImageError(f"cannot decode the image (truncated or corrupt): {_first_line(e)}", name,
+                         "undecodable") from None
+    return _to_rgb(img, name)
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:

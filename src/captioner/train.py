@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .data import CaptionDataset, ImageRecord, load_flickr8k
 from .decode import SearchConfig
@@ -22,6 +22,7 @@ from .evaluate import decode_records
 from .encoders import get_encoder_config
 from .errors import ConfigError
 from .features import FeatureCache, build_cache
+from .files import atomic_write_text, remove_stale_temps
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig, get_model_config
 from .scst import reward_scorer, scst_epoch
@@ -259,6 +260,8 @@ class Progress:
 def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict | None]:
     """The config to run with, and last.pt's contents when resuming."""
     last_path = out / "last.pt"
+    for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl"):
+        remove_stale_temps(out / name)  # temp files of a killed earlier run
     if not resume and last_path.is_file():
         raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
                           f"--resume, or choose another --out")
@@ -318,7 +321,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     started = time.time()
     best_path = out / "best.pt"
     cfg, state = _open_run(cfg, out, resume)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     model_cfg = _model_config(cfg, state)
     prepared = prepare(cfg, model_cfg.encoder)
     train_recs, dev_recs = _splits(prepared, cfg)
@@ -331,7 +334,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
              len(train_recs), len(dev_recs))
     # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
     # checkpoint leaves no orphan line behind.
-    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
 
     data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len)
     total_steps = steps_per_epoch(cfg, data) * cfg.epochs
@@ -401,7 +404,7 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
     log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
              dev["Bleu_4"], dev["CIDEr"], " *best*" if improved else "", record["train_seconds"],
              record["val_seconds"])
-    atomic_torch_save({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
-                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                       "progress": asdict(progress), "train_config": cfg.to_dict()}, out / "last.pt")
+    write_checkpoint({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
+                      "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "progress": asdict(progress), "train_config": cfg.to_dict()}, out / "last.pt")
     _plot(progress.history, out / "curves.png")

@@ -1,0 +1,75 @@
+"""Files that are never half-written: write a temp file in the same folder, fsync, rename.
+
+A kill at any moment leaves either the old file or the new one, never a mix; what a killed
+writer leaves behind is a temp file named after its process id, which the next writer of
+that file removes (`remove_stale_temps`) once that process is gone.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _temp_pid(name: str, stem: str) -> int | None:
+    """The writer's pid in a temp name `<stem>.<pid>.<random>.tmp` or `<stem>.tmp<pid>`."""
+    rest = name[len(stem):]
+    if rest.startswith(".tmp") and rest[4:].isdigit():
+        return int(rest[4:])
+    parts = rest.split(".")
+    if len(parts) == 4 and parts[0] == "" and parts[1].isdigit() and parts[3] == "tmp":
+        return int(parts[1])
+    return None
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temp files (or folders) that killed writers of `path` left behind; those of
+    live processes are kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(path.name + ".*"):
+        pid = _temp_pid(p.name, path.name)
+        if pid is None or pid_alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
