@@ -67,3 +67,33 @@ def test_feedback_is_checked_and_the_latest_correction_wins(tmp_path):
     assert (only.caption_id, only.image, only.caption) == (cid, b"jpeg-bytes", "a grey cat on a sofa")
     assert store.ratings("exp") == {"v": [4]}  # a caption rated twice counts once, its last rating
     store.close()
+
+
+@pytest.mark.reliability
+def test_connections_of_ended_threads_are_closed(tmp_path):
+    """A server's worker threads come and go (idle ones exit): their connections must not pile
+    up (each holds a page cache and file handles)."""
+    import os
+
+    from reliability import count
+
+    store = FeedbackStore(tmp_path / "f.db")
+
+    def write_once(i: int) -> None:
+        store.record_caption(Served("api", f"t{i}", "exp", "v", True, "m", "1", "c", -1.0, {}))
+
+    fds = lambda: len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0  # noqa: E731
+    for i in range(40):
+        t = threading.Thread(target=write_once, args=(i,))
+        t.start()
+        t.join()
+    before = fds()
+    for i in range(40, 80):
+        t = threading.Thread(target=write_once, args=(i,))
+        t.start()
+        t.join()
+    count("inputs", 80)
+    assert len(store._all) <= 2  # the main thread's and the last writer's
+    assert fds() <= before + 3
+    assert store._conn().execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 80
+    store.close()

@@ -89,7 +89,8 @@ class FeedbackStore:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[sqlite3.Connection] = []  # every thread's connection, for close()
+        # every live thread's connection, for close(); a server's worker threads come and go
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conn().executescript(SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
@@ -103,7 +104,11 @@ class FeedbackStore:
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
             with self._lock:
-                self._all.append(db)
+                # close the connections of threads that have ended (idle pool threads exit), so a
+                # long-running server does not pile up connections, caches and file handles
+                for thread, old in [x for x in self._all if not x[0].is_alive()]:
+                    old.close()
+                self._all = [x for x in self._all if x[0].is_alive()] + [(threading.current_thread(), db)]
         return db
 
     def _write(self, statements: list[tuple[str, tuple]]) -> None:
@@ -200,7 +205,7 @@ class FeedbackStore:
     def close(self) -> None:
         """Close every thread's connection (the store reopens on next use)."""
         with self._lock:
-            for db in self._all:
+            for _, db in self._all:
                 db.close()
             self._all.clear()
         self._local = threading.local()
