@@ -275,3 +275,15 @@ def test_a_stalled_body_gets_408_and_frees_its_slot(tmp_path):
         assert json.loads(body)["error"] == "body_timeout"
     finally:
         running.stop()
+
+
+def test_malloc_arenas_are_limited_unless_the_operator_chose(monkeypatch):
+    """The soak measured RSS creeping up with glibc's per-thread arenas and flat with two."""
+    from captioner.serve import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # an explicit setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    import sys
+
+    assert limit_malloc_arenas() is sys.platform.startswith("linux")
