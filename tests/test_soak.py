@@ -1,0 +1,50 @@
+"""The soak benchmark: a short run end to end (tiny model), and the README quotes its results."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+from reliability import count
+
+RESULTS = REPO / "benchmarks" / "results" / "soak.json"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_quotes_the_soak_results():
+    bench = load_benchmark()
+    result = json.loads(RESULTS.read_text())
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(bench.MARKERS[0])[1].split(bench.MARKERS[1])[0].strip()
+    assert block == bench.readme_block(result), "run: python benchmarks/soak.py --readme-only"
+    assert bench.passed(result) and result["seconds"] >= 30
+
+
+@pytest.mark.reliability
+def test_a_short_soak_passes(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from servers import tiny_checkpoint
+
+    bench = load_benchmark()
+    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "soak.json"
+    result = bench.main(["--seconds", "3", "--clients", "3", "--model", str(model), "--out", str(out)])
+    count("requests", result["requests"]["total"])
+    count("inputs", result["requests"]["bad"])
+    count("failures", result["server_errors_5xx"] + result["feedback"]["lost"] + result["unexpected_status"])
+    assert json.loads(out.read_text()) == result
+    assert bench.passed(result), {k: result[k] for k in ("server_errors_sample", "unexpected_sample",
+                                                          "transport_errors_sample", "feedback")}
+    assert result["requests"]["valid"] > 0 and result["requests"]["bad"] > 0 and result["feedback"]["acknowledged"] > 0
+    assert result["rss_mb"]["peak"] >= result["rss_mb"]["start"] > 0 and result["rss_mb"]["after_load"] > 0
