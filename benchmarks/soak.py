@@ -351,6 +351,10 @@ def passed(result: dict) -> bool:
             and result["store_integrity"] == "ok" and not result["api_key_in_log"])
 
 
+def signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+g}"
+
+
 def readme_block(result: dict) -> str:
     """The README's quote of a results file: nothing typed by hand."""
     r, m = result["requests"], result["rss_mb"]
@@ -364,8 +368,8 @@ def readme_block(result: dict) -> str:
             f"{result['feedback']['stored']} / **{result['feedback']['lost']}** |",
             f"| captions acknowledged / lost | {result['captions']['acknowledged']} / {result['captions']['lost']} |",
             f"| server RSS before / peak / after the load (MB) | {m['start']} / {m['peak']} / {m['after_load']} "
-            f"(growth {m['growth']:+g}; median {m['median_first_quarter']} in the first quarter of the load, "
-            f"{m['median_last_quarter']} in the last; trend {m['trend_mb_per_min']:+g} MB/min) |",
+            f"(growth {signed(m['growth'])}; median {m['median_first_quarter']} in the first quarter of the load, "
+            f"{m['median_last_quarter']} in the last; trend {signed(m['trend_mb_per_min'])} MB/min) |",
             f"| valid request latency p50 / p99 (ms) | {result['valid_latency_ms']['p50']} / "
             f"{result['valid_latency_ms']['p99']} |",
             "",

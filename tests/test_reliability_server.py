@@ -223,6 +223,12 @@ def test_a_request_past_its_deadline_gets_503_and_the_server_recovers(tmp_path):
         release.set()  # the model is back
         r = post(client, CAT)
         assert r.status_code == 200 and r.json()["caption_id"], r.text
+        # The worker counts a batch just after answering it: wait for C's count. Jobs run in order
+        # (A, the queued B, C), so had B been computed the count would reach 3 by then.
+        deadline = time.time() + 30
+        while client.get("/healthz").json()["images"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         health = client.get("/healthz").json()
         assert health["queued"] == 0 and health["images"] == 2  # the queued photo of a gone client was skipped
         client.close()

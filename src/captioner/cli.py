@@ -56,17 +56,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        feats, good = [], []
+        pixels, good = [], []
         for p in chunk:  # one bad photo gets its error; the others are still captioned
             try:
-                feats.append(captioner.encode([p]))
+                pixels.append(captioner.preprocess(p))
                 good.append(p)
             except CaptionerError as e:
                 failed += 1
                 print(f"error: {e}", file=sys.stderr)
         if not good:
             continue
-        caps = captioner.caption_features(torch.cat(feats), beam_size=args.beam_size, max_len=args.max_len,
+        feats = captioner.encode_pixels(torch.stack(pixels), chunk=4)  # (B, N, C), the good photos at once
+        caps = captioner.caption_features(feats, beam_size=args.beam_size, max_len=args.max_len,
                                           n_best=args.n_best, length_penalty=args.length_penalty,
                                           no_repeat_ngram=args.no_repeat_ngram, temperature=args.temperature,
                                           top_p=args.top_p, seed=args.seed)
