@@ -130,6 +130,15 @@ def test_parser_errors_name_the_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
+    # The tiny model's ops are too small to split across threads; on a busy machine a second
+    # torch thread only waits for a core (one thread makes these tests 50x faster there).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _tiny()
+    torch.set_num_threads(threads)
+
+
+def _tiny() -> CaptionModel:
     torch.manual_seed(0)
     vocab = Vocab.build(["a red square on grass", "a blue circle near two dogs", "people walk"], min_count=1)
     return CaptionModel(ModelConfig.from_dict(TINY_MODEL), vocab).eval()
