@@ -85,6 +85,20 @@ def save_checkpoint(path: str | Path, model: CaptionModel, metrics: dict | None 
     write_checkpoint(checkpoint_dict(model, metrics, extra, half), path)
 
 
+def _why_unreadable(e: Exception, path: Path) -> str:
+    """torch.load's failure in words for a user (never its advice to load without weights_only)."""
+    text = str(e).strip()
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
+        return ("it is not a file of plain values and tensors (reading it would mean unpickling arbitrary "
+                "objects, which captioner never does)")
+    if "central directory" in text or isinstance(e, EOFError):
+        return "the file is truncated or damaged"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"truncated, corrupt or another format ({first[:200]}); nothing was unpickled"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load and check a checkpoint's dict, with a clear error for anything else."""
     path = Path(path)
@@ -94,9 +108,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"not a readable captioner checkpoint (truncated, corrupt or another "
-                              f"format; nothing was unpickled): {first}", path) from None
+        raise CheckpointError(f"not a readable captioner checkpoint: {_why_unreadable(e, path)}", path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError("not a captioner checkpoint (no 'format': 'captioner-checkpoint' field)", path)
     version = ckpt.get("format_version")
