@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image, ImageDraw
+
+# No timed assertions: hypothesis's per-example deadline (200 ms) fails tests on a busy machine
+# (seen with load 11 on 2 cores), and says nothing about correctness.
+settings.register_profile("captioner", deadline=None)
+settings.load_profile("captioner")
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
