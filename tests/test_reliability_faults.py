@@ -68,7 +68,7 @@ def test_training_killed_at_random_points_resumes_to_the_same_result(tiny_data, 
     ref, run = tmp_path / "reference", tmp_path / "killed"
     t0 = time.time()
     subprocess.run(train_command(tiny_data, ref, tiny_model_file, cache), env=CHILD_ENV, check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=3600)
     full = time.time() - t0
     rng = random.Random(SEED)
     kills, where = 0, []
@@ -88,7 +88,7 @@ def test_training_killed_at_random_points_resumes_to_the_same_result(tiny_data, 
     count("faults", kills)
     if proc.returncode != 0:
         final = subprocess.run(cmd[:-1] + ["--resume"] if cmd[-1] == "--resume" else cmd + ["--resume"],
-                               env=CHILD_ENV, capture_output=True, timeout=600)
+                               env=CHILD_ENV, capture_output=True, timeout=3600)
         assert final.returncode == 0, final.stderr.decode()[-3000:]
     why = f"seed {SEED}, kills at {where}"
     print(f"training killed {kills} times: {why}")
