@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined_before = _in_process_group()
     try:
         return args.func(args)
     except CaptionerError as e:
@@ -448,10 +449,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if "torch" in sys.modules:  # under torchrun: leave the process group cleanly
+        if not joined_before and _in_process_group():  # under torchrun: leave the group this command joined
             from .distributed import teardown
 
             teardown()
+
+
+def _in_process_group() -> bool:
+    if "torch" not in sys.modules:  # not imported yet: no group joined (and keep `--help` fast)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

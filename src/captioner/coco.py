@@ -161,7 +161,8 @@ def load_karpathy(path: Path, opts: DataOptions, problems: Problems) -> CaptionD
         if not isinstance(im, dict) or not isinstance(im.get("filename"), str) or not isinstance(im.get("sentences"), list):
             problems.add("malformed", "expected an object with 'filename' and a 'sentences' list", file, record=record)
             continue
-        image = relative_image_path(f"{im.get('filepath') or ''}/{im['filename']}")
+        folder = im.get("filepath")
+        image = relative_image_path(f"{folder}/{im['filename']}" if folder else im["filename"])
         split = SPLIT_ALIASES.get(str(im.get("split", "")).lower())
         if image is None:
             problems.add("malformed", f"filename {im['filename']!r} must be a relative path", file, record=record)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data import SPLITS, CaptionDataset, Problem, Problems, Where
 from .distributed import DistEnv, gather_lists, shard
@@ -32,6 +32,8 @@ def _check_one(path: Path, mode: str) -> tuple[str | None, str | None]:
         return "file not found", None
     except IsADirectoryError:
         return "is a folder, not an image", None
+    except UnidentifiedImageError:
+        return "not a readable image (unknown or corrupt format)", None
     except Exception as e:  # PIL raises many types for a bad header
         return f"not a readable image: {e}", None
     digest = hashlib.sha1(data).hexdigest()
@@ -40,7 +42,9 @@ def _check_one(path: Path, mode: str) -> tuple[str | None, str | None]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-    except Exception as e:  # truncated, corrupt, unknown format, decompression bomb
+    except UnidentifiedImageError:
+        return "not a readable image (unknown or corrupt format)", digest
+    except Exception as e:  # truncated, corrupt, decompression bomb
         return f"cannot be decoded: {e}", digest
     return None, digest
 
