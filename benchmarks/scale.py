@@ -150,7 +150,7 @@ def readme_block(result: dict) -> str:
     t = result["training"]
     rows += ["", "| training (show-attend-tell) | s per epoch | speed-up |", "|---|---|---|",
              f"| 1 process | {t['one']['mean_epoch_seconds']} | 1.00x |",
-             f"| 2 processes (torchrun, DDP, gloo) | {t['two']['mean_epoch_seconds']} | **{t['speedup']}x** |", ""]
+             f"| 2 processes (torchrun, DDP, gloo) | {t['two']['mean_epoch_seconds']} | **{t['speedup']}x** |", "", ""]
     s = result["settings"]
     load = result["load_average_before"][0], result["load_average_after"][0]
     line = (f"{s['images']} generated 500x375 photos, beam 3, batches of {s['batch_size']}; training on "

@@ -26,6 +26,7 @@ def test_readme_block_quotes_the_numbers_and_flags_a_busy_machine():
     assert "| 1 process, 2 loading worker(s) | 12.5 | 1.25x |" in idle
     assert "| 2 processes (torchrun), 1 loading worker each | 16.0 | 1.60x |" in idle
     assert "**1.5x**" in idle and "not representative" not in idle
+    assert "| **1.5x** |\n\n64 generated" in idle  # a blank line ends the table
     assert "not representative" in bench.readme_block(result(4.0))
     assert bench.loaded([3.0, 0.2], 2) and not bench.loaded([0.5, 0.9], 2)
     readme = (REPO / "README.md").read_text()

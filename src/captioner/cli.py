@@ -66,6 +66,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.alt_text_csv:
         print("error: --alt-text-csv needs --out (the captions file it is written from)", file=sys.stderr)
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: under torchrun, caption into a file with --out (the ranks share the photos)", file=sys.stderr)
+        return 2
     import torch
 
     from .api import Captioner
@@ -191,15 +194,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Captioner
+    from .distributed import resolve_device
     from .evaluate import evaluate
 
-    captioner = Captioner.load(args.checkpoint)
+    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device))
     search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
                                            args.no_repeat_ngram)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
                              cache_dir=args.cache_dir, captions_out=out, progress=not args.json,
-                             data_format=args.format, image_root=args.image_root or "")
+                             data_format=args.format, image_root=args.image_root or "",
+                             device=str(captioner.device))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
@@ -387,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="~/.cache/captioner")
     p.add_argument("--captions-out", default=None, help="per-image captions JSON (default captions-SPLIT.json)")
     p.add_argument("--json", action="store_true", help="last line: the scores as one JSON object")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     _search_args(p)
     p.set_defaults(func=cmd_evaluate)
 

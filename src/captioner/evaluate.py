@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .data import ImageRecord, load_dataset
 from .errors import DataError
 from .decode import SearchConfig
+from .distributed import DistEnv
 from .features import FeatureCache, build_cache
 from .metrics import METRIC_NAMES, score_captions
 from .model import CaptionModel
@@ -34,7 +35,7 @@ def decode_records(model: CaptionModel, cache: FeatureCache, records: list[Image
 def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,
              layout: str = "auto", cache_dir: str | Path = "~/.cache/captioner", seed: int = 0,
              captions_out: str | Path | None = None, progress: bool = True, data_format: str = "auto",
-             image_root: str = "") -> tuple[dict[str, float], list[str]]:
+             image_root: str = "", device: str = "cpu") -> tuple[dict[str, float], list[str]]:
     """Decode every image of `split` ("all" for every image) of a dataset in any format
     `load_dataset` reads, and score it; returns (toolkit scores, notes)."""
     search = search or SearchConfig()
@@ -43,7 +44,7 @@ def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search:
     if not records:
         raise DataError(f"split {split!r} has no images", data)
     cache = build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
-                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress)
+                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress, env=DistEnv(device=device))
     preds = decode_records(model, cache, records, search, progress=progress)
     scores, notes = score_captions(preds, {r.image: r.captions for r in records}, METRIC_NAMES)
     if captions_out is not None:
