@@ -68,10 +68,13 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     inputs = torch.cat([torch.full_like(drawn[:, :1], v.bos_id), drawn[:, :-1]], 1)  # (B*n, T)
     rows = torch.arange(len(images), device=feats.device).repeat_interleave(n)
     if forward is not None:
-        logits, _ = forward(feats, inputs, rows, need_weights=False)  # (B*n, T, V)
+        logits = forward(feats, inputs, rows, need_weights=False)[0].float()  # (B*n, T, V)
     else:
-        logits = model.decoder(feats, inputs, rows)  # (B*n, T, V)
+        logits = model.decoder(feats, inputs, rows).float()  # (B*n, T, V)
+    # the policy that drew the captions never emits BOS or <unk> (nor PAD before EOS)
+    logits[..., [v.bos_id, v.unk_id, v.pad_id]] = float("-inf")
     logp = logits.log_softmax(-1).gather(2, drawn[:, :, None])[:, :, 0]  # (B*n, T)
+    logp = logp.masked_fill(drawn == v.pad_id, 0.0)
     mask = (drawn != v.pad_id).float()  # words and the EOS that ends them
     loss = -(advantage[:, None] * logp * mask).sum() / mask.sum()
     return loss, float(rewards.mean()), float(base.mean())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -416,10 +418,15 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
 
 def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress: Progress
                 ) -> torch.optim.Optimizer:
-    """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser."""
+    """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser.
+    Those weights are kept as `best-xe.pt`, so the gain from SCST can be measured on test."""
     if best_path.is_file():
         model.decoder.load_state_dict(read_checkpoint(best_path)["decoder_state"])
         log.info("scst: starting from %s (dev CIDEr %.4f)", best_path, progress.best)
+        xe_path = best_path.with_name("best-xe.pt")
+        tmp = xe_path.with_name(f"{xe_path.name}.tmp{os.getpid()}")
+        shutil.copyfile(best_path, tmp)
+        os.replace(tmp, xe_path)
     progress.phase, progress.stale = "scst", 0
     return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
 
