@@ -62,6 +62,14 @@ def main(run: Path) -> None:
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms).\n")
+    gain_file = REPO / "benchmarks" / "results" / "scst_gain.json"
+    if gain_file.is_file() and any(h.get("phase") == "scst" for h in history):
+        g = json.loads(gain_file.read_text())
+        xe_s, sc_s = g["cross_entropy"][g["split"]], g["scst"][g["split"]]
+        facts += (f"- Self-critical training's share ({g['split']}, beam {g['beam_size']}, plain search; "
+                  f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
+                  f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
+                  f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
     facts += f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16).\n"
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())

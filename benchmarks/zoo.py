@@ -66,7 +66,8 @@ def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
     return {"model": name, "encoder": encoder, "epochs": args.epochs, "scst_epochs": args.scst_epochs,
             "params_millions": round(sum(p.numel() for p in cap.model.decoder.parameters()) / 1e6, 2),
             "train_minutes": round(minutes, 1), "extraction_minutes": round(extraction / 60, 1),
-            "caption_beam3_ms": round(latency, 1), "test": scores, "notes": notes}
+            "caption_beam3_ms": round(latency, 1), "test": scores, "notes": notes,
+            "recipe": {k: getattr(cfg, k) for k in ("label_smoothing", "batching", "amp", "batch_size", "lr")}}
 
 
 def readme_block(rows: list[dict]) -> str:

@@ -113,6 +113,37 @@ def test_dataset_parsers_take_any_bytes_without_crashing(raw):
             assert str(path) in str(e)
 
 
+CAPTION_FILES = {  # format -> where its captions live in a dataset folder
+    "flickr8k": "captions.txt", "flickr30k": "results.csv", "manifest": "manifest.jsonl",
+    "coco": "annotations/captions_val2017.json", "karpathy": "dataset_coco.json", "prepared": "dataset.json"}
+dataset_keys = st.sampled_from(["images", "annotations", "image", "caption", "captions", "id", "image_id",
+                                "file_name", "sentences", "raw", "split", "filename", "filepath", "records"])
+json_like = st.recursive(st.none() | st.integers() | st.text(max_size=8),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(dataset_keys, inner, max_size=4),
+                         max_leaves=10).map(lambda v: json.dumps(v).encode())
+caption_bytes = (st.binary(max_size=300) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
+                 | json_like)
+
+
+@FUZZ
+@given(fmt=st.sampled_from(sorted(CAPTION_FILES)), raw=caption_bytes, strict=st.booleans())
+def test_every_dataset_format_takes_any_bytes_without_crashing(fmt, raw, strict):
+    """Whatever a dataset's caption file holds, loading it gives a dataset or a DataError
+    naming the file; never another exception."""
+    from captioner.data import load_dataset
+
+    count("inputs")
+    root = scratch()
+    target = root / CAPTION_FILES[fmt]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(raw)
+    (root / "Images").mkdir()
+    try:
+        load_dataset(root, format=fmt, strict=strict)
+    except DataError as e:
+        assert str(root) in str(e) or "format" in str(e), str(e)
+
+
 def test_parser_errors_name_the_line(tmp_path):
     bad = tmp_path / "captions.txt"
     bad.write_bytes(b"image,caption\na.jpg,a dog\nb.jpg,\xff\xfe broken\n")

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from captioner.api import Captioner
+from captioner.checkpoint import read_checkpoint
 from captioner.config import load_train_config
 from captioner.errors import ConfigError
 from captioner.train import train
@@ -92,6 +93,8 @@ def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_m
     train(tiny_config(tiny_data, out, tiny_model_file, **kw))
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["phase"] for h in history] == ["xe", "xe", "scst", "scst"]
+    xe_best = read_checkpoint(out / "best-xe.pt")  # the starting point, kept to measure the gain
+    assert xe_best["metrics"]["epoch"] <= 2
     for h in history[2:]:
         assert 0.0 <= h["baseline"] and 0.0 <= h["reward"] <= 10.0
         assert "CIDEr" in h["dev"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -11,14 +12,33 @@ from typing import Sequence
 from .errors import CaptionerError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+DATA_FORMATS = ["auto", "flickr8k", "flickr30k", "coco", "karpathy", "manifest", "prepared"]
+PREPARE_HELP = """Check a dataset before training: photos and captions per split; missing,
+unreadable and duplicate photos; empty and over-long captions; caption lengths; vocabulary
+coverage. Problems are listed with their file and line or record, and stop it (exit 2) unless
+--drop-bad leaves those records out. Then the feature cache is filled (under torchrun, shared
+out across the ranks).
+
+Formats (--format, detected by default):
+  flickr8k   FOLDER with Flickr8k.token.txt (+ Flickr_8k.{train,dev,test}Images.txt) or captions.txt, Images/
+  flickr30k  FOLDER with results_20130124.token or results.csv ('|'-separated), flickr30k_images/
+  coco       annotations/captions_{train,val}{2014,2017}.json (FOLDER or one FILE), photos in {train,val}20xx/
+  karpathy   dataset_{coco,flickr8k,flickr30k}.json (FILE), photos beside it (or --image-root)
+  manifest   FILE.csv (image,caption[,split]) or FILE.jsonl ({"image", "caption"|"captions", "split"?}),
+             photo paths relative to --image-root (default: the manifest's folder); no split column
+             = a seeded split
+  prepared   DIR written by prepare --out
+"""
 
 
-def expand_paths(paths: Sequence[str]) -> list[Path]:
-    """Files as given; a folder becomes the images in it, sorted."""
+def expand_paths(paths: Sequence[str], recursive: bool = False) -> list[Path]:
+    """Files as given; a folder becomes the images in it (and in its subfolders with
+    `recursive`), sorted."""
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = p.rglob("*") if recursive else p.iterdir()
+            out += sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         else:
             out.append(p)
     return out
@@ -41,12 +61,20 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    if args.out:
+        return _caption_to_file(args)
+    if args.alt_text_csv:
+        print("error: --alt-text-csv needs --out (the captions file it is written from)", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: under torchrun, caption into a file with --out (the ranks share the photos)", file=sys.stderr)
+        return 2
     import torch
 
     from .api import Captioner
     from .plots import save_attention_figure
 
-    paths = expand_paths(args.paths)
+    paths = expand_paths(args.paths, args.recursive)
     if not paths:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
@@ -86,23 +114,70 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from .config import load_train_config
-    from .train import prepare
-    from .vocab import Vocab
+def _caption_to_file(args: argparse.Namespace) -> int:
+    from .api import Captioner
+    from .bulk import caption_collection, collect
+    from .distributed import setup
 
-    cfg = load_train_config(args.config, args.set, data=args.data, layout=args.layout, model=args.model,
-                            cache_dir=args.cache_dir)
-    prepared = prepare(cfg)
-    ds = prepared.dataset
-    for note in ds.notes:
-        print(f"note: {note}")
-    for split in ("train", "dev", "test"):
-        recs = ds.split(split)
-        print(f"{split:>5}: {len(recs):6d} images {sum(len(r.captions) for r in recs):7d} captions")
-    vocab = Vocab.build((c for r in ds.split("train") for c in r.captions), cfg.min_word_count)
-    print(f"vocab: {len(vocab)} tokens (min count {cfg.min_word_count})")
-    print(f"features: {prepared.cache.path} {tuple(prepared.cache.features.shape)}")
+    photos = collect(args.paths, IMAGE_SUFFIXES, args.recursive)
+    if not photos:
+        print("error: no images found in the given paths", file=sys.stderr)
+        return 2
+    if args.attention or args.temperature is not None:
+        print("error: --attention and --temperature work without --out only", file=sys.stderr)
+        return 2
+    env = setup(args.device)
+    captioner = Captioner.load(args.model, device=env.device)
+    search = dict(beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
+                  length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+    result = caption_collection(captioner, photos, args.out, batch_size=args.batch_size, workers=args.workers,
+                                search=search, env=env, progress=not args.no_progress,
+                                alt_text_csv=args.alt_text_csv)
+    if env.is_main:
+        print(f"captioned {result.captioned} photo(s) in {result.seconds:.1f} s ({result.images_per_second:.1f} "
+              f"images/s); {result.skipped} already done, {result.failed} unreadable; wrote {args.out}"
+              + (f" and {args.alt_text_csv}" if args.alt_text_csv else ""), file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import load_train_config
+    from .data import atomic_write_text, load_dataset, save_prepared
+    from .distributed import setup
+    from .report import build_report, check_images, format_report
+    from .train import cache_features, data_options
+
+    cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format, layout=args.layout,
+                            image_root=args.image_root, model=args.model, cache_dir=args.cache_dir,
+                            progress=False if args.no_progress else None)
+    env = setup(cfg.device)
+    dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg), strict=False)
+    bad, duplicates = check_images(dataset, args.check_images, args.workers, env, cfg.progress and env.is_main)
+    report = build_report(dataset, bad, duplicates, args.check_images, cfg.min_word_count, cfg.max_caption_len)
+    left_out = {p["image"] for p in report.problems
+                if p["image"] and p["kind"] in ("missing image", "unreadable image", "split conflict")}
+    if args.drop_bad:
+        report = replace(report, dropped_images=len(left_out))
+    if env.is_main:
+        print(format_report(report))
+    if report.errors and not args.drop_bad:
+        if env.is_main:
+            print(f"error: {report.errors} problem(s) in the data (listed above); fix them, or leave the bad "
+                  f"records out with --drop-bad", file=sys.stderr)
+        return 2
+    dataset = dataset.without({p.image for p in bad})
+    if args.out and env.is_main:
+        path = save_prepared(dataset, args.out)
+        atomic_write_text(Path(args.out) / "report.json", json.dumps(report.to_dict(), indent=1) + "\n")
+        print(f"prepared: {path} ({len(dataset.records)} images); train and evaluate read it with --data {args.out}")
+    if not args.no_features:
+        cache = cache_features(dataset, cfg, env=env)
+        if env.is_main:
+            print(f"features: {cache.path} {tuple(cache.features.shape)}")
+    if args.json and env.is_main:
+        print(json.dumps(report.to_dict()))
     return 0
 
 
@@ -110,24 +185,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config
     from .train import train
 
-    cfg = load_train_config(args.config, args.set, data=args.data, out=args.out, model=args.model,
-                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+    cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format,
+                            image_root=args.image_root, out=args.out, model=args.model, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, cache_dir=args.cache_dir,
+                            device=args.device, progress=False if args.no_progress else None)
     result = train(cfg, resume=args.resume)
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Captioner
+    from .distributed import resolve_device
     from .evaluate import evaluate
 
-    captioner = Captioner.load(args.checkpoint)
+    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device))
     search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
                                            args.no_repeat_ngram)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
-                             cache_dir=args.cache_dir, captions_out=out, progress=not args.json)
+                             cache_dir=args.cache_dir, captions_out=out, progress=not args.json,
+                             data_format=args.format, image_root=args.image_root or "",
+                             device=str(captioner.device))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
@@ -249,19 +329,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per batched beam search")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--attention", default=None, help="write the per-word attention figure to this PNG")
+    p.add_argument("--recursive", action="store_true", help="also the photos in subfolders of a folder")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl",
+                   help="large collections: append one JSON line per photo to this file, resumably "
+                        "(a rerun skips photos already in it); under torchrun the ranks share the photos")
+    p.add_argument("--alt-text-csv", default=None, metavar="FILE.csv",
+                   help="with --out: also write image,alt_text rows for every photo in the captions file")
+    p.add_argument("--workers", type=int, default=2, help="with --out: photo-loading processes (default 2)")
+    p.add_argument("--device", default="auto", help="with --out: cpu, cuda or auto (default: a GPU if present)")
+    p.add_argument("--no-progress", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_caption)
 
     def data_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default=None, help="JSON file of training config fields")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field (repeatable)")
-        p.add_argument("--data", default=None, help="dataset folder (default ../shared/data/flickr8k)")
+        p.add_argument("--data", default=None,
+                       help="dataset folder or file (default ../shared/data/flickr8k): see --format")
+        p.add_argument("--format", default=None, choices=DATA_FORMATS,
+                       help="dataset format (default auto: detected from the files)")
+        p.add_argument("--image-root", default=None,
+                       help="folder the dataset's photo paths are relative to (default: beside its caption file)")
         p.add_argument("--model", default=None, help="registered model name (see `captioner models`)")
         p.add_argument("--cache-dir", default=None, help="feature cache folder")
 
-    p = sub.add_parser("prepare", help="check a dataset and fill its feature cache")
+    p = sub.add_parser("prepare", help="check a dataset, report on it, and fill its feature cache",
+                       description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_args(p)
-    p.add_argument("--layout", default=None, choices=["auto", "token", "csv"])
+    p.add_argument("--layout", default=None, choices=["auto", "token", "csv"],
+                   help="Flickr8k/Flickr30k caption file: token or csv (default: token where present)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write the checked dataset to DIR/dataset.json (+ report.json); --data DIR reads it")
+    p.add_argument("--check-images", default="decode", choices=["decode", "header", "exists"],
+                   help="decode every photo (default; also finds byte-identical duplicates), read headers "
+                        "only, or check existence only")
+    p.add_argument("--drop-bad", action="store_true",
+                   help="leave bad records out (listed in the report) instead of stopping")
+    p.add_argument("--no-features", action="store_true", help="check and report only; no feature cache")
+    p.add_argument("--workers", type=int, default=4, help="threads checking photos (default 4)")
+    p.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
@@ -272,17 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: a GPU if present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)")
-    p.add_argument("--data", default="../shared/data/flickr8k")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--data", default="../shared/data/flickr8k",
+                   help="dataset folder or file in any format prepare reads (or what prepare --out wrote)")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="dataset format (default: detected)")
+    p.add_argument("--image-root", default=None, help="folder the dataset's photo paths are relative to")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"],
+                   help="split to score; all = every photo (e.g. a set made only for evaluation)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the shipped model)")
     p.add_argument("--layout", default="auto", choices=["auto", "token", "csv"])
     p.add_argument("--cache-dir", default="~/.cache/captioner")
     p.add_argument("--captions-out", default=None, help="per-image captions JSON (default captions-SPLIT.json)")
     p.add_argument("--json", action="store_true", help="last line: the scores as one JSON object")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     _search_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -335,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined_before = _in_process_group()
     try:
         return args.func(args)
     except CaptionerError as e:
@@ -343,6 +457,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not joined_before and _in_process_group():  # under torchrun: leave the group this command joined
+            from .distributed import teardown
+
+            teardown()
+
+
+def _in_process_group() -> bool:
+    if "torch" not in sys.modules:  # not imported yet: no group joined (and keep `--help` fast)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 @dataclass
 class TrainConfig:
     model: str = "show-attend-tell"  # a registered model config (captioner models)
-    data: str = "../shared/data/flickr8k"  # dataset folder
-    layout: str = "auto"  # Flickr8k caption layout: token, csv or auto
+    data: str = "../shared/data/flickr8k"  # dataset folder or file (any format `captioner prepare` reads)
+    data_format: str = "auto"  # flickr8k, flickr30k, coco, karpathy, manifest, prepared, or auto (detected)
+    layout: str = "auto"  # Flickr8k/Flickr30k caption file: token, csv or auto
+    image_root: str = ""  # folder the dataset's photo paths are relative to; "" = found beside its caption file
     out: str = "runs/show-attend-tell"  # run folder: checkpoints, logs, resolved config
     cache_dir: str = "~/.cache/captioner"  # encoder feature caches
     seed: int = 0
@@ -50,6 +52,8 @@ class TrainConfig:
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images
     feature_batch_size: int = 8  # images per encoder call when filling the feature cache
+    feature_workers: int = 0  # processes loading photos while the encoder runs (0 = in the main process)
+    device: str = "auto"  # cpu, cuda, or auto (this process's GPU where CUDA is present)
     amp: str = "auto"  # bfloat16 autocast while training: auto (where the CPU does bf16 natively), on, off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # progress bars

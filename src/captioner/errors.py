@@ -9,14 +9,21 @@ class CaptionerError(Exception):
 
 
 class DataError(CaptionerError):
-    """Bad dataset input: a malformed line, a missing image, an empty caption."""
+    """Bad dataset input: a malformed line or record, a missing image, an empty caption.
 
-    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
+    `line` names a line of a text file, `record` an entry of a JSON file (e.g. "annotations[17]").
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None,
+                 record: str | None = None):
         self.path = str(path) if path is not None else None
         self.line = line
+        self.record = record
+        self.message = message
         where = ""
         if self.path is not None:
-            where = self.path + (f", line {line}" if line is not None else "") + ": "
+            where = self.path + (f", line {line}" if line is not None else "") + \
+                (f", {record}" if record is not None else "") + ": "
         super().__init__(where + message)
 
 

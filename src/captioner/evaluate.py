@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import ImageRecord, load_flickr8k
+from .data import ImageRecord, load_dataset
+from .errors import DataError
 from .decode import SearchConfig
+from .distributed import DistEnv
 from .features import FeatureCache, build_cache
 from .metrics import METRIC_NAMES, score_captions
 from .model import CaptionModel
@@ -20,10 +22,11 @@ def decode_records(model: CaptionModel, cache: FeatureCache, records: list[Image
                    search: SearchConfig, batch_size: int = 100, progress: bool = False) -> dict[str, str]:
     """Caption each record's image from the feature cache: {image: caption}."""
     model.eval()
+    device = next(model.parameters()).device
     out = {}
     for s in tqdm(range(0, len(records), batch_size), desc="decode", disable=not progress, leave=False):
         chunk = records[s:s + batch_size]
-        feats = cache.get([r.image for r in chunk])
+        feats = cache.get([r.image for r in chunk]).to(device)
         for r, caption in zip(chunk, model.captions(feats, search)):
             out[r.image] = caption
     return out
@@ -31,15 +34,17 @@ def decode_records(model: CaptionModel, cache: FeatureCache, records: list[Image
 
 def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,
              layout: str = "auto", cache_dir: str | Path = "~/.cache/captioner", seed: int = 0,
-             captions_out: str | Path | None = None, progress: bool = True) -> tuple[dict[str, float], list[str]]:
-    """Decode every image of `split` and score it; returns (toolkit scores, notes)."""
+             captions_out: str | Path | None = None, progress: bool = True, data_format: str = "auto",
+             image_root: str = "", device: str = "cpu") -> tuple[dict[str, float], list[str]]:
+    """Decode every image of `split` ("all" for every image) of a dataset in any format
+    `load_dataset` reads, and score it; returns (toolkit scores, notes)."""
     search = search or SearchConfig()
-    dataset = load_flickr8k(data, layout=layout, seed=seed)
+    dataset = load_dataset(data, data_format, layout=layout, seed=seed, image_root=image_root)
     records = dataset.split(split)
     if not records:
-        raise ValueError(f"split {split!r} of {data} has no images")
+        raise DataError(f"split {split!r} has no images", data)
     cache = build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
-                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress)
+                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress, env=DistEnv(device=device))
     preds = decode_records(model, cache, records, search, progress=progress)
     scores, notes = score_captions(preds, {r.image: r.captions for r in records}, METRIC_NAMES)
     if captions_out is not None:

@@ -26,10 +26,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def _temp_pid(name: str, stem: str) -> int | None:
-    """The writer's pid in a temp name `<stem>.<pid>.<random>.tmp` or `<stem>.tmp<pid>`."""
+    """The writer's pid in a temp name `<stem>.<pid>.<random>.tmp`, `<stem>.tmp<pid>` or
+    `<stem>.tmp<pid>-shards` (a distributed build's per-rank parts)."""
     rest = name[len(stem):]
-    if rest.startswith(".tmp") and rest[4:].isdigit():
-        return int(rest[4:])
+    if rest.startswith(".tmp"):
+        pid = rest[4:].removesuffix("-shards")
+        return int(pid) if pid.isdigit() else None
     parts = rest.split(".")
     if len(parts) == 4 and parts[0] == "" and parts[1].isdigit() and parts[3] == "tmp":
         return int(parts[1])

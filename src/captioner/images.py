@@ -40,7 +40,7 @@ def _first_line(e: BaseException) -> str:
     return (text[0][:200] if text else "") or type(e).__name__
 
 
-def _open_path(path: Path, name: str) -> BinaryIO:
+def _open_path(path: Path, name: str, allow_empty: bool = False) -> BinaryIO:
     """Open a regular file for reading. O_NONBLOCK: opening a FIFO must not wait for a writer;
     fstat then refuses anything that is not a regular file before a byte is read."""
     try:
@@ -58,14 +58,14 @@ def _open_path(path: Path, name: str) -> BinaryIO:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise ImageError("not a regular file (a device, pipe or socket), not an image", name, "not_a_file")
-    if st.st_size == 0:
+    if st.st_size == 0 and not allow_empty:
         os.close(fd)
         raise ImageError("the file is empty (0 bytes)", name, "empty")
     return os.fdopen(fd, "rb")
 
 
-def _decode(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
-    """Header checks, then decoding of the first frame; every failure becomes an ImageError.
+def _header(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
+    """Open and check the header (format, pixel count); nothing is decoded yet.
     (Pillow's own DecompressionBombWarning only fires above its 89 MP threshold, past our cap;
     warnings are not silenced here because the filters are process-wide, not per thread.)"""
     try:
@@ -86,6 +86,12 @@ def _decode(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
                          f"accepted", name, "too_many_pixels")
     if width < 1 or height < 1:
         raise ImageError(f"the image has no pixels ({width}x{height})", name, "undecodable")
+    return img
+
+
+def _decode(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
+    """Header checks, then decoding of the first frame; every failure becomes an ImageError."""
+    img = _header(src, limits, name)
     try:
         img.load()  # the first frame of an animation
     except Image.DecompressionBombError as e:
@@ -114,6 +120,30 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     except Exception as e:
         raise ImageError(f"cannot convert its colour mode {img.mode} to RGB: {_first_line(e)}", name,
                          "undecodable") from None
+
+
+def read_photo_file(path: str | Path, name: str | None = None) -> bytes:
+    """A photo file's bytes; `ImageError` (not_found, not_a_file) for anything but a regular
+    file, which is refused before a byte is read."""
+    with _open_path(Path(path), name or str(path), allow_empty=True) as f:
+        return f.read()
+
+
+def probe_image(image: str | Path | bytes, limits: ImageLimits | None = None, name: str | None = None
+                ) -> tuple[str, tuple[int, int]]:
+    """(format, (width, height)) from the header alone, with the same checks and errors as
+    `load_image` short of decoding the pixels."""
+    limits = limits or ImageLimits()
+    if isinstance(image, (bytes, bytearray)):
+        name = name or "<image bytes>"
+        if not image:
+            raise ImageError("the image is empty (0 bytes)", name, "empty")
+        img = _header(io.BytesIO(bytes(image)), limits, name)
+        return img.format, img.size
+    name = name or str(image)
+    with _open_path(Path(image), name) as f:
+        img = _header(f, limits, name)
+        return img.format, img.size
 
 
 def load_image(image: ImageInput, limits: ImageLimits | None = None, name: str | None = None) -> Image.Image:

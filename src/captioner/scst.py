@@ -6,11 +6,13 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .cider import CiderD
 from .config import TrainConfig
 from .decode import SearchConfig, beam_search, sample
+from .distributed import DistEnv, all_sum, shard
 from .model import CaptionModel
 from .vocab import tokenize
 
@@ -27,7 +29,7 @@ def reward_scorer(captions: list[list[str]]) -> CiderD:
 
 
 def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider: CiderD,
-              cfg: TrainConfig) -> tuple[torch.Tensor, float, float]:
+              cfg: TrainConfig, forward: nn.Module | None = None) -> tuple[torch.Tensor, float, float]:
     """Policy-gradient loss for one batch of images; also (mean sample reward, mean baseline).
 
     `scst_samples` captions are drawn per image, by multinomial sampling (Rennie et al., 2017)
@@ -36,6 +38,7 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     of the image's other captions (`mean`, Luo 2020). With `scst_dropout` off, sampling and the
     gradient pass both run without dropout, so the gradient is taken under the very policy
     that drew the captions; on, dropout stays as in cross-entropy training (a regulariser).
+    `forward` runs the gradient pass (under torchrun, the DDP-wrapped teacher-forcing module).
     """
     if cfg.scst_baseline not in BASELINES:
         raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
@@ -52,41 +55,58 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     else:
         drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
     keys = [i for i in images for _ in range(n)]
-    rewards = torch.tensor(cider.scores(keys, [v.decode(s).split() for s in drawn.tolist()]))
+    rewards = torch.tensor(cider.scores(keys, [v.decode(s).split() for s in drawn.tolist()]), device=feats.device)
     rewards = rewards.view(len(images), n)  # (B, n)
     if cfg.scst_baseline == "greedy":
         greedy = sample(model.decoder, feats, temperature=0.0, **common).tokens
-        base = torch.tensor(cider.scores(images, [v.decode(s).split() for s in greedy.tolist()]))[:, None]
+        base = torch.tensor(cider.scores(images, [v.decode(s).split() for s in greedy.tolist()]),
+                            device=feats.device)[:, None]
     else:
         base = (rewards.sum(1, keepdim=True) - rewards) / max(n - 1, 1)
     advantage = (rewards - base).view(-1)  # (B*n,)
 
     inputs = torch.cat([torch.full_like(drawn[:, :1], v.bos_id), drawn[:, :-1]], 1)  # (B*n, T)
-    rows = torch.arange(len(images)).repeat_interleave(n)
-    logits = model.decoder(feats, inputs, rows)  # (B*n, T, V)
+    rows = torch.arange(len(images), device=feats.device).repeat_interleave(n)
+    if forward is not None:
+        logits = forward(feats, inputs, rows, need_weights=False)[0].float()  # (B*n, T, V)
+    else:
+        logits = model.decoder(feats, inputs, rows).float()  # (B*n, T, V)
+    # the policy that drew the captions never emits BOS or <unk> (nor PAD before EOS)
+    logits[..., [v.bos_id, v.unk_id, v.pad_id]] = float("-inf")
     logp = logits.log_softmax(-1).gather(2, drawn[:, :, None])[:, :, 0]  # (B*n, T)
+    logp = logp.masked_fill(drawn == v.pad_id, 0.0)
     mask = (drawn != v.pad_id).float()  # words and the EOS that ends them
     loss = -(advantage[:, None] * logp * mask).sum() / mask.sum()
     return loss, float(rewards.mean()), float(base.mean())
 
 
 def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: TrainingSet, batches: list[list[int]],
-               cider: CiderD, cfg: TrainConfig, precision: AbstractContextManager, desc: str
-               ) -> tuple[float, float]:
+               cider: CiderD, cfg: TrainConfig, precision: AbstractContextManager, desc: str,
+               env: DistEnv | None = None, forward: nn.Module | None = None) -> tuple[float, float]:
     """One self-critical pass over `batches` of image indices; (mean reward, mean baseline).
-    `precision` wraps each step's forward passes (autocast)."""
+    `precision` wraps each step's forward passes (autocast). Under torchrun (`env`, `forward`
+    DDP-wrapped) each rank samples for its share of each batch's photos and DDP averages the
+    ranks' gradients."""
+    device = env.device if env is not None else "cpu"
     reward_sum = base_sum = 0.0
-    bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
+    bar = tqdm(batches, desc=desc, disable=not cfg.progress or (env is not None and not env.is_main), leave=False)
     for k, images in enumerate(bar, 1):
-        feats = data.features[images].float()
+        mine, weight = shard(images, env), 1.0
+        if not mine:  # a short last batch: this rank still joins the gradient exchange, adding nothing
+            mine, weight = images[:1], 0.0
+        feats = data.features[mine].float().to(device)
         for g in optimizer.param_groups:
             g["lr"] = cfg.scst_lr
         with precision:
-            loss, reward, base = scst_loss(model, feats, images, cider, cfg)
+            loss, reward, base = scst_loss(model, feats, mine, cider, cfg, forward)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
         optimizer.step()
+        if env is not None and env.distributed:  # the batch's means, over every rank's share
+            n = len(mine) * weight
+            total = all_sum(torch.tensor([reward * n, base * n, n], dtype=torch.float64), env)
+            reward, base = (total[0] / total[2]).item(), (total[1] / total[2]).item()
         reward_sum, base_sum = reward_sum + reward, base_sum + base
         bar.set_postfix(reward=f"{reward_sum / k:.3f}", baseline=f"{base_sum / k:.3f}")
     return reward_sum / max(len(batches), 1), base_sum / max(len(batches), 1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
 from .checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint, write_checkpoint
 from .config import TrainConfig
-from .data import CaptionDataset, ImageRecord, load_flickr8k
+from .data import CaptionDataset, DataOptions, ImageRecord, load_dataset
 from .decode import SearchConfig
+from .distributed import DistEnv, all_sum, barrier, broadcast, gather_lists, setup, shard
 from .evaluate import decode_records
 from .encoders import get_encoder_config
 from .errors import ConfigError
@@ -40,17 +46,27 @@ class Prepared:
     cache: FeatureCache
 
 
-def prepare(cfg: TrainConfig, encoder: str | None = None) -> Prepared:
-    """Load and check the dataset, then fill (or reuse) the feature cache for all its images
-    (`encoder` defaults to that of `cfg.model`)."""
-    dataset = load_flickr8k(cfg.data, layout=cfg.layout, seed=cfg.seed)
+def data_options(cfg: TrainConfig) -> DataOptions:
+    return DataOptions(layout=cfg.layout, seed=cfg.seed, image_root=cfg.image_root)
+
+
+def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = None) -> Prepared:
+    """Load and check the dataset (any format `load_dataset` reads), then fill (or reuse) the
+    feature cache for all its images (`encoder` defaults to that of `cfg.model`). Under torchrun
+    (`env`) the ranks share the feature extraction."""
+    dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg))
     for note in dataset.notes:
         log.info("data: %s", note)
+    return Prepared(dataset, cache_features(dataset, cfg, encoder, env))
+
+
+def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
+                   env: DistEnv | None = None) -> FeatureCache:
+    """Fill (or reuse) the feature cache of every photo of `dataset`."""
     enc = get_encoder_config(encoder or get_model_config(cfg.model).encoder)
-    cache = build_cache(dataset.image_dir, [r.image for r in dataset.records], enc,
-                        Path(cfg.cache_dir).expanduser(), tag=dataset.name,
-                        batch_size=cfg.feature_batch_size, progress=cfg.progress)
-    return Prepared(dataset, cache)
+    return build_cache(dataset.image_dir, [r.image for r in dataset.records], enc,
+                       Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
+                       progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers)
 
 
 class TrainingSet:
@@ -137,58 +153,143 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast(cfg: TrainConfig) -> torch.autocast:
-    """bfloat16 autocast for the training matmuls (weights stay fp32): about twice as fast on
-    CPUs with native bf16 (AVX512-BF16, AMX), so `auto` turns it on only there."""
+def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
+    """Mixed precision for the training matmuls (weights stay fp32). On CPU bfloat16: about
+    twice as fast on CPUs with native bf16 (AVX512-BF16, AMX), so `auto` turns it on only
+    there. On a GPU bfloat16 where it has it, else float16 (with a gradient scaler)."""
     if cfg.amp not in ("auto", "on", "off"):
         raise ConfigError(f"amp must be auto, on or off, not {cfg.amp!r}")
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype, enabled=cfg.amp != "off")
     enabled = cfg.amp == "on" or (cfg.amp == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy (label-smoothed) + the doubly stochastic attention penalty where the
-    decoder has one (`alpha_c`)."""
+def grad_scaler(cfg: TrainConfig, device: str) -> torch.amp.GradScaler | None:
+    """A gradient scaler where training runs in float16 (a GPU without bf16); else None."""
+    if device.startswith("cuda") and cfg.amp != "off" and not torch.cuda.is_bf16_supported():
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+class TeacherForcing(nn.Module):
+    """The decoder's teacher-forced pass as a module's `forward`: DistributedDataParallel
+    synchronises the gradients of what runs through the forward of the module it wraps."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, feats: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor | None = None,
+                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.forward_with_attention(feats, inputs, rows, need_weights=need_weights)
+
+
+def loss_terms(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
+               rows: torch.Tensor | None = None, forward: nn.Module | None = None) -> torch.Tensor:
+    """(summed label-smoothed cross-entropy, target tokens, summed attention penalty, penalty
+    terms) of one batch: sums, so that shares of a batch on several ranks add up exactly."""
     inputs, targets = seqs[:, :-1], seqs[:, 1:]  # (B, T)
     alpha_c = model.cfg.decoder_params.get("alpha_c", 0.0)
-    logits, alphas = model.decoder.forward_with_attention(feats, inputs, rows, need_weights=bool(alpha_c))
+    forward = forward or TeacherForcing(model.decoder)
+    logits, alphas = forward(feats, inputs, rows, need_weights=bool(alpha_c))
     mask = targets != model.vocab.pad_id  # (B, T)
-    loss = F.cross_entropy(logits[mask], targets[mask], label_smoothing=cfg.label_smoothing)
+    ce = F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=cfg.label_smoothing, reduction="sum")
+    penalty, n_penalty = ce.new_zeros(()), 0
     if alpha_c:
         coverage = (alphas * mask[:, :, None]).sum(1)  # (B, N)
-        loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
+        penalty, n_penalty = ((1.0 - coverage) ** 2).sum(), coverage.numel()
+    return ce, int(mask.sum()), penalty, n_penalty
+
+
+def caption_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
+                 rows: torch.Tensor | None = None, forward: nn.Module | None = None) -> torch.Tensor:
+    """Cross-entropy (label-smoothed, mean per target token) + the doubly stochastic attention
+    penalty where the decoder has one (`alpha_c`)."""
+    ce, tokens, penalty, n_penalty = loss_terms(model, feats, seqs, cfg, rows, forward)
+    loss = ce / max(tokens, 1)
+    if n_penalty:
+        loss = loss + model.cfg.decoder_params["alpha_c"] * penalty / n_penalty
     return loss
 
 
-def validate(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord], cfg: TrainConfig
-             ) -> dict[str, float]:
+def distributed_loss(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
+                     rows: torch.Tensor | None, forward: nn.Module, env: DistEnv, weight: float = 1.0
+                     ) -> tuple[torch.Tensor, float]:
+    """This rank's share of a batch -> (loss to backpropagate, the whole batch's loss).
+
+    The means divide by the whole batch's token count, and DDP averages gradients over ranks,
+    so the loss is scaled by world_size: the gradient is then exactly the single-process one
+    for the same global batch. `weight` 0 marks a rank with no share of a short last batch."""
+    ce, tokens, penalty, n_penalty = loss_terms(model, feats, seqs, cfg, rows, forward)
+    ce, penalty = ce * weight, penalty * weight
+    sums = all_sum(torch.tensor([tokens * weight, n_penalty * weight, ce.item(), penalty.item()],
+                                dtype=torch.float64), env)
+    alpha_c = model.cfg.decoder_params.get("alpha_c", 0.0)
+    loss = ce / max(sums[0].item(), 1)
+    whole = sums[2].item() / max(sums[0].item(), 1)
+    if n_penalty:
+        loss = loss + alpha_c * penalty / max(sums[1].item(), 1)
+        whole += alpha_c * sums[3].item() / max(sums[1].item(), 1)
+    return loss * env.world_size, whole
+
+
+def validate(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord], cfg: TrainConfig,
+             env: DistEnv | None = None) -> dict[str, float]:
+    """Decode the dev photos for real (each rank its share) and score them on rank 0; every
+    rank gets the scores, so all agree on early stopping."""
     search = SearchConfig(beam_size=cfg.val_beam_size, max_len=cfg.val_max_len,
                           length_penalty=cfg.length_penalty)
-    preds = decode_records(model, cache, records, search, progress=cfg.progress)
-    scores, _ = score_captions(preds, {r.image: r.captions for r in records}, VAL_METRICS)
-    return scores
+    main = env is None or env.is_main
+    preds = decode_records(model, cache, shard(records, env), search, progress=cfg.progress and main)
+    preds = dict(gather_lists(list(preds.items()), env))
+    scores = score_captions(preds, {r.image: r.captions for r in records}, VAL_METRICS)[0] if main else None
+    return broadcast(scores, env)
 
 
 def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: TrainingSet,
-                batches: list[list[int]], step: int, total_steps: int, cfg: TrainConfig, desc: str
-                ) -> tuple[float, int]:
-    """One pass over `batches`; returns (mean loss, global step after it)."""
+                batches: list[list[int]], step: int, total_steps: int, cfg: TrainConfig, desc: str,
+                env: DistEnv | None = None, forward: nn.Module | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
+    """One pass over `batches`; returns (mean loss, global step after it).
+
+    Under torchrun (`env`, with `forward` the DDP-wrapped TeacherForcing) every rank takes its
+    share of each batch; the step is the same as one process taking the whole batch."""
+    env = env or DistEnv(device=str(next(model.parameters()).device))
+    forward = forward or TeacherForcing(model.decoder)
     model.train()
     loss_sum = 0.0
-    bar = tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
+    bar = tqdm(batches, desc=desc, disable=not cfg.progress or not env.is_main, leave=False)
     for n, items in enumerate(bar, 1):
-        feats, seq, rows = data.batch(items) if cfg.batching == "image" else data.batch_pairs(items)
+        mine, weight = shard(items, env), 1.0
+        if not mine:  # a short last batch: this rank still joins the gradient exchange, adding nothing
+            mine, weight = items[:1], 0.0
+        feats, seq, rows = data.batch(mine) if cfg.batching == "image" else data.batch_pairs(mine)
+        feats, seq = feats.to(env.device, non_blocking=True), seq.to(env.device, non_blocking=True)
+        rows = rows.to(env.device) if rows is not None else None
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        with autocast(cfg):
-            loss = caption_loss(model, feats, seq, cfg, rows)
+        with autocast(cfg, env.device):
+            if env.distributed:
+                loss, whole = distributed_loss(model, feats, seq, cfg, rows, forward, env, weight)
+            else:
+                loss = caption_loss(model, feats, seq, cfg, rows, forward)
+                whole = None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         step += 1
-        loss_sum += loss.item()
+        loss_sum += loss.item() if whole is None else whole
         bar.set_postfix(loss=f"{loss_sum / n:.3f}")
     return loss_sum / max(len(batches), 1), step
 
@@ -234,14 +335,26 @@ def _log_to(out: Path) -> logging.Handler:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train per `cfg` into `cfg.out`; returns the best dev scores. `resume` continues last.pt."""
+    """Train per `cfg` into `cfg.out`; returns the best dev scores. `resume` continues last.pt.
+
+    Under torchrun every process runs this: they train one model with DistributedDataParallel
+    (each rank a share of every batch) and rank 0 alone writes the run folder and the log."""
+    env = setup(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("captioner")
+    if not env.is_main:
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            return _train(cfg, out, resume, env)
+        finally:
+            logger.setLevel(level)
     handler = _log_to(out)
     try:
-        return _train(cfg, out, resume)
+        return _train(cfg, out, resume, env)
     finally:
-        logging.getLogger("captioner").removeHandler(handler)
+        logger.removeHandler(handler)
         handler.close()
 
 
@@ -260,8 +373,6 @@ class Progress:
 def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict | None]:
     """The config to run with, and last.pt's contents when resuming."""
     last_path = out / "last.pt"
-    for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl"):
-        remove_stale_temps(out / name)  # temp files of a killed earlier run
     if not resume and last_path.is_file():
         raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
                           f"--resume, or choose another --out")
@@ -281,9 +392,9 @@ def _model_config(cfg: TrainConfig, state: dict | None) -> ModelConfig:
     return get_model_config(cfg.model)
 
 
-def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord]
-           ) -> tuple[CaptionModel, torch.optim.Optimizer, torch.Generator, Progress]:
-    """A fresh model, one from `init_checkpoint`, or the run saved in `state`."""
+def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord],
+           device: str = "cpu") -> tuple[CaptionModel, torch.optim.Optimizer, torch.Generator, Progress]:
+    """A fresh model, one from `init_checkpoint`, or the run saved in `state`, on `device`."""
     init = state or (read_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None)
     vocab = (Vocab.from_dict(init["vocab"]) if init else
              Vocab.build((c for r in train_recs for c in r.captions), cfg.min_word_count))
@@ -291,6 +402,7 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
     model.length_penalty = cfg.length_penalty
     if init:
         model.decoder.load_state_dict(init["decoder_state"])
+    model.to(device)  # before the optimiser exists, so its resumed state lands on the same device
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
@@ -307,36 +419,50 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
 
 def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress: Progress
                 ) -> torch.optim.Optimizer:
-    """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser."""
+    """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser.
+    Those weights are kept as `best-xe.pt`, so the gain from SCST can be measured on test."""
     if best_path.is_file():
         model.decoder.load_state_dict(read_checkpoint(best_path)["decoder_state"])
         log.info("scst: starting from %s (dev CIDEr %.4f)", best_path, progress.best)
+        xe_path = best_path.with_name("best-xe.pt")
+        tmp = xe_path.with_name(f"{xe_path.name}.tmp{os.getpid()}")
+        shutil.copyfile(best_path, tmp)
+        os.replace(tmp, xe_path)
     progress.phase, progress.stale = "scst", 0
     return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
     best_path = out / "best.pt"
     cfg, state = _open_run(cfg, out, resume)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if env.is_main:
+        for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl"):
+            remove_stale_temps(out / name)  # temp files of a killed earlier run (only main writes these)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     model_cfg = _model_config(cfg, state)
-    prepared = prepare(cfg, model_cfg.encoder)
+    prepared = prepare(cfg, model_cfg.encoder, env)
     train_recs, dev_recs = _splits(prepared, cfg)
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, optimizer, gen, progress = _build(cfg, state, model_cfg, train_recs)
-    log.info("model %s: %d decoder parameters, vocab %d words; %d train / %d dev images",
+    model, optimizer, gen, progress = _build(cfg, state, model_cfg, train_recs, env.device)
+    log.info("model %s: %d decoder parameters, vocab %d words; %d train / %d dev images%s",
              model_cfg.name, sum(p.numel() for p in model.decoder.parameters()), len(model.vocab),
-             len(train_recs), len(dev_recs))
+             len(train_recs), len(dev_recs),
+             f"; {env.world_size} processes (DDP), {env.device}" if env.distributed else f"; {env.device}")
     # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
     # checkpoint leaves no orphan line behind.
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
+    if env.is_main:
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
 
     data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len)
+    forward: nn.Module = TeacherForcing(model.decoder)
+    if env.distributed:
+        forward = DistributedDataParallel(forward, device_ids=[env.local_rank] if env.device.startswith("cuda") else None)
+    scaler = grad_scaler(cfg, env.device)
     total_steps = steps_per_epoch(cfg, data) * cfg.epochs
     cider = None
     for epoch in range(progress.epoch + 1, cfg.epochs + cfg.scst_epochs + 1):
@@ -351,19 +477,20 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
             per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
             order = torch.randperm(len(data), generator=gen).tolist()
             batches = [order[i:i + per_step] for i in range(0, len(order), per_step)]
-            reward, baseline = scst_epoch(model, optimizer, data, batches, cider, cfg, autocast(cfg),
-                                          f"scst {epoch - cfg.epochs}/{cfg.scst_epochs}")
+            reward, baseline = scst_epoch(model, optimizer, data, batches, cider, cfg, autocast(cfg, env.device),
+                                          f"scst {epoch - cfg.epochs}/{cfg.scst_epochs}", env, forward)
             record = {"epoch": epoch, "phase": "scst", "reward": reward, "baseline": baseline, "lr": cfg.scst_lr}
         else:
             batches = epoch_batches(cfg, data, gen)
             loss, progress.step = train_epoch(model, optimizer, data, batches, progress.step, total_steps,
-                                              cfg, f"epoch {epoch}/{cfg.epochs}")
+                                              cfg, f"epoch {epoch}/{cfg.epochs}", env, forward, scaler)
             record = {"epoch": epoch, "phase": "xe", "train_loss": loss,
                       "lr": lr_at(progress.step, total_steps, cfg)}
         record["train_seconds"] = round(time.time() - t0, 1)
-        _end_epoch(model, optimizer, gen, progress, record, prepared.cache, dev_recs, cfg, out)
+        _end_epoch(model, optimizer, gen, progress, record, prepared.cache, dev_recs, cfg, out, env)
     if progress.stale >= cfg.patience and not cfg.scst_epochs:
         log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
+    barrier(env)  # rank 0 has written its last files before any process returns
     minutes = (time.time() - started) / 60
     log.info("done in %.1f min; best dev CIDEr %.4f -> %s", minutes, progress.best, best_path)
     return {"best_dev_CIDEr": progress.best, "best_checkpoint": str(best_path), "minutes": minutes}
@@ -383,22 +510,26 @@ def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], li
 
 def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch.Generator,
                progress: Progress, record: dict, cache: FeatureCache, dev_recs: list[ImageRecord],
-               cfg: TrainConfig, out: Path) -> None:
-    """Score dev for real, keep best.pt, log, and save last.pt (everything --resume needs)."""
+               cfg: TrainConfig, out: Path, env: DistEnv | None = None) -> None:
+    """Score dev for real, keep best.pt, log, and save last.pt (everything --resume needs).
+    Every rank keeps the same progress; rank 0 alone writes."""
     t0 = time.time()
-    dev = validate(model, cache, dev_recs, cfg)
+    dev = validate(model, cache, dev_recs, cfg, env)
     record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
     progress.history.append(record)
     progress.epoch = record["epoch"]
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
     improved = dev["CIDEr"] > progress.best
     if improved:
         progress.best, progress.stale = dev["CIDEr"], 0
-        save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
-                        extra={"train_config": cfg.to_dict()})
     else:
         progress.stale += 1
+    if env is not None and not env.is_main:
+        return
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if improved:
+        save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
+                        extra={"train_config": cfg.to_dict()})
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
     log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
