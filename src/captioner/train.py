@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -417,17 +415,16 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
     return model, optimizer, gen, progress
 
 
-def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress: Progress
-                ) -> torch.optim.Optimizer:
+def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress: Progress,
+                main: bool = True) -> torch.optim.Optimizer:
     """Self-critical training starts from the best cross-entropy weights, with a fresh optimiser.
-    Those weights are kept as `best-xe.pt`, so the gain from SCST can be measured on test."""
+    The main process keeps them as `best-xe.pt`, so the gain from SCST can be measured on test."""
     if best_path.is_file():
-        model.decoder.load_state_dict(read_checkpoint(best_path)["decoder_state"])
+        best = read_checkpoint(best_path)
+        model.decoder.load_state_dict(best["decoder_state"])
         log.info("scst: starting from %s (dev CIDEr %.4f)", best_path, progress.best)
-        xe_path = best_path.with_name("best-xe.pt")
-        tmp = xe_path.with_name(f"{xe_path.name}.tmp{os.getpid()}")
-        shutil.copyfile(best_path, tmp)
-        os.replace(tmp, xe_path)
+        if main:
+            atomic_torch_save(best, best_path.with_name("best-xe.pt"))
     progress.phase, progress.stale = "scst", 0
     return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
 
@@ -472,7 +469,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
         t0 = time.time()
         if scst:
             if progress.phase != "scst":
-                optimizer = _start_scst(model, best_path, cfg, progress)
+                optimizer = _start_scst(model, best_path, cfg, progress, env.is_main)
             cider = cider or reward_scorer([r.captions for r in train_recs])
             per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
             order = torch.randperm(len(data), generator=gen).tolist()
