@@ -424,7 +424,7 @@ def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress
         model.decoder.load_state_dict(best["decoder_state"])
         log.info("scst: starting from %s (dev CIDEr %.4f)", best_path, progress.best)
         if main:
-            atomic_torch_save(best, best_path.with_name("best-xe.pt"))
+            write_checkpoint(best, best_path.with_name("best-xe.pt"))  # checksum recomputed, same content
     progress.phase, progress.stale = "scst", 0
     return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
 
@@ -436,7 +436,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     best_path = out / "best.pt"
     cfg, state = _open_run(cfg, out, resume)
     if env.is_main:
-        for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl"):
+        for name in ("last.pt", "best.pt", "best-xe.pt", "config.json", "metrics.jsonl"):
             remove_stale_temps(out / name)  # temp files of a killed earlier run (only main writes these)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     model_cfg = _model_config(cfg, state)
