@@ -25,29 +25,17 @@ from model_card import REFERENCE, table
 from captioner.api import Captioner
 from captioner.config import load_train_config
 from captioner.evaluate import evaluate
-from captioner.model import get_model_config, list_models
+from captioner.model import list_models
 from captioner.train import prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "zoo.json"
 
 
-def model_file(name: str, encoder: str, folder: Path) -> Path:
-    """The registered config `name` with its encoder swapped, as a config file."""
-    cfg = get_model_config(name).to_dict()
-    if encoder != cfg["encoder"]:
-        cfg["name"] = f"{name}@{encoder}"
-        cfg["encoder"] = encoder
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cfg['name']}.json"
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return path
-
-
 def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
     runs = Path(args.runs)
     out = runs / f"{name}@{encoder}"
-    overrides = [f"model={model_file(name, encoder, runs / 'configs')}", f"data={args.data}", f"out={out}",
+    overrides = [f"model={name}", f"encoder={encoder}", f"data={args.data}", f"out={out}",
                  f"cache_dir={args.cache_dir}", f"epochs={args.epochs}", f"scst_epochs={args.scst_epochs}",
                  "progress=false"]
     cfg = load_train_config(REPO / "configs" / "flickr8k-default.json", overrides)

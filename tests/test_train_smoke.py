@@ -7,7 +7,7 @@ from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint
 from captioner.config import load_train_config
 from captioner.errors import ConfigError
-from captioner.train import train
+from captioner.train import configured_model, train
 
 
 def tiny_config(data, out, model_file, **kw):
@@ -76,6 +76,16 @@ def test_config_overrides_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="line 2"):
         load_train_config(bad)
     assert load_train_config(None, ["epochs=4", "progress=false"]).epochs == 4
+
+
+def test_encoder_field_swaps_the_models_encoder():
+    own = configured_model(load_train_config(None, ["model=show-attend-tell"]))
+    assert own.encoder == "efficientnet-lite0" and own.name == "show-attend-tell"
+    swapped = configured_model(load_train_config(None, ["model=show-attend-tell", "encoder=efficientnet-lite2"]))
+    assert (swapped.name, swapped.encoder) == ("show-attend-tell@efficientnet-lite2", "efficientnet-lite2")
+    assert swapped.decoder_params == own.decoder_params
+    with pytest.raises(ConfigError, match="encoder.*efficientnet-lite9"):
+        configured_model(load_train_config(None, ["encoder=efficientnet-lite9"]))
 
 
 def test_fresh_run_refuses_to_overwrite_an_existing_run(tiny_data, tiny_model_file, tmp_path):

@@ -150,8 +150,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .train import cache_features, data_options
 
     cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format, layout=args.layout,
-                            image_root=args.image_root, model=args.model, cache_dir=args.cache_dir,
-                            progress=False if args.no_progress else None)
+                            image_root=args.image_root, model=args.model, encoder=args.encoder,
+                            cache_dir=args.cache_dir, progress=False if args.no_progress else None)
     env = setup(cfg.device)
     dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg), strict=False)
     bad, duplicates = check_images(dataset, args.check_images, args.workers, env, cfg.progress and env.is_main)
@@ -186,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format,
-                            image_root=args.image_root, out=args.out, model=args.model, epochs=args.epochs,
+                            image_root=args.image_root, out=args.out, model=args.model, encoder=args.encoder,
+                            epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, cache_dir=args.cache_dir,
                             device=args.device, progress=False if args.no_progress else None)
     result = train(cfg, resume=args.resume)
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-root", default=None,
                        help="folder the dataset's photo paths are relative to (default: beside its caption file)")
         p.add_argument("--model", default=None, help="registered model name (see `captioner models`)")
+        p.add_argument("--encoder", default=None,
+                       help="swap the model's image encoder, e.g. efficientnet-lite2 (its own feature cache; "
+                            "default: the model's)")
         p.add_argument("--cache-dir", default=None, help="feature cache folder")
 
     p = sub.add_parser("prepare", help="check a dataset, report on it, and fill its feature cache",

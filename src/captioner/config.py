@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 @dataclass
 class TrainConfig:
     model: str = "show-attend-tell"  # a registered model config (captioner models)
+    encoder: str = ""  # swap the model's image encoder (e.g. efficientnet-lite2); "" = the model's own
     data: str = "../shared/data/flickr8k"  # dataset folder or file (any format `captioner prepare` reads)
     data_format: str = "auto"  # flickr8k, flickr30k, coco, karpathy, manifest, prepared, or auto (detected)
     layout: str = "auto"  # Flickr8k/Flickr30k caption file: token, csv or auto

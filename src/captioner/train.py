@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = 
 def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
                    env: DistEnv | None = None) -> FeatureCache:
     """Fill (or reuse) the feature cache of every photo of `dataset`."""
-    enc = get_encoder_config(encoder or get_model_config(cfg.model).encoder)
+    enc = get_encoder_config(encoder or configured_model(cfg).encoder)
     return build_cache(dataset.image_dir, [r.image for r in dataset.records], enc,
                        Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
                        progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers)
@@ -387,7 +387,19 @@ def _model_config(cfg: TrainConfig, state: dict | None) -> ModelConfig:
         return ModelConfig.from_dict(state["model"])
     if cfg.init_checkpoint:
         return ModelConfig.from_dict(read_checkpoint(cfg.init_checkpoint)["model"])
-    return get_model_config(cfg.model)
+    return configured_model(cfg)
+
+
+def configured_model(cfg: TrainConfig) -> ModelConfig:
+    """The model config `cfg.model` names, with its encoder swapped where `cfg.encoder` says so."""
+    model_cfg = get_model_config(cfg.model)
+    if not cfg.encoder or cfg.encoder == model_cfg.encoder:
+        return model_cfg
+    try:
+        get_encoder_config(cfg.encoder)
+    except ValueError as e:
+        raise ConfigError(f"config field encoder: {e}") from None
+    return replace(model_cfg, name=f"{model_cfg.name}@{cfg.encoder}", encoder=cfg.encoder)
 
 
 def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord],
