@@ -347,3 +347,13 @@ def test_feedback_store_keeps_every_acknowledged_row_across_a_server_kill(tmp_pa
     assert lost == (set(), set()), f"acknowledged but lost: {lost}"
     assert len(stored_feedback) == len(feedback) + 1
     assert key not in log.read_text()  # keys are never logged, not even at a crash
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    from captioner.files import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with open(tmp_path / "b.txt", "w") as f:  # what a plain write gives
+        f.write("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK

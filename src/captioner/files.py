@@ -57,12 +57,23 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`.
+    The file gets the permissions a plain `open(path, "w")` would give (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
