@@ -116,6 +116,12 @@ content where such errors matter without a person checking them.
     for name, target in (("timing.json", "retrain_timing.json"), ("test_scores.json", "test_scores.json"),
                          ("length_penalty.json", "length_penalty.json")):
         shutil.copyfile(run / name, results_dir / target)
+    # ... and as a run folder of its own, a row of benchmarks/recipe_runs.py's table
+    (results_dir / "default").mkdir(exist_ok=True)
+    for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
+        shutil.copyfile(run / name, results_dir / "default" / name)
+    if gain_file.is_file():
+        shutil.copyfile(gain_file, results_dir / "default" / "scst_gain.json")
     readme = REPO / "README.md"
     text = readme.read_text()
     new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + block + m.group(2),

@@ -25,3 +25,42 @@ def test_zoo_writes_a_scored_row_per_model(tmp_path, monkeypatch):
     assert zoo.main(args) == rows  # a pair already measured is not run again
     assert (REPO / "README.md").read_text() == readme_before
     sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
+
+
+def test_recipe_runs_table_is_read_from_the_run_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("recipe_runs", REPO / "benchmarks" / "recipe_runs.py")
+    runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    run = tmp_path / "results" / "mine"
+    run.mkdir(parents=True)
+    dev = {"Bleu_4": 0.2, "CIDEr": 0.5}
+    (run / "config.json").write_text(json.dumps({"model": "show-tell", "encoder": "efficientnet-lite2"}))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "phase": "xe", "dev": dev, "train_seconds": 60, "val_seconds": 6}) + "\n"
+        + json.dumps({"epoch": 2, "phase": "scst", "dev": {**dev, "CIDEr": 0.55}, "train_seconds": 54}) + "\n")
+    test = {"Bleu_4": 0.21, "METEOR": 0.2, "ROUGE_L": 0.45, "CIDEr": 0.56}
+    (run / "test_scores.json").write_text(json.dumps(test))
+    (run / "length_penalty.json").write_text(json.dumps({"best_length_penalty": 0.5, "best_no_repeat_ngram": 3}))
+    (run / "scst_gain.json").write_text(json.dumps({"cross_entropy": {"test": {"CIDEr": 0.5}},
+                                                    "scst": {"test": {"CIDEr": 0.56}}, "gain": {"CIDEr": 0.06}}))
+    (tmp_path / "results" / "not-a-run").mkdir()
+    row = runs.load_run(run)
+    assert runs.load_run(tmp_path / "results" / "not-a-run") is None
+    assert (row["xe_epochs"], row["scst_epochs"], row["best_epoch"], row["train_minutes_logged"]) == (1, 1, 2, 2.0)
+    line = runs.markdown([row]).splitlines()[-1]
+    assert line.startswith("| mine | show-tell | efficientnet-lite2 | 1+1 | 0.550 (epoch 2) | 0.210 |")
+    assert "0.500 → 0.560 (**+0.060**)" in line and "2.0 training (log)" in line
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
+    runs.write_readme(runs.markdown([row]), readme)
+    assert "old" not in readme.read_text() and line in readme.read_text() and readme.read_text().endswith("rest\n")
+
+
+def test_readme_runs_block_matches_the_result_files():
+    spec = importlib.util.spec_from_file_location("recipe_runs", REPO / "benchmarks" / "recipe_runs.py")
+    runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    folders = sorted(f for f in runs.RESULTS.iterdir() if f.is_dir())
+    block = runs.markdown([r for f in folders if (r := runs.load_run(f))])
+    assert block in (REPO / "README.md").read_text()

@@ -1,0 +1,92 @@
+"""The README's table of full-recipe runs beside the default: other architectures or encoders
+trained with a whole recipe (cross-entropy, then SCST), scored like the shipped model.
+
+    python benchmarks/recipe_runs.py [--readme]
+
+Each folder `benchmarks/results/<name>/` holds the small output files of one run, copied from
+its run folder after `benchmarks/retrain_default.sh` (or `captioner train` followed by
+`benchmarks/ship_default.sh`) and `benchmarks/scst_gain.py`:
+`config.json`, `metrics.jsonl`, `test_scores.json` (dev-tuned search, beam 3),
+`length_penalty.json`, and where present `timing.json` (retrain minutes, extraction included)
+and `scst_gain.json` (cross-entropy start vs SCST end on test, plain beam 3). The default model
+itself is in the results block above; this table is read from those files only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from captioner.model import get_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+RUN_FILES = ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json")
+
+
+def load_run(folder: Path) -> dict | None:
+    """One run's figures, or None when `folder` is not a run's output folder."""
+    if not all((folder / f).is_file() for f in RUN_FILES):
+        return None
+    cfg = json.loads((folder / "config.json").read_text())
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    best = max(history, key=lambda h: h["dev"]["CIDEr"])
+    search = json.loads((folder / "length_penalty.json").read_text())
+    encoder = cfg.get("encoder") or get_model_config(cfg["model"]).encoder
+    run = {"name": folder.name, "model": cfg["model"], "encoder": encoder,
+           "xe_epochs": sum(h.get("phase", "xe") == "xe" for h in history),
+           "scst_epochs": sum(h.get("phase") == "scst" for h in history),
+           "best_dev_cider": best["dev"]["CIDEr"], "best_epoch": best["epoch"],
+           "test": json.loads((folder / "test_scores.json").read_text()),
+           "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"],
+           # the log's own per-epoch seconds: training plus dev decoding, extraction not included
+           "train_minutes_logged": round(sum(h.get("train_seconds", 0) + h.get("val_seconds", 0)
+                                             for h in history) / 60, 1)}
+    if (folder / "timing.json").is_file():
+        run["retrain_minutes"] = json.loads((folder / "timing.json").read_text())["retrain_minutes"]
+    if (folder / "scst_gain.json").is_file():
+        gain = json.loads((folder / "scst_gain.json").read_text())
+        run["scst_gain"] = {"xe": gain["cross_entropy"]["test"]["CIDEr"], "scst": gain["scst"]["test"]["CIDEr"],
+                            "gain": gain["gain"]["CIDEr"]}
+    return run
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["| run | model | encoder | epochs (XE+SCST) | best dev CIDEr-D | test BLEU-4 | test METEOR | "
+             "test ROUGE-L | test CIDEr-D | SCST gain on test (CIDEr-D, plain beam 3) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        t = r["test"]
+        gain = (f"{r['scst_gain']['xe']:.3f} → {r['scst_gain']['scst']:.3f} (**{r['scst_gain']['gain']:+.3f}**)"
+                if "scst_gain" in r else "–")
+        minutes = (f"{r['retrain_minutes']} retrain" if "retrain_minutes" in r
+                   else f"{r['train_minutes_logged']} training (log)")
+        lines.append(f"| {r['name']} | {r['model']} | {r['encoder']} | {r['xe_epochs']}+{r['scst_epochs']} | "
+                     f"{r['best_dev_cider']:.3f} (epoch {r['best_epoch']}) | {t['Bleu_4']:.3f} | {t['METEOR']:.3f} | "
+                     f"{t['ROUGE_L']:.3f} | {t['CIDEr']:.3f} | {gain} | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(block: str, readme: Path = REPO / "README.md") -> None:
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- runs:start -->\n).*?(<!-- runs:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: no <!-- runs:start --> ... <!-- runs:end --> block to rewrite")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of run output folders")
+    p.add_argument("--readme", action="store_true", help="rewrite the README's runs block")
+    args = p.parse_args()
+    runs = [r for f in sorted(args.results.iterdir()) if f.is_dir() and (r := load_run(f))]
+    block = markdown(runs)
+    print(block, end="")
+    if args.readme:
+        write_readme(block)
+
+
+if __name__ == "__main__":
+    main()
