@@ -120,8 +120,9 @@ content where such errors matter without a person checking them.
     (results_dir / "default").mkdir(exist_ok=True)
     for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
         shutil.copyfile(run / name, results_dir / "default" / name)
-    if gain_file.is_file():
-        shutil.copyfile(gain_file, results_dir / "default" / "scst_gain.json")
+    for extra in (gain_file, latency_file):
+        if extra.is_file():
+            shutil.copyfile(extra, results_dir / "default" / extra.name)
     readme = REPO / "README.md"
     text = readme.read_text()
     new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + block + m.group(2),

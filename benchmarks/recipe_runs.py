@@ -7,8 +7,9 @@ Each folder `benchmarks/results/<name>/` holds the small output files of one run
 its run folder after `benchmarks/retrain_default.sh` (or `captioner train` followed by
 `benchmarks/ship_default.sh`) and `benchmarks/scst_gain.py`:
 `config.json`, `metrics.jsonl`, `test_scores.json` (dev-tuned search, beam 3),
-`length_penalty.json`, and where present `timing.json` (retrain minutes, extraction included)
-and `scst_gain.json` (cross-entropy start vs SCST end on test, plain beam 3). The default model
+`length_penalty.json`, and where present `timing.json` (retrain minutes, extraction included),
+`scst_gain.json` (cross-entropy start vs SCST end on test, plain beam 3) and `latency.json`
+(`benchmarks/latency.py --model <exported model> --out ...`: one photo, beam 3, median). The default model
 itself is in the results block above; this table is read from those files only.
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def load_run(folder: Path) -> dict | None:
                                              for h in history) / 60, 1)}
     if (folder / "timing.json").is_file():
         run["retrain_minutes"] = json.loads((folder / "timing.json").read_text())["retrain_minutes"]
+    if (folder / "latency.json").is_file():
+        run["caption_beam3_ms"] = json.loads((folder / "latency.json").read_text())["caption_beam3_ms"]
     if (folder / "scst_gain.json").is_file():
         gain = json.loads((folder / "scst_gain.json").read_text())
         run["scst_gain"] = {"xe": gain["cross_entropy"]["test"]["CIDEr"], "scst": gain["scst"]["test"]["CIDEr"],
@@ -54,8 +57,8 @@ def load_run(folder: Path) -> dict | None:
 
 def markdown(runs: list[dict]) -> str:
     lines = ["| run | model | encoder | epochs (XE+SCST) | best dev CIDEr-D | test BLEU-4 | test METEOR | "
-             "test ROUGE-L | test CIDEr-D | SCST gain on test (CIDEr-D, plain beam 3) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "test ROUGE-L | test CIDEr-D | SCST gain on test (CIDEr-D, plain beam 3) | minutes | caption ms (beam 3) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         t = r["test"]
         gain = (f"{r['scst_gain']['xe']:.3f} → {r['scst_gain']['scst']:.3f} (**{r['scst_gain']['gain']:+.3f}**)"
@@ -64,7 +67,7 @@ def markdown(runs: list[dict]) -> str:
                    else f"{r['train_minutes_logged']} training (log)")
         lines.append(f"| {r['name']} | {r['model']} | {r['encoder']} | {r['xe_epochs']}+{r['scst_epochs']} | "
                      f"{r['best_dev_cider']:.3f} (epoch {r['best_epoch']}) | {t['Bleu_4']:.3f} | {t['METEOR']:.3f} | "
-                     f"{t['ROUGE_L']:.3f} | {t['CIDEr']:.3f} | {gain} | {minutes} |")
+                     f"{t['ROUGE_L']:.3f} | {t['CIDEr']:.3f} | {gain} | {minutes} | {r.get('caption_beam3_ms', '–')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,7 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path, monkeypatch):
     assert (row["xe_epochs"], row["scst_epochs"], row["best_epoch"], row["train_minutes_logged"]) == (1, 1, 2, 2.0)
     line = runs.markdown([row]).splitlines()[-1]
     assert line.startswith("| mine | show-tell | efficientnet-lite2 | 1+1 | 0.550 (epoch 2) | 0.210 |")
-    assert "0.500 → 0.560 (**+0.060**)" in line and "2.0 training (log)" in line
+    assert "0.500 → 0.560 (**+0.060**)" in line and "2.0 training (log) | – |" in line
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
     runs.write_readme(runs.markdown([row]), readme)
