@@ -9,10 +9,11 @@ Nothing here is typed by hand: every figure comes from those files.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
+
+from readme_blocks import replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
@@ -123,11 +124,7 @@ content where such errors matter without a person checking them.
     for extra in (gain_file, latency_file):
         if extra.is_file():
             shutil.copyfile(extra, results_dir / "default" / extra.name)
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + block + m.group(2),
-                 text, flags=re.S)
-    readme.write_text(new)
+    replace_block("results", block)
     print(block)
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from readme_blocks import replace_block
 
 from captioner.model import get_model_config
 
@@ -72,11 +73,7 @@ def markdown(runs: list[dict]) -> str:
 
 
 def write_readme(block: str, readme: Path = REPO / "README.md") -> None:
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- runs:start -->\n).*?(<!-- runs:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- runs:start --> ... <!-- runs:end --> block to rewrite")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+    replace_block("runs", block, readme)
 
 
 def main() -> None:

@@ -39,9 +39,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+
+from readme_blocks import markers, replace_block
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-MARKERS = ("<!-- scale:start -->", "<!-- scale:end -->")
+MARKERS = markers("scale")
 COLORS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "yellow": (220, 200, 40)}
 SHAPES = ("square", "circle")
 
@@ -193,9 +196,7 @@ def readme_block(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
-    text = README.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+    replace_block("scale", readme_block(result), README)
 
 
 def main(argv=None) -> dict:

@@ -27,6 +27,9 @@ import time
 import uuid
 from pathlib import Path
 
+
+from readme_blocks import markers, replace_block
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "examples").glob("*.jpg"))
 
@@ -201,7 +204,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 README = REPO / "README.md"
-MARKERS = ("<!-- serve-load:start -->", "<!-- serve-load:end -->")
+MARKERS = markers("serve-load")
 
 
 def readme_block(result: dict) -> str:
@@ -222,9 +225,7 @@ def readme_block(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
-    text = README.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+    replace_block("serve-load", readme_block(result), README)
 
 
 def main(argv=None) -> dict:

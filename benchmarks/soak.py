@@ -37,10 +37,13 @@ from pathlib import Path
 
 import httpx
 
+
+from readme_blocks import markers, replace_block
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = [p.read_bytes() for p in sorted((REPO / "examples").glob("*.jpg"))]
 README = REPO / "README.md"
-MARKERS = ("<!-- soak:start -->", "<!-- soak:end -->")
+MARKERS = markers("soak")
 MAX_BODY = 2_000_000
 MAX_IMAGES = 4
 
@@ -380,9 +383,7 @@ def readme_block(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
-    text = README.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+    replace_block("soak", readme_block(result), README)
 
 
 def main(argv: list[str] | None = None) -> dict:

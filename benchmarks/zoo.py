@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
 
 from latency import median_ms
 from model_card import REFERENCE, table
+from readme_blocks import replace_block
 
 from captioner.api import Captioner
 from captioner.config import load_train_config
@@ -93,11 +93,8 @@ def main(argv=None) -> list[dict]:
             results.write_text(json.dumps(rows, indent=2) + "\n")
             print(json.dumps(row), flush=True)
     block = readme_block(rows)
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if "<!-- zoo:start -->" in text and not args.no_readme:
-        readme.write_text(re.sub(r"(<!-- zoo:start -->\n).*?(<!-- zoo:end -->)",
-                                 lambda m: m.group(1) + block + m.group(2), text, flags=re.S))
+    if not args.no_readme:
+        replace_block("zoo", block)
     print(block)
     return rows
 

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny generated photos and captions, and a tiny model config."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,20 @@ settings.load_profile("captioner")
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module, its folder on sys.path as when it is run."""
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 SHAPES = ("square", "circle")

@@ -1,14 +1,6 @@
 """benchmarks/scale.py: its README quote, and that a load on the machine is said out loud."""
-import importlib.util
 
-from conftest import REPO
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_benchmark
 
 
 def result(load: float) -> dict:
@@ -21,7 +13,7 @@ def result(load: float) -> dict:
 
 
 def test_readme_block_quotes_the_numbers_and_flags_a_busy_machine():
-    bench = load_benchmark()
+    bench = load_benchmark("scale")
     idle = bench.readme_block(result(0.1))
     assert "| 1 process, 2 loading worker(s) | 12.5 | 1.25x |" in idle
     assert "| 2 processes (torchrun), 1 loading worker each | 16.0 | 1.60x |" in idle
@@ -36,7 +28,7 @@ def test_readme_block_quotes_the_numbers_and_flags_a_busy_machine():
 
 
 def test_other_processes_cpu_is_what_the_machine_used_beyond_this_process():
-    bench = load_benchmark()
+    bench = load_benchmark("scale")
     start = bench.cpu_seconds()
     if start is None:
         return  # not Linux: the load average is used instead
@@ -51,7 +43,7 @@ def test_other_processes_cpu_is_what_the_machine_used_beyond_this_process():
 def test_generated_photos_are_real_jpegs(tmp_path):
     from PIL import Image
 
-    made = load_benchmark().make_photos(tmp_path, 3)
+    made = load_benchmark("scale").make_photos(tmp_path, 3)
     assert [m[0] for m in made] == sorted(p.name for p in tmp_path.iterdir())
     with Image.open(tmp_path / made[0][0]) as im:
         assert im.format == "JPEG" and im.size == (500, 375)

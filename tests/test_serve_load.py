@@ -1,27 +1,19 @@
 """The README quotes the load benchmark's results file; the micro-batcher's own contract."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 RESULTS = REPO / "benchmarks" / "results" / "serve_load.json"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_quotes_the_results_file():
-    bench = load_benchmark()
+    bench = load_benchmark("serve_load")
     result = json.loads(RESULTS.read_text())
     readme = (REPO / "README.md").read_text()
     block = readme.split(bench.MARKERS[0])[1].split(bench.MARKERS[1])[0].strip()

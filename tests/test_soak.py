@@ -1,28 +1,18 @@
 """The soak benchmark: a short run end to end (tiny model), and the README quotes its results."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 from reliability import count
 
 RESULTS = REPO / "benchmarks" / "results" / "soak.json"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_quotes_the_soak_results():
-    bench = load_benchmark()
+    bench = load_benchmark("soak")
     result = json.loads(RESULTS.read_text())
     readme = (REPO / "README.md").read_text()
     block = readme.split(bench.MARKERS[0])[1].split(bench.MARKERS[1])[0].strip()
@@ -36,7 +26,7 @@ def test_a_short_soak_passes(tmp_path):
     pytest.importorskip("httpx")
     from servers import tiny_checkpoint
 
-    bench = load_benchmark()
+    bench = load_benchmark("soak")
     model = tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "soak.json"
     result = bench.main(["--seconds", "3", "--clients", "3", "--model", str(model), "--out", str(out)])

@@ -1,16 +1,12 @@
 """benchmarks/zoo.py trains, scores and times a model end to end (tiny data, one epoch)."""
-import importlib.util
 import json
 import sys
 
-from conftest import REPO, make_flickr_like
+from conftest import REPO, load_benchmark, make_flickr_like
 
 
-def test_zoo_writes_a_scored_row_per_model(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("zoo", REPO / "benchmarks" / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
+def test_zoo_writes_a_scored_row_per_model(tmp_path):
+    zoo = load_benchmark("zoo")
     data = make_flickr_like(tmp_path / "data", n_per_kind=3)
     results = tmp_path / "zoo.json"
     readme_before = (REPO / "README.md").read_text()
@@ -27,11 +23,8 @@ def test_zoo_writes_a_scored_row_per_model(tmp_path, monkeypatch):
     sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
 
 
-def test_recipe_runs_table_is_read_from_the_run_files(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("recipe_runs", REPO / "benchmarks" / "recipe_runs.py")
-    runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runs)
+def test_recipe_runs_table_is_read_from_the_run_files(tmp_path):
+    runs = load_benchmark("recipe_runs")
     run = tmp_path / "results" / "mine"
     run.mkdir(parents=True)
     dev = {"Bleu_4": 0.2, "CIDEr": 0.5}
@@ -58,9 +51,7 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path, monkeypatch):
 
 
 def test_readme_runs_block_matches_the_result_files():
-    spec = importlib.util.spec_from_file_location("recipe_runs", REPO / "benchmarks" / "recipe_runs.py")
-    runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runs)
+    runs = load_benchmark("recipe_runs")
     folders = sorted(f for f in runs.RESULTS.iterdir() if f.is_dir())
     block = runs.markdown([r for f in folders if (r := runs.load_run(f))])
     assert block in (REPO / "README.md").read_text()
