@@ -10,6 +10,9 @@ SMALL = {
     "show-tell": {"embed_dim": 16, "hidden_dim": 24},
     "transformer": {"d_model": 16, "heads": 2, "layers": 2, "encoder_layers": 1, "ffn_dim": 24},
 }
+# an ensemble of two different archs: their states and attention maps must combine
+SMALL["ensemble"] = {"members": [{"decoder": "soft-attention-lstm", "params": SMALL["soft-attention-lstm"]},
+                                 {"decoder": "transformer", "params": SMALL["transformer"]}]}
 V, C, N, B, T = 30, 40, 9, 3, 6
 
 

@@ -238,6 +238,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .checkpoint import write_checkpoint
+    from .ensemble import ensemble_checkpoint
+
+    write_checkpoint(ensemble_checkpoint(args.checkpoints, args.name), args.out)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): {len(args.checkpoints)} decoders "
+          f"averaged word by word; tune its beam on dev (benchmarks/tune_length_penalty.py), then "
+          f"`captioner export --length-penalty ... --no-repeat-ngram ...`")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .model import get_model_config, list_models
 
@@ -411,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None, help="the beam ranking exponent to ship")
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ensemble", help="join trained checkpoints (same vocab and encoder) into one model")
+    p.add_argument("checkpoints", nargs="+", help="two or more member checkpoints")
+    p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
+    p.add_argument("--name", default="", help="the model's name (default ensemble-of-N)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("models", help="list the registered model configs")
     p.set_defaults(func=cmd_models)

@@ -409,3 +409,73 @@ class TransformerDecoder(nn.Module):
         state["t"] = state["t"] + 1
         state["alpha"] = alpha[:, 0]
         return self._logits(x[:, 0]).log_softmax(-1), state
+
+
+@dataclass
+class EnsembleConfig:
+    members: list = None  # [{"decoder": arch, "params": {...}}, ...], two or more
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.members, list) or len(self.members) < 2:
+            raise ConfigError("decoder ensemble: members must be a list of two or more decoders")
+        for i, m in enumerate(self.members):
+            if not isinstance(m, dict) or set(m) - {"decoder", "params"} or "decoder" not in m:
+                raise ConfigError(f"decoder ensemble: member {i} must be {{'decoder': arch, 'params': {{...}}}}")
+            if m["decoder"] == "ensemble":
+                raise ConfigError(f"decoder ensemble: member {i} is itself an ensemble; list its members instead")
+
+
+@register_decoder("ensemble", EnsembleConfig)
+class Ensemble(nn.Module):
+    """Decoders trained apart, decoding as one: each step's word distribution is the mean of
+    the members' probabilities (the product of experts' cheaper cousin used by Vinyals et al.,
+    2015), so the shared search runs on it unchanged. `alpha` is the members' mean attention.
+    Built from trained checkpoints by `captioner ensemble`; not trained as a whole."""
+
+    def __init__(self, cfg: EnsembleConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(build_decoder(m["decoder"], m.get("params", {}), vocab_size, feature_dim)
+                                     for m in cfg.members)
+
+    @property
+    def max_words(self) -> int:
+        return min(getattr(m, "max_words", 10 ** 9) for m in self.members)
+
+    def _mix(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
+        """log of the mean probability."""
+        return torch.logsumexp(torch.stack(logprobs), 0) - math.log(len(logprobs))
+
+    def _part(self, state: State, i: int) -> State:
+        prefix = f"{i}."
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing: log of the mean word probability (B, T, V) and mean alphas (B, T, N)."""
+        outs = [m.forward_with_attention(features, tokens, rows, need_weights) for m in self.members]
+        alphas = [a for _, a in outs if a is not None]
+        return (self._mix([logits.log_softmax(-1) for logits, _ in outs]),
+                torch.stack(alphas).mean(0) if need_weights and alphas else None)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_with_attention(features, tokens, rows, need_weights=False)[0]
+
+    def init_state(self, features: torch.Tensor) -> State:
+        state: State = {}
+        for i, m in enumerate(self.members):
+            state.update({f"{i}.{k}": v for k, v in m.init_state(features).items()})
+        state["alpha"] = torch.stack([state[f"{i}.alpha"] for i in range(len(self.members))]).mean(0)
+        return state
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        new: State = {}
+        logprobs = []
+        for i, m in enumerate(self.members):
+            lp, s = m.step(prev_tokens, self._part(state, i))
+            logprobs.append(lp)
+            new.update({f"{i}.{k}": v for k, v in s.items()})
+        new["alpha"] = torch.stack([new[f"{i}.alpha"] for i in range(len(self.members))]).mean(0)
+        return self._mix(logprobs), new
