@@ -14,6 +14,7 @@ from .encoders import Encoder, build_encoder, preprocess
 from .errors import OptionError
 from .images import ImageInput, ImageLimits
 from .model import CaptionModel
+from .precision import bf16_linears, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
 MAX_BEAM_SIZE = 64
@@ -44,20 +45,26 @@ class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
-                 limits: ImageLimits | None = None):
+                 limits: ImageLimits | None = None, precision: str | None = "fp32"):
+        """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
+        `captioner.precision`), or None/"auto" for the model's own (`model.precision`, as
+        exported) where the CPU does bf16 natively. The model is changed in place."""
         self.model = model.eval().to(device)
         self.info = info or {}
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
+        self.precision = resolve_precision(precision, model.precision, self.device)
+        if self.precision == "bf16":
+            bf16_linears(self.model.decoder)
         self._encoder: Encoder | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
-             limits: ImageLimits | None = None) -> "Captioner":
+             limits: ImageLimits | None = None, precision: str | None = "auto") -> "Captioner":
         path = Path(path) if path is not None else default_model_path()
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits)
+        return cls(model, info, device, limits, precision)
 
     @property
     def encoder(self) -> Encoder:

@@ -19,6 +19,7 @@ from .encoders import EncoderConfig
 from .errors import CheckpointError
 from .files import atomic_write, remove_stale_temps
 from .model import CaptionModel, ModelConfig
+from .precision import PRECISIONS
 from .vocab import Vocab
 
 FORMAT = "captioner-checkpoint"
@@ -75,7 +76,8 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
         "vocab": model.vocab.to_dict(),
         "decoder_state": state,
         "metrics": dict(metrics or {}),
-        "decode": {"length_penalty": float(model.length_penalty), "no_repeat_ngram": int(model.no_repeat_ngram)},
+        "decode": {"length_penalty": float(model.length_penalty), "no_repeat_ngram": int(model.no_repeat_ngram),
+                   "precision": str(model.precision)},
         **(extra or {}),
     }
 
@@ -135,6 +137,9 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
         decode = ckpt.get("decode", {})
         model.length_penalty = float(decode.get("length_penalty", 1.0))
         model.no_repeat_ngram = int(decode.get("no_repeat_ngram", 0))
+        model.precision = str(decode.get("precision", "fp32"))
+        if model.precision not in PRECISIONS:
+            raise ValueError(f"decode precision must be {' or '.join(PRECISIONS)}, not {model.precision!r}")
     except Exception as e:
         raise CheckpointError(f"checkpoint does not match its own config: {e}", path) from None
     return model.eval(), ckpt
