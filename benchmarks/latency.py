@@ -1,6 +1,7 @@
 """Caption latency of a model on this machine: one photo at a time, model already loaded.
 
-    python benchmarks/latency.py [--model PATH] [--repeats 30] [--out benchmarks/results/latency.json]
+    python benchmarks/latency.py [--model PATH] [--precision auto|fp32|bf16] [--repeats 30]
+                                 [--out benchmarks/results/latency.json]
 
 Times the whole `Captioner.caption` call (decode + resize + encoder + beam search) per
 example photo and reports medians over the repeats, with the encoder alone and the
@@ -38,10 +39,12 @@ def median_ms(fn, repeats: int) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="decoder precision (default: the model's own, as users get it)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency.json"))
     args = p.parse_args(argv)
-    cap = Captioner.load(args.model)
+    cap = Captioner.load(args.model, precision=args.precision)
     photos = sorted((REPO / "examples").glob("*.jpg"))
     rows = {}
     for beam in (1, 3):
@@ -56,7 +59,7 @@ def main(argv=None) -> dict:
     t = median_ms(lambda: cap.model.generate(batch, SearchConfig(beam_size=3)), max(3, args.repeats // 5))
     rows["beam3_decode_batch32_ms_per_image"] = round(t / len(batch), 2)
     result = {"model": cap.info["path"].replace(str(REPO) + "/", ""), "photos": [ph.name for ph in photos],
-              "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "precision": cap.precision, "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "machine": platform.machine(), **rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from readme_blocks import replace_block
 
+from captioner.checkpoint import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
          "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D"}
@@ -44,6 +46,19 @@ def epochs_text(history: list[dict]) -> str:
     return f"{xe} cross-entropy epochs" + (f" + {scst} self-critical epochs" if scst else "")
 
 
+def precision_text(latency: dict) -> str:
+    """The decoder precision the latency was measured in, and float32's figure beside it
+    (`benchmarks/results/latency-fp32.json`, `latency.py --precision fp32`) where there is one."""
+    precision = latency.get("precision", "fp32")
+    if precision == "fp32":
+        return ""
+    fp32_file = REPO / "benchmarks" / "results" / "latency-fp32.json"
+    fp32 = json.loads(fp32_file.read_text()) if fp32_file.is_file() else {}
+    same = fp32.get("model") == latency.get("model")
+    return (f"; decoder weights in {precision}" +
+            (f", against {fp32['caption_beam3_ms']} ms with the decoder in float32" if same else ""))
+
+
 def main(run: Path) -> None:
     timing = json.loads((run / "timing.json").read_text())
     scores = json.loads((run / "test_scores.json").read_text())
@@ -62,7 +77,8 @@ def main(run: Path) -> None:
              f"{lp.get('best_no_repeat_ngram', 0)}, chosen on dev.\n")
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
-                  f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms).\n")
+                  f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms)"
+                  f"{precision_text(latency)}.\n")
     gain_file = REPO / "benchmarks" / "results" / "scst_gain.json"
     if gain_file.is_file() and any(h.get("phase") == "scst" for h in history):
         g = json.loads(gain_file.read_text())
@@ -71,7 +87,11 @@ def main(run: Path) -> None:
                   f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
                   f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
                   f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
-    facts += f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16).\n"
+    shipped = read_checkpoint(weights)["decode"].get("precision", "fp32")
+    facts += (f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16), "
+              f"captioning with decoder precision {shipped}"
+              + (" where the CPU has native bfloat16 (float32 elsewhere); the test scores were measured so"
+                 if shipped == "bf16" else "") + ".\n")
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
     scst = [h for h in history if h.get("phase") == "scst"]
@@ -121,7 +141,7 @@ content where such errors matter without a person checking them.
     (results_dir / "default").mkdir(exist_ok=True)
     for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
         shutil.copyfile(run / name, results_dir / "default" / name)
-    for extra in (gain_file, latency_file):
+    for extra in (gain_file, latency_file, REPO / "benchmarks" / "results" / "latency-fp32.json"):
         if extra.is_file():
             shutil.copyfile(extra, results_dir / "default" / extra.name)
     replace_block("results", block)

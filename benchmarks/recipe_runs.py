@@ -9,8 +9,13 @@ its run folder after `benchmarks/retrain_default.sh` (or `captioner train` follo
 `config.json`, `metrics.jsonl`, `test_scores.json` (dev-tuned search, beam 3),
 `length_penalty.json`, and where present `timing.json` (retrain minutes, extraction included),
 `scst_gain.json` (cross-entropy start vs SCST end on test, plain beam 3) and `latency.json`
-(`benchmarks/latency.py --model <exported model> --out ...`: one photo, beam 3, median). The default model
-itself is in the results block above; this table is read from those files only.
+(`benchmarks/latency.py --model <exported model> --out ...`: one photo, beam 3, median; every
+`latency*.json` is shown, e.g. also `latency-bf16.json` from `--precision bf16`). The default
+model itself is in the results block above; this table is read from those files only.
+
+An ensemble's folder holds `ensemble.json` (`{"members": [<run folder names>]}`) instead of a
+config and a log, beside its own `length_penalty.json`, `test_scores.json` and `latency.json`;
+its minutes are its members' added up.
 """
 from __future__ import annotations
 
@@ -27,8 +32,41 @@ RESULTS = REPO / "benchmarks" / "results"
 RUN_FILES = ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json")
 
 
+def load_ensemble(folder: Path) -> dict:
+    """An ensemble's figures: its own search and scores, its members' epochs and minutes."""
+    spec = json.loads((folder / "ensemble.json").read_text())
+    members = [load_run(folder.parent / name) for name in spec["members"]]
+    missing = [name for name, m in zip(spec["members"], members) if m is None]
+    if missing:
+        raise SystemExit(f"{folder / 'ensemble.json'}: member run folder(s) {', '.join(missing)} not found "
+                         f"beside it")
+    search = json.loads((folder / "length_penalty.json").read_text())
+    chosen = next(row for row in search["table"] if row["length_penalty"] == search["best_length_penalty"]
+                  and row.get("no_repeat_ngram", 0) == search["best_no_repeat_ngram"])
+    run = {"name": folder.name, "model": " + ".join(m["model"] for m in members),
+           "encoder": members[0]["encoder"],
+           "epochs": ", ".join(f"{m['xe_epochs']}+{m['scst_epochs']}" for m in members),
+           "dev_cider": f"{chosen['CIDEr']:.3f} (tuned search)",
+           "test": json.loads((folder / "test_scores.json").read_text()),
+           "minutes": " + ".join(str(m.get("retrain_minutes", m["train_minutes_logged"])) for m in members)
+                      + " (members')"}
+    run["latency"] = latencies(folder)
+    return run
+
+
+def latencies(folder: Path) -> str:
+    """'ms (precision)' from each latency*.json in `folder` (latency.py's output), or '–'."""
+    found = []
+    for f in sorted(folder.glob("latency*.json")):
+        lat = json.loads(f.read_text())
+        found.append(f"{lat['caption_beam3_ms']} ({lat.get('precision', 'fp32')})")
+    return "; ".join(found) or "–"
+
+
 def load_run(folder: Path) -> dict | None:
     """One run's figures, or None when `folder` is not a run's output folder."""
+    if (folder / "ensemble.json").is_file():
+        return load_ensemble(folder)
     if not all((folder / f).is_file() for f in RUN_FILES):
         return None
     cfg = json.loads((folder / "config.json").read_text())
@@ -47,8 +85,7 @@ def load_run(folder: Path) -> dict | None:
                                              for h in history) / 60, 1)}
     if (folder / "timing.json").is_file():
         run["retrain_minutes"] = json.loads((folder / "timing.json").read_text())["retrain_minutes"]
-    if (folder / "latency.json").is_file():
-        run["caption_beam3_ms"] = json.loads((folder / "latency.json").read_text())["caption_beam3_ms"]
+    run["latency"] = latencies(folder)
     if (folder / "scst_gain.json").is_file():
         gain = json.loads((folder / "scst_gain.json").read_text())
         run["scst_gain"] = {"xe": gain["cross_entropy"]["test"]["CIDEr"], "scst": gain["scst"]["test"]["CIDEr"],
@@ -64,11 +101,13 @@ def markdown(runs: list[dict]) -> str:
         t = r["test"]
         gain = (f"{r['scst_gain']['xe']:.3f} → {r['scst_gain']['scst']:.3f} (**{r['scst_gain']['gain']:+.3f}**)"
                 if "scst_gain" in r else "–")
-        minutes = (f"{r['retrain_minutes']} retrain" if "retrain_minutes" in r
-                   else f"{r['train_minutes_logged']} training (log)")
-        lines.append(f"| {r['name']} | {r['model']} | {r['encoder']} | {r['xe_epochs']}+{r['scst_epochs']} | "
-                     f"{r['best_dev_cider']:.3f} (epoch {r['best_epoch']}) | {t['Bleu_4']:.3f} | {t['METEOR']:.3f} | "
-                     f"{t['ROUGE_L']:.3f} | {t['CIDEr']:.3f} | {gain} | {minutes} | {r.get('caption_beam3_ms', '–')} |")
+        minutes = r.get("minutes") or (f"{r['retrain_minutes']} retrain" if "retrain_minutes" in r
+                                       else f"{r['train_minutes_logged']} training (log)")
+        epochs = r.get("epochs") or f"{r['xe_epochs']}+{r['scst_epochs']}"
+        dev = r.get("dev_cider") or f"{r['best_dev_cider']:.3f} (epoch {r['best_epoch']})"
+        lines.append(f"| {r['name']} | {r['model']} | {r['encoder']} | {epochs} | "
+                     f"{dev} | {t['Bleu_4']:.3f} | {t['METEOR']:.3f} | "
+                     f"{t['ROUGE_L']:.3f} | {t['CIDEr']:.3f} | {gain} | {minutes} | {r['latency']} |")
     return "\n".join(lines) + "\n"
 
 

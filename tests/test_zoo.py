@@ -2,6 +2,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import REPO, load_benchmark, make_flickr_like
 
 
@@ -44,6 +46,23 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path):
     line = runs.markdown([row]).splitlines()[-1]
     assert line.startswith("| mine | show-tell | efficientnet-lite2 | 1+1 | 0.550 (epoch 2) | 0.210 |")
     assert "0.500 → 0.560 (**+0.060**)" in line and "2.0 training (log) | – |" in line
+
+    pair = tmp_path / "results" / "pair"  # an ensemble of the run with itself
+    pair.mkdir()
+    (pair / "ensemble.json").write_text(json.dumps({"members": ["mine", "mine"]}))
+    (pair / "test_scores.json").write_text(json.dumps({**test, "CIDEr": 0.6}))
+    (pair / "length_penalty.json").write_text(json.dumps({
+        "best_length_penalty": 1.0, "best_no_repeat_ngram": 0,
+        "table": [{"length_penalty": 1.0, "no_repeat_ngram": 0, "CIDEr": 0.58},
+                  {"length_penalty": 1.0, "no_repeat_ngram": 3, "CIDEr": 0.57}]}))
+    (pair / "latency.json").write_text(json.dumps({"caption_beam3_ms": 70.0}))
+    pair_line = runs.markdown([runs.load_run(pair)]).splitlines()[-1]
+    assert pair_line.startswith("| pair | show-tell + show-tell | efficientnet-lite2 | 1+1, 1+1 | 0.580 (tuned search) |")
+    assert "| 0.600 | – | 2.0 + 2.0 (members') | 70.0 (fp32) |" in pair_line
+    (pair / "ensemble.json").write_text(json.dumps({"members": ["mine", "gone"]}))
+    with pytest.raises(SystemExit, match="gone"):
+        runs.load_run(pair)
+
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
     runs.write_readme(runs.markdown([row]), readme)
