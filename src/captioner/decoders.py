@@ -332,6 +332,7 @@ class TransformerDecoder(nn.Module):
         self.final_norm = nn.LayerNorm(D)
         self.out_bias = nn.Parameter(torch.zeros(vocab_size))
         self.drop = nn.Dropout(cfg.dropout)
+        self._out_bf16: torch.Tensor | None = None  # the tied output weights, set by bf16_inference()
         nn.init.normal_(self.embed.weight, std=D ** -0.5)
         nn.init.normal_(self.region_pos, std=0.02)
         nn.init.normal_(self.word_pos, std=0.02)
@@ -359,7 +360,17 @@ class TransformerDecoder(nn.Module):
         return self.drop(self.embed(tokens) * math.sqrt(self.cfg.d_model) + self.word_pos[start:start + T])
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(x), self.embed.weight, self.out_bias)
+        x = self.final_norm(x)
+        if self._out_bf16 is not None:
+            return F.linear(x.to(torch.bfloat16), self._out_bf16).to(x.dtype) + self.out_bias
+        return F.linear(x, self.embed.weight, self.out_bias)
+
+    def bf16_inference(self) -> int:
+        """For `precision.bf16_linears`: the tied output layer (vocabulary x d_model, the largest
+        matrix read at each step) also multiplies in bfloat16. Inference only; the state dict
+        keeps its float32 embedding."""
+        self._out_bf16 = self.embed.weight.detach().to(torch.bfloat16)
+        return 1
 
     # --- contract ------------------------------------------------------------------
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,

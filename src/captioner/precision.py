@@ -42,7 +42,9 @@ class Bf16Linear(nn.Module):
 
 
 def bf16_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` inside `module` by a `Bf16Linear` (in place); how many.
+    """Replace every `nn.Linear` inside `module` by a `Bf16Linear` (in place) and let modules
+    with other matrix products (a tied output layer) switch them through their own
+    `bf16_inference()`; how many weight matrices now run in bfloat16.
     For inference only: the bfloat16 weights take no gradients."""
     count = 0
     for name, child in module.named_children():
@@ -51,7 +53,8 @@ def bf16_linears(module: nn.Module) -> int:
             count += 1
         else:
             count += bf16_linears(child)
-    return count
+    hook = getattr(module, "bf16_inference", None)
+    return count + (hook() if callable(hook) else 0)
 
 
 def resolve_precision(requested: str | None, preferred: str, device: str | torch.device) -> str:
