@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from captioner import precision
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint
 from captioner.cli import main
@@ -12,10 +15,16 @@ from captioner.train import train
 from test_train_smoke import tiny_config
 
 
-def test_finetune_learns_corrections_and_writes_a_servable_checkpoint(tiny_data, tiny_model_file, tmp_path, capsys):
+@pytest.mark.parametrize("shipped", ["fp32", "bf16"])
+def test_finetune_learns_corrections_and_writes_a_servable_checkpoint(tiny_data, tiny_model_file, tmp_path, capsys,
+                                                                      monkeypatch, shipped):
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, tiny_model_file, epochs=2))
     base = run / "best.pt"
+    if shipped == "bf16":  # a model shipped for bf16 inference, on a CPU that has it: still trained in fp32
+        monkeypatch.setattr(precision, "native_bf16", lambda: True)
+        assert main(["export", str(base), str(run / "bf16.pt"), "--precision", "bf16"]) == 0
+        base = run / "bf16.pt"
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
     photos = sorted((tiny_data / "Images").glob("*_red*square.jpg"))[:2]
@@ -36,6 +45,7 @@ def test_finetune_learns_corrections_and_writes_a_servable_checkpoint(tiny_data,
 
     ckpt = read_checkpoint(out)
     assert ckpt["finetune"]["base"] == str(base) and ckpt["finetune"]["corrections"] == 2
+    assert ckpt["decode"]["precision"] == shipped  # the base's inference precision carries over
     cap = Captioner.load(out).caption(photos[0], beam_size=2, max_len=6)
     assert cap.words and cap.attention.shape == (len(cap.words), 7, 7)
 

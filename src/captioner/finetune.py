@@ -98,7 +98,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ConfigError(f"{cfg.db}: no corrected captions to learn from yet")
 
     model, ckpt = load_checkpoint(cfg.checkpoint)
-    captioner = Captioner(model, {"path": cfg.checkpoint})
+    # fp32 whatever the model ships with: this model is trained below, and bf16 inference
+    # would swap its Linear weights for gradient-less bfloat16 copies (captioner.precision).
+    captioner = Captioner(model, {"path": cfg.checkpoint}, precision="fp32")
     corr_feats, ok = _correction_features(captioner, [c.image for c in corrections])
     corrections = [corrections[i] for i in ok]
     if not corrections:
