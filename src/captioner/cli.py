@@ -150,7 +150,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import atomic_write_text, load_dataset, save_prepared
     from .distributed import setup
     from .report import build_report, check_images, format_report
-    from .train import cache_features, data_options
+    from .train import cache_features, data_options, mirror_features
 
     cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format, layout=args.layout,
                             image_root=args.image_root, model=args.model, encoder=args.encoder,
@@ -177,8 +177,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"prepared: {path} ({len(dataset.records)} images); train and evaluate read it with --data {args.out}")
     if not args.no_features:
         cache = cache_features(dataset, cfg, env=env)
+        mirrored = mirror_features(dataset, cfg, env=env)
         if env.is_main:
             print(f"features: {cache.path} {tuple(cache.features.shape)}")
+            if mirrored is not None:
+                print(f"mirrored features (mirror_prob {cfg.mirror_prob}): {mirrored.path} "
+                      f"{tuple(mirrored.features.shape)}")
     if args.json and env.is_main:
         print(json.dumps(report.to_dict()))
     return 0

@@ -35,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # max global gradient norm
     label_smoothing: float = 0.1
+    mirror_prob: float = 0.0  # chance a train photo is seen mirrored in an epoch (0 = never; see train.TrainingSet)
     min_word_count: int = 5  # words rarer than this in train captions become <unk>
     max_caption_len: int = 30  # words kept per training caption
     val_beam_size: int = 3  # dev decoding during training, as evaluate does it
@@ -116,6 +117,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
               "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(kind, True)
         if not ok:
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
+    if not 0.0 <= cfg.mirror_prob <= 1.0:
+        raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
     return cfg
 
 

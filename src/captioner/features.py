@@ -56,16 +56,18 @@ class FeatureCache:
 
 @torch.no_grad()
 def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
-                     batch_size: int = 8, progress: bool = True, workers: int = 0, device: str = "cpu") -> None:
+                     batch_size: int = 8, progress: bool = True, workers: int = 0, device: str = "cpu",
+                     mirror: bool = False) -> None:
     """Run the frozen encoder over `paths`, writing rows of `out` in order; `workers` > 0 loads
-    photos in that many processes, and on a GPU the encoder runs in fp16 autocast."""
+    photos in that many processes, and on a GPU the encoder runs in fp16 autocast. `mirror`
+    encodes each photo flipped left to right."""
     if not paths:
         return
     encoder = build_encoder(cfg).to(device)
     cuda = device.startswith("cuda")
     bar = tqdm(total=len(paths), desc=f"features {cfg.name}", unit="img", disable=not progress)
     start = 0
-    for batch in load_batches(paths, cfg, batch_size, workers):
+    for batch in load_batches(paths, cfg, batch_size, workers, mirror):
         for _, _, error in batch:
             if error:
                 raise ImageError(error)
@@ -116,7 +118,7 @@ def _plan(folder: Path, image_dir: Path, names: Sequence[str]) -> dict:
 
 def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache_dir: Path,
                 tag: str = "data", batch_size: int = 8, progress: bool = True, env: DistEnv | None = None,
-                workers: int = 0) -> FeatureCache:
+                workers: int = 0, mirror: bool = False) -> FeatureCache:
     """Features for these images, computed only for those the cache lacks.
 
     The folder name carries a hash of the encoder, its weights and its preprocessing; the
@@ -124,10 +126,11 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     read, and a photo that changed since is encoded again. Under torchrun (`env`) every rank
     encodes its share of the missing photos and rank 0 joins the shares into the one cache,
     row for row what a single process writes (the cache folder must be one all ranks see).
+    `mirror` caches the features of the photos flipped left to right, in a folder of its own.
     """
     image_dir = Path(image_dir)
     where = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:6]
-    folder = Path(cache_dir) / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}"
+    folder = Path(cache_dir) / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}{'-mirror' if mirror else ''}"
     main = env is None or env.is_main
     plan = broadcast(_plan(folder, image_dir, names) if main else None, env)  # one plan for every rank
     if not plan["complete"]:
@@ -140,7 +143,7 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
             part = np.lib.format.open_memmap(shards / f"rank{env.rank}.npy", mode="w+", dtype=np.float16,
                                              shape=(len(mine), cfg.grid_size ** 2, cfg.feature_dim))
             extract_features([image_dir / n for n in mine], cfg, part, batch_size=batch_size,
-                             progress=progress and main, workers=workers, device=device)
+                             progress=progress and main, workers=workers, device=device, mirror=mirror)
             part.flush()
             del part
             barrier(env)
@@ -151,7 +154,7 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
         else:
             _write(folder, image_dir, keep, todo, cfg, lambda out: extract_features(
                 [image_dir / n for n in todo], cfg, out, batch_size=batch_size, progress=progress, workers=workers,
-                device=device))
+                device=device, mirror=mirror))
     index, feats = _open(folder)
     return FeatureCache(folder, index["names"], feats)
 

@@ -3,7 +3,7 @@ the model's own captions, policy gradient on sampled captions."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .decode import SearchConfig, beam_search, sample
 from .distributed import DistEnv, all_sum, shard
 from .model import CaptionModel
-from .vocab import tokenize
+from .vocab import MIRRORED_WORDS, tokenize
 
 if TYPE_CHECKING:  # train imports this module
     from .train import TrainingSet
@@ -28,8 +28,16 @@ def reward_scorer(captions: list[list[str]]) -> CiderD:
     return CiderD({i: [tokenize(c) for c in caps] for i, caps in enumerate(captions)})
 
 
+def _words(text: str, mirrored: bool) -> list[str]:
+    """A caption's words as the reward scores them: a caption of a mirrored photo is mirrored
+    back (left and right swapped), since the references describe the photo as taken."""
+    words = text.split()
+    return [MIRRORED_WORDS.get(w, w) for w in words] if mirrored else words
+
+
 def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider: CiderD,
-              cfg: TrainConfig, forward: nn.Module | None = None) -> tuple[torch.Tensor, float, float]:
+              cfg: TrainConfig, forward: nn.Module | None = None,
+              mirrored: Sequence[bool] | None = None) -> tuple[torch.Tensor, float, float]:
     """Policy-gradient loss for one batch of images; also (mean sample reward, mean baseline).
 
     `scst_samples` captions are drawn per image, by multinomial sampling (Rennie et al., 2017)
@@ -39,6 +47,7 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
     gradient pass both run without dropout, so the gradient is taken under the very policy
     that drew the captions; on, dropout stays as in cross-entropy training (a regulariser).
     `forward` runs the gradient pass (under torchrun, the DDP-wrapped teacher-forcing module).
+    `mirrored[i]`: image i's features are those of its mirror image (see TrainingSet.mirror).
     """
     if cfg.scst_baseline not in BASELINES:
         raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
@@ -54,12 +63,14 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
                             banned_ids=(v.bos_id, v.unk_id)).tokens.flatten(0, 1)  # (B*n, T)
     else:
         drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
+    flips = list(mirrored) if mirrored is not None else [False] * len(images)
     keys = [i for i in images for _ in range(n)]
-    rewards = torch.tensor(cider.scores(keys, [v.decode(s).split() for s in drawn.tolist()]), device=feats.device)
+    words = [_words(v.decode(s), flips[k // n]) for k, s in enumerate(drawn.tolist())]
+    rewards = torch.tensor(cider.scores(keys, words), device=feats.device)
     rewards = rewards.view(len(images), n)  # (B, n)
     if cfg.scst_baseline == "greedy":
         greedy = sample(model.decoder, feats, temperature=0.0, **common).tokens
-        base = torch.tensor(cider.scores(images, [v.decode(s).split() for s in greedy.tolist()]),
+        base = torch.tensor(cider.scores(images, [_words(v.decode(s), f) for s, f in zip(greedy.tolist(), flips)]),
                             device=feats.device)[:, None]
     else:
         base = (rewards.sum(1, keepdim=True) - rewards) / max(n - 1, 1)
@@ -98,7 +109,7 @@ def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Trai
         for g in optimizer.param_groups:
             g["lr"] = cfg.scst_lr
         with precision:
-            loss, reward, base = scst_loss(model, feats, mine, cider, cfg, forward)
+            loss, reward, base = scst_loss(model, feats, mine, cider, cfg, forward, data.is_mirrored[mine].tolist())
         optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)

@@ -30,7 +30,7 @@ from .files import atomic_write_text, remove_stale_temps
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig, get_model_config
 from .scst import reward_scorer, scst_epoch
-from .vocab import Vocab
+from .vocab import MIRRORED_WORDS, Vocab
 
 log = logging.getLogger("captioner.train")
 VAL_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
@@ -42,6 +42,7 @@ class Prepared:
 
     dataset: CaptionDataset
     cache: FeatureCache
+    mirrored: FeatureCache | None = None  # features of the train photos flipped left to right
 
 
 def data_options(cfg: TrainConfig) -> DataOptions:
@@ -55,7 +56,7 @@ def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = 
     dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg))
     for note in dataset.notes:
         log.info("data: %s", note)
-    return Prepared(dataset, cache_features(dataset, cfg, encoder, env))
+    return Prepared(dataset, cache_features(dataset, cfg, encoder, env), mirror_features(dataset, cfg, encoder, env))
 
 
 def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
@@ -67,17 +68,35 @@ def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | Non
                        progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers)
 
 
+def mirror_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
+                    env: DistEnv | None = None) -> FeatureCache | None:
+    """Where `cfg.mirror_prob` > 0: fill (or reuse) the cache of the train photos' mirror images."""
+    if cfg.mirror_prob <= 0:
+        return None
+    enc = get_encoder_config(encoder or configured_model(cfg).encoder)
+    return build_cache(dataset.image_dir, [r.image for r in dataset.split("train")], enc,
+                       Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
+                       progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers,
+                       mirror=True)
+
+
 class TrainingSet:
     """Train-split images with all their captions, the images' features held in RAM.
 
     Batches are groups of images with every caption of each (`batch`): an image's regions are
     encoded once per step for all its captions, as self-critical training needs them grouped
     too. `batch_pairs` gives the older batching, (image, caption) pairs drawn independently.
+
+    With a `mirrored` cache (features of the photos flipped left to right), `mirror` draws
+    which photos an epoch sees mirrored: those give their mirror image's features, and
+    captions with "left" and "right" swapped.
     """
 
-    def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int):
+    def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int,
+                 mirrored: FeatureCache | None = None):
         self.vocab = vocab
         self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
+        self.plain_seqs = self.seqs
         self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
         self.captions = sum(len(s) for s in self.seqs)
         self.pairs = [(i, k) for i, seqs in enumerate(self.seqs) for k in range(len(seqs))]
@@ -85,6 +104,23 @@ class TrainingSet:
         # fp16 in RAM once: random batch access without touching the disk
         self.features = torch.from_numpy(np.ascontiguousarray(
             cache.features[cache.rows([r.image for r in records])]))  # (N_images, R, C)
+        self.plain = self.features
+        self.is_mirrored = torch.zeros(len(records), dtype=torch.bool)  # this epoch's mirrored photos
+        self.mirror_features = None
+        if mirrored is not None:
+            self.mirror_features = torch.from_numpy(np.ascontiguousarray(
+                mirrored.features[mirrored.rows([r.image for r in records])]))
+            ids = {t: i for i, t in enumerate(vocab.tokens)}
+            swap = {ids[a]: ids[b] for a, b in MIRRORED_WORDS.items() if a in ids and b in ids}
+            self.mirror_seqs = [[[swap.get(t, t) for t in s] for s in seqs] for seqs in self.seqs]
+
+    def mirror(self, prob: float, gen: torch.Generator) -> None:
+        """Each photo is seen mirrored until the next call with probability `prob`."""
+        if self.mirror_features is None:
+            raise ValueError("this training set has no mirrored features")
+        self.is_mirrored = torch.rand(len(self), generator=gen) < prob
+        self.features = torch.where(self.is_mirrored[:, None, None], self.mirror_features, self.plain)
+        self.seqs = [m if flip else s for s, m, flip in zip(self.plain_seqs, self.mirror_seqs, self.is_mirrored.tolist())]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -467,7 +503,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     if env.is_main:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
 
-    data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len)
+    data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len, prepared.mirrored)
     forward: nn.Module = TeacherForcing(model.decoder)
     if env.distributed:
         forward = DistributedDataParallel(forward, device_ids=[env.local_rank] if env.device.startswith("cuda") else None)
@@ -479,6 +515,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
         if not scst and progress.stale >= cfg.patience:
             continue  # cross-entropy stopped early; self-critical epochs (if any) still run
         t0 = time.time()
+        if cfg.mirror_prob > 0:
+            data.mirror(cfg.mirror_prob, gen)
         if scst:
             if progress.phase != "scst":
                 optimizer = _start_scst(model, best_path, cfg, progress, env.is_main)

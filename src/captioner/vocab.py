@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
+MIRRORED_WORDS = {"left": "right", "right": "left"}  # what a photo's mirror image swaps in its captions
 
 # Lower-case words and numbers; punctuation is dropped, as the evaluation toolkit's
 # PTB tokenizer does, so training targets and scored captions agree.
