@@ -60,24 +60,21 @@ def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = 
 
 
 def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
-                   env: DistEnv | None = None) -> FeatureCache:
-    """Fill (or reuse) the feature cache of every photo of `dataset`."""
+                   env: DistEnv | None = None, mirror: bool = False) -> FeatureCache:
+    """Fill (or reuse) the feature cache of every photo of `dataset`, or with `mirror` that of
+    the train photos' mirror images."""
     enc = get_encoder_config(encoder or configured_model(cfg).encoder)
-    return build_cache(dataset.image_dir, [r.image for r in dataset.records], enc,
+    records = dataset.split("train") if mirror else dataset.records
+    return build_cache(dataset.image_dir, [r.image for r in records], enc,
                        Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
-                       progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers)
+                       progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers,
+                       mirror=mirror)
 
 
 def mirror_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
                     env: DistEnv | None = None) -> FeatureCache | None:
-    """Where `cfg.mirror_prob` > 0: fill (or reuse) the cache of the train photos' mirror images."""
-    if cfg.mirror_prob <= 0:
-        return None
-    enc = get_encoder_config(encoder or configured_model(cfg).encoder)
-    return build_cache(dataset.image_dir, [r.image for r in dataset.split("train")], enc,
-                       Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
-                       progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers,
-                       mirror=True)
+    """The train photos' mirror-image cache where `cfg.mirror_prob` > 0 (filled if need be), else None."""
+    return cache_features(dataset, cfg, encoder, env, mirror=True) if cfg.mirror_prob > 0 else None
 
 
 class TrainingSet:
