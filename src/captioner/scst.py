@@ -105,7 +105,7 @@ def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Trai
         mine, weight = shard(images, env), 1.0
         if not mine:  # a short last batch: this rank still joins the gradient exchange, adding nothing
             mine, weight = images[:1], 0.0
-        feats = data.features[mine].float().to(device)
+        feats = data.photo_features(mine).to(device)
         for g in optimizer.param_groups:
             g["lr"] = cfg.scst_lr
         with precision:

@@ -93,7 +93,6 @@ class TrainingSet:
                  mirrored: FeatureCache | None = None):
         self.vocab = vocab
         self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
-        self.plain_seqs = self.seqs
         self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
         self.captions = sum(len(s) for s in self.seqs)
         self.pairs = [(i, k) for i, seqs in enumerate(self.seqs) for k in range(len(seqs))]
@@ -101,7 +100,6 @@ class TrainingSet:
         # fp16 in RAM once: random batch access without touching the disk
         self.features = torch.from_numpy(np.ascontiguousarray(
             cache.features[cache.rows([r.image for r in records])]))  # (N_images, R, C)
-        self.plain = self.features
         self.is_mirrored = torch.zeros(len(records), dtype=torch.bool)  # this epoch's mirrored photos
         self.mirror_features = None
         if mirrored is not None:
@@ -116,8 +114,17 @@ class TrainingSet:
         if self.mirror_features is None:
             raise ValueError("this training set has no mirrored features")
         self.is_mirrored = torch.rand(len(self), generator=gen) < prob
-        self.features = torch.where(self.is_mirrored[:, None, None], self.mirror_features, self.plain)
-        self.seqs = [m if flip else s for s, m, flip in zip(self.plain_seqs, self.mirror_seqs, self.is_mirrored.tolist())]
+
+    def photo_features(self, images: list[int]) -> torch.Tensor:
+        """Image indices -> their features (B, R, C) float32, as this epoch sees each photo."""
+        feats = self.features[images]
+        flips = self.is_mirrored[images]
+        if bool(flips.any()):
+            feats = torch.where(flips[:, None, None], self.mirror_features[images], feats)
+        return feats.float()
+
+    def _captions(self, image: int) -> list[list[int]]:
+        return self.mirror_seqs[image] if self.is_mirrored[image] else self.seqs[image]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -125,14 +132,14 @@ class TrainingSet:
     def batch(self, images: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image indices -> features (B_img, R, C) float32, PAD-padded token ids (B, T) of all
         their captions, and each caption's row in the features (B,)."""
-        seqs = [(j, s) for j, i in enumerate(images) for s in self.seqs[i]]
+        seqs = [(j, s) for j, i in enumerate(images) for s in self._captions(i)]
         rows = torch.tensor([j for j, _ in seqs])
-        return self.features[images].float(), self._pad([s for _, s in seqs]), rows
+        return self.photo_features(images), self._pad([s for _, s in seqs]), rows
 
     def batch_pairs(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Pair indices -> features (B, R, C) float32 (one row per caption) and token ids (B, T)."""
-        seqs = [self.seqs[i][k] for i, k in (self.pairs[j] for j in pairs)]
-        return self.features[[self.pairs[j][0] for j in pairs]].float(), self._pad(seqs), None
+        seqs = [self._captions(i)[k] for i, k in (self.pairs[j] for j in pairs)]
+        return self.photo_features([self.pairs[j][0] for j in pairs]), self._pad(seqs), None
 
     def _pad(self, seqs: list[list[int]]) -> torch.Tensor:
         """Token id lists -> (B, T) PAD-padded to the longest."""
