@@ -8,6 +8,7 @@ from captioner.errors import ConfigError
 SMALL = {
     "soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},
     "show-tell": {"embed_dim": 16, "hidden_dim": 24},
+    "up-down": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},
     "transformer": {"d_model": 16, "heads": 2, "layers": 2, "encoder_layers": 1, "ffn_dim": 24},
 }
 # an ensemble of two different archs: their states and attention maps must combine

@@ -46,6 +46,13 @@ def build_decoder(arch: str, params: dict, vocab_size: int, feature_dim: int) ->
     return cls(make_config(config_cls, params, f"decoder {arch}"), vocab_size, feature_dim)
 
 
+def _lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's update from its summed gate pre-activations (B, 4H); the new (h, c)."""
+    i, f, g, o = gates.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 @dataclass
 class AttentionLSTMConfig:
     embed_dim: int = 512  # word embedding size (also the deep-output size)
@@ -109,10 +116,7 @@ class SoftAttentionLSTM(nn.Module):
         if self.cfg.attention == "local":
             alpha = self._local(alpha, h)
         context = torch.sigmoid(hb[:, A:]) * (alpha[:, :, None] * state["regions"]).sum(1)  # (B, D)
-        gates = word_gates + self.recurrent_gates(torch.cat([context, h], -1))  # (B, 4H)
-        i, f, g, o = gates.chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = _lstm_update(word_gates + self.recurrent_gates(torch.cat([context, h], -1)), c)
         return context, {**state, "h": h, "c": c, "alpha": alpha}
 
     def _local(self, alpha: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -168,6 +172,88 @@ class SoftAttentionLSTM(nn.Module):
         context, state = self._cell(self.word_gates(emb), state)
         return self._logits(emb, state["h"], context).log_softmax(-1), state
 
+
+
+@dataclass
+class UpDownConfig:
+    embed_dim: int = 512  # word embedding size
+    hidden_dim: int = 512  # state size of both LSTMs
+    attention_dim: int = 512  # hidden size of the additive attention MLP
+    region_dim: int = 512  # encoder regions are projected to this size first
+    dropout: float = 0.5  # on embeddings, regions and the language LSTM's output
+
+
+@register_decoder("up-down", UpDownConfig)
+class UpDownLSTM(nn.Module):
+    """The top-down captioner of Anderson et al. (2018), "Bottom-Up and Top-Down Attention",
+    over the encoder's region grid: an attention LSTM reads [language LSTM's last output; mean
+    region; previous word] and its state drives additive attention over the regions; a language
+    LSTM reads [attended context; attention LSTM's state] and predicts the word. Both states
+    start at zero, as in the paper."""
+
+    def __init__(self, cfg: UpDownConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        E, H, A, D = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim, cfg.region_dim
+        self.region_proj = nn.Linear(feature_dim, D)
+        self.att_regions = nn.Linear(D, A)  # computed once per image
+        self.att_hidden = nn.Linear(H, A)
+        self.att_score = nn.Linear(A, 1)
+        self.embed = nn.Embedding(vocab_size, E)
+        # attention LSTM: the word and mean-region parts of its input are computed outside the loop
+        self.top_word = nn.Linear(E, 4 * H)
+        self.top_mean = nn.Linear(D, 4 * H, bias=False)
+        self.top_recurrent = nn.Linear(2 * H, 4 * H, bias=False)  # [language h; attention h]
+        self.language = nn.Linear(D + 2 * H, 4 * H)  # [context; attention h; language h]
+        self.out = nn.Linear(H, vocab_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        regions = self.drop(F.relu(self.region_proj(features)))  # (B, N, D)
+        zeros = regions.new_zeros(regions.size(0), self.cfg.hidden_dim)
+        return {
+            "regions": regions,
+            "regions_att": self.att_regions(regions),  # (B, N, A)
+            "top_mean": self.top_mean(regions.mean(1)),  # (B, 4H)
+            "h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros,
+            "alpha": features.new_zeros(features.shape[:2]),
+        }
+
+    def _cell(self, word_gates: torch.Tensor, state: State) -> State:
+        """One step of both LSTMs given the word's gate contribution to the attention LSTM."""
+        h2 = state["h2"]
+        gates = word_gates + state["top_mean"] + self.top_recurrent(torch.cat([h2, state["h1"]], -1))
+        h1, c1 = _lstm_update(gates, state["c1"])
+        e = self.att_score(torch.tanh(state["regions_att"] + self.att_hidden(h1)[:, None])).squeeze(-1)  # (B, N)
+        alpha = e.softmax(-1)
+        context = (alpha[:, :, None] * state["regions"]).sum(1)  # (B, D)
+        h2, c2 = _lstm_update(self.language(torch.cat([context, h1, h2], -1)), state["c2"])
+        return {**state, "h1": h1, "c1": c1, "h2": h2, "c2": c2, "alpha": alpha}
+
+    # --- contract ------------------------------------------------------------------
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
+        `rows` (B,) names each caption's image; without it caption i belongs to image i."""
+        state = self.init_state(features)
+        if rows is not None:
+            state = {k: v.index_select(0, rows) for k, v in state.items()}
+        word_gates = self.top_word(self.drop(self.embed(tokens)))  # (B, T, 4H), all steps in one matmul
+        hs, alphas = [], []
+        for t in range(tokens.size(1)):
+            state = self._cell(word_gates[:, t], state)
+            hs.append(state["h2"])
+            alphas.append(state["alpha"])
+        return self.out(self.drop(torch.stack(hs, 1))), torch.stack(alphas, 1)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_with_attention(features, tokens, rows)[0]
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        state = self._cell(self.top_word(self.drop(self.embed(prev_tokens))), state)
+        return self.out(self.drop(state["h2"])).log_softmax(-1), state
 
 
 @dataclass
