@@ -173,7 +173,6 @@ class SoftAttentionLSTM(nn.Module):
         return self._logits(emb, state["h"], context).log_softmax(-1), state
 
 
-
 @dataclass
 class UpDownConfig:
     embed_dim: int = 512  # word embedding size
@@ -301,6 +300,7 @@ class ShowTell(nn.Module):
         emb = self.drop(self.embed(prev_tokens))[:, None]  # (B, 1, E)
         out, (h, c) = self.lstm(emb, (state["h"][None], state["c"][None]))
         return self.out(self.drop(out[:, 0])).log_softmax(-1), {**state, "h": h[0], "c": c[0]}
+
 
 @dataclass
 class TransformerConfig:
