@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from captioner.decoders import DECODERS, build_decoder
+from captioner.encoders import get_encoder_config
 from captioner.errors import ConfigError
+from captioner.model import get_model_config, list_models
 
 SMALL = {
     "soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},
@@ -101,3 +103,18 @@ def test_local_attention_stays_inside_its_window():
         assert rows.max() - rows.min() <= 2 and cols.max() - cols.min() <= 2
     with pytest.raises(ConfigError, match="attention"):
         build_decoder("soft-attention-lstm", {"attention": "nearby"}, V, C)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_named_model_config_builds_and_steps(name):
+    """The shipped model configs (`captioner train --model NAME`) with their real sizes: the
+    decoder builds from the file's params, on its encoder's regions, and decodes a word."""
+    cfg = get_model_config(name)
+    enc = get_encoder_config(cfg.encoder)
+    torch.manual_seed(0)
+    dec = build_decoder(cfg.decoder, cfg.decoder_params, V, enc.feature_dim).eval()
+    with torch.no_grad():
+        state = dec.init_state(torch.randn(2, enc.grid_size ** 2, enc.feature_dim))
+        logprobs, state = dec.step(torch.zeros(2, dtype=torch.long), state)
+    assert logprobs.shape == (2, V) and torch.isfinite(logprobs).all()
+    assert state["alpha"].shape == (2, enc.grid_size ** 2)
