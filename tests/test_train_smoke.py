@@ -129,3 +129,78 @@ def test_caption_batching_trains_on_independent_pairs(tiny_data, tiny_model_file
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     with pytest.raises(ConfigError, match="batching"):
         T.epoch_batches(tiny_config(tiny_data, out, tiny_model_file, batching="photos"), None, None)
+
+
+def test_weight_average_follows_the_weights_and_leaves_them_untouched():
+    import torch
+
+    from captioner.train import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
+    average = WeightAverage(layer, decay=0.5)
+    expected, d = 0.0, None
+    for n in range(1, 6):
+        with torch.no_grad():
+            layer.weight.fill_(float(n))
+        average.update()
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * n
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    assert torch.equal(layer.weight, torch.full((1, 2), 5.0))  # the raw weights are back
+    restored = WeightAverage(layer, decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    with restored.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    average.reset()
+    with average.applied():
+        assert torch.equal(layer.weight, torch.full((1, 2), 5.0))
+
+
+def test_weight_average_is_what_dev_scores_and_best_keeps_and_it_resumes(tiny_data, tiny_model_file, tmp_path):
+    import torch
+
+    import captioner.train as T
+
+    kw = dict(epochs=1, ema_decay=0.9, amp="off")
+    one = tmp_path / "one"  # one epoch: best.pt is its average, last.pt its raw weights and the average
+    train(tiny_config(tiny_data, one, tiny_model_file, **kw))
+    last, best = read_checkpoint(one / "last.pt"), read_checkpoint(one / "best.pt")
+    assert last["weight_average"]["updates"] > 0
+    for k, v in best["decoder_state"].items():
+        assert torch.allclose(v.float(), last["weight_average"]["shadow"][k].float(), atol=1e-3), k
+    assert any(not torch.allclose(v.float(), last["decoder_state"][k].float(), atol=1e-3)
+               for k, v in best["decoder_state"].items())
+
+    scst = tmp_path / "scst"  # SCST averages afresh: as many updates as its own optimiser's steps
+    train(tiny_config(tiny_data, scst, tiny_model_file, **kw, scst_epochs=1, scst_lr=0.001, scst_samples=2,
+                      scst_batch_size=4, scst_max_len=6))
+    last = read_checkpoint(scst / "last.pt")
+    assert last["weight_average"]["updates"] == int(last["optimizer"]["state"][0]["step"])
+
+    # A run killed after epoch 2 (last.pt written), then resumed, ends with the same average.
+    kw["epochs"] = 3
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_config(tiny_data, full, tiny_model_file, **kw))
+    real_plot, calls = T._plot, {"n": 0}
+
+    def plot_then_maybe_die(history, path):
+        real_plot(history, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    T._plot = plot_then_maybe_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(tiny_data, part, tiny_model_file, **kw))
+    finally:
+        T._plot = real_plot
+    train(tiny_config(tiny_data, part, tiny_model_file, **kw), resume=True)
+    a, b = (read_checkpoint(run / "last.pt")["weight_average"] for run in (full, part))
+    assert a["updates"] == b["updates"]
+    for k, v in a["shadow"].items():
+        assert torch.allclose(v, b["shadow"][k], atol=1e-5), k
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_train_config(None, ["ema_decay=1.0"])

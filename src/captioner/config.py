@@ -34,6 +34,7 @@ class TrainConfig:
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # max global gradient norm
+    ema_decay: float = 0.0  # score and keep a moving average of the weights (e.g. 0.999); 0 = the raw weights
     label_smoothing: float = 0.1
     mirror_prob: float = 0.0  # chance a train photo is seen mirrored in an epoch (0 = never; see train.TrainingSet)
     min_word_count: int = 5  # words rarer than this in train captions become <unk>
@@ -119,6 +120,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
     if not 0.0 <= cfg.mirror_prob <= 1.0:
         raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"field ema_decay: must be at least 0 and below 1, not {cfg.ema_decay!r}")
     return cfg
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -332,6 +333,49 @@ def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Tra
     return loss_sum / max(len(batches), 1), step
 
 
+class WeightAverage:
+    """An exponential moving average of a module's weights (Polyak averaging), updated after each
+    optimiser step: shadow = d * shadow + (1 - d) * weights. Training goes on from the raw weights;
+    dev scoring and best.pt use the average. Over the first updates d is warmed up as
+    min(decay, (1 + n) / (10 + n)), so the starting weights do not linger in it."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.reset()
+
+    def reset(self) -> None:
+        """Start averaging afresh from the module's current weights."""
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, *_) -> None:  # *_: also an optimiser step hook's (optimizer, args, kwargs)
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in self.module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    @contextmanager
+    def applied(self):
+        """The module holds the averaged weights inside the block, its raw ones again after."""
+        raw = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            self.module.load_state_dict(raw)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
+
+
 def _plot(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -498,6 +542,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, optimizer, gen, progress = _build(cfg, state, model_cfg, train_recs, env.device)
+    average = WeightAverage(model.decoder, cfg.ema_decay) if cfg.ema_decay else None
+    if average is not None:
+        if state and "weight_average" in state:
+            average.load_state_dict(state["weight_average"])
+        optimizer.register_step_post_hook(average.update)
     log.info("model %s: %d decoder parameters, vocab %d words; %d train / %d dev images%s",
              model_cfg.name, sum(p.numel() for p in model.decoder.parameters()), len(model.vocab),
              len(train_recs), len(dev_recs),
@@ -524,6 +573,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
         if scst:
             if progress.phase != "scst":
                 optimizer = _start_scst(model, best_path, cfg, progress, env.is_main)
+                if average is not None:  # SCST averages afresh from the weights it starts from
+                    average.reset()
+                    optimizer.register_step_post_hook(average.update)
             cider = cider or reward_scorer([r.captions for r in train_recs])
             per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
             order = torch.randperm(len(data), generator=gen).tolist()
@@ -538,7 +590,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
             record = {"epoch": epoch, "phase": "xe", "train_loss": loss,
                       "lr": lr_at(progress.step, total_steps, cfg)}
         record["train_seconds"] = round(time.time() - t0, 1)
-        _end_epoch(model, optimizer, gen, progress, record, prepared.cache, dev_recs, cfg, out, env)
+        _end_epoch(model, optimizer, gen, progress, record, prepared.cache, dev_recs, cfg, out, env, average)
     if progress.stale >= cfg.patience and not cfg.scst_epochs:
         log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
     barrier(env)  # rank 0 has written its last files before any process returns
@@ -561,11 +613,14 @@ def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], li
 
 def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch.Generator,
                progress: Progress, record: dict, cache: FeatureCache, dev_recs: list[ImageRecord],
-               cfg: TrainConfig, out: Path, env: DistEnv | None = None) -> None:
+               cfg: TrainConfig, out: Path, env: DistEnv | None = None,
+               average: WeightAverage | None = None) -> None:
     """Score dev for real, keep best.pt, log, and save last.pt (everything --resume needs).
-    Every rank keeps the same progress; rank 0 alone writes."""
+    With a weight `average`, dev scores it and best.pt holds it. Every rank keeps the same
+    progress; rank 0 alone writes."""
     t0 = time.time()
-    dev = validate(model, cache, dev_recs, cfg, env)
+    with average.applied() if average is not None else nullcontext():
+        dev = validate(model, cache, dev_recs, cfg, env)
     record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
     progress.history.append(record)
     progress.epoch = record["epoch"]
@@ -579,8 +634,9 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if improved:
-        save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
-                        extra={"train_config": cfg.to_dict()})
+        with average.applied() if average is not None else nullcontext():
+            save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
+                            extra={"train_config": cfg.to_dict()})
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
     log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
@@ -588,5 +644,7 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
              record["val_seconds"])
     write_checkpoint({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                      "progress": asdict(progress), "train_config": cfg.to_dict()}, out / "last.pt")
+                      "progress": asdict(progress), "train_config": cfg.to_dict(),
+                      **({"weight_average": average.state_dict()} if average is not None else {})},
+                     out / "last.pt")
     _plot(progress.history, out / "curves.png")
