@@ -172,6 +172,8 @@ def test_weight_average_is_what_dev_scores_and_best_keeps_and_it_resumes(tiny_da
         assert torch.allclose(v.float(), last["weight_average"]["shadow"][k].float(), atol=1e-3), k
     assert any(not torch.allclose(v.float(), last["decoder_state"][k].float(), atol=1e-3)
                for k, v in best["decoder_state"].items())
+    record = json.loads((one / "metrics.jsonl").read_text())  # dev scored for the average and the raw weights
+    assert set(record["dev_raw"]) == set(record["dev"])
 
     scst = tmp_path / "scst"  # SCST averages afresh: as many updates as its own optimiser's steps
     train(tiny_config(tiny_data, scst, tiny_model_file, **kw, scst_epochs=1, scst_lr=0.001, scst_samples=2,

@@ -619,6 +619,8 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
     With a weight `average`, dev scores it and best.pt holds it. Every rank keeps the same
     progress; rank 0 alone writes."""
     t0 = time.time()
+    if average is not None:  # the raw weights' score too, so a run shows what averaging gave
+        record["dev_raw"] = validate(model, cache, dev_recs, cfg, env)
     with average.applied() if average is not None else nullcontext():
         dev = validate(model, cache, dev_recs, cfg, env)
     record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
@@ -639,8 +641,9 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
                             extra={"train_config": cfg.to_dict()})
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
-    log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
-             dev["Bleu_4"], dev["CIDEr"], " *best*" if improved else "", record["train_seconds"],
+    raw = f" (raw weights: CIDEr {record['dev_raw']['CIDEr']:.4f})" if "dev_raw" in record else ""
+    log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s%s (%.0fs train, %.0fs val)", record["epoch"], what,
+             dev["Bleu_4"], dev["CIDEr"], raw, " *best*" if improved else "", record["train_seconds"],
              record["val_seconds"])
     write_checkpoint({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
