@@ -18,6 +18,26 @@ def tiny_config(data, out, model_file, **kw):
     return load_train_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
+def train_killed_after(epochs: int, cfg) -> None:
+    """Train per `cfg`, killed (KeyboardInterrupt) once `epochs` epochs have written last.pt."""
+    import captioner.train as T
+
+    real_plot, calls = T._plot, {"n": 0}
+
+    def plot_then_maybe_die(history, path):
+        real_plot(history, path)
+        calls["n"] += 1
+        if calls["n"] == epochs:
+            raise KeyboardInterrupt
+
+    T._plot = plot_then_maybe_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        T._plot = real_plot
+
+
 def test_train_save_reload_caption(tiny_data, tiny_model_file, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(tiny_data, out, tiny_model_file))
@@ -41,23 +61,7 @@ def test_resume_continues_where_it_stopped(tiny_data, tiny_model_file, tmp_path)
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_config(tiny_data, full, tiny_model_file, epochs=3))
     # The same run, interrupted after epoch 2 (once last.pt is written), then resumed.
-    import captioner.train as T
-
-    stop_after = {"n": 0}
-    real_plot = T._plot
-
-    def plot_then_maybe_die(history, path):
-        real_plot(history, path)
-        stop_after["n"] += 1
-        if stop_after["n"] == 2:
-            raise KeyboardInterrupt
-
-    T._plot = plot_then_maybe_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(tiny_data, part, tiny_model_file, epochs=3))
-    finally:
-        T._plot = real_plot
+    train_killed_after(2, tiny_config(tiny_data, part, tiny_model_file, epochs=3))
     train(tiny_config(tiny_data, part, tiny_model_file, epochs=3), resume=True)
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
@@ -161,8 +165,6 @@ def test_weight_average_follows_the_weights_and_leaves_them_untouched():
 def test_weight_average_is_what_dev_scores_and_best_keeps_and_it_resumes(tiny_data, tiny_model_file, tmp_path):
     import torch
 
-    import captioner.train as T
-
     kw = dict(epochs=1, ema_decay=0.9, amp="off")
     one = tmp_path / "one"  # one epoch: best.pt is its average, last.pt its raw weights and the average
     train(tiny_config(tiny_data, one, tiny_model_file, **kw))
@@ -185,20 +187,7 @@ def test_weight_average_is_what_dev_scores_and_best_keeps_and_it_resumes(tiny_da
     kw["epochs"] = 3
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_config(tiny_data, full, tiny_model_file, **kw))
-    real_plot, calls = T._plot, {"n": 0}
-
-    def plot_then_maybe_die(history, path):
-        real_plot(history, path)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    T._plot = plot_then_maybe_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(tiny_data, part, tiny_model_file, **kw))
-    finally:
-        T._plot = real_plot
+    train_killed_after(2, tiny_config(tiny_data, part, tiny_model_file, **kw))
     train(tiny_config(tiny_data, part, tiny_model_file, **kw), resume=True)
     a, b = (read_checkpoint(run / "last.pt")["weight_average"] for run in (full, part))
     assert a["updates"] == b["updates"]
