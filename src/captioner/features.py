@@ -24,7 +24,7 @@ FORMAT = 1
 
 def encoder_key(cfg: EncoderConfig) -> str:
     """Hash of everything that changes the features: encoder, weights, preprocessing."""
-    weights = [[w.name, w.stat().st_size] for w in weights_files(cfg)]
+    weights = [[w.name, w.stat().st_size] for w in weights_files(cfg)]  # a single encoder's as it always was
     blob = json.dumps({"cfg": cfg.to_dict(), "weights": weights[0] if len(weights) == 1 else weights,
                        "format": FORMAT}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
