@@ -1,14 +1,15 @@
 """Load test of `captioner serve`: throughput and latency with micro-batching on and off.
 
     nice -n 19 python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--rounds 2]
-                                               [--out benchmarks/results/serve_load.json] [--readme]
+                                               [--model PATH] [--out benchmarks/results/serve_load.json] [--readme]
 
 Starts the server on 127.0.0.1 (a free port) once with micro-batching (max_batch 16) and once
 serving one photo at a time (max_batch 1), same model, same torch threads, and runs N client
 threads against each for a bounded time and a bounded number of requests: each client posts
 the example photos in turn (multipart upload, beam 3) and waits for the answer. Rounds
 alternate the two modes, so drift in the machine's load hits both. Reports requests, failures,
-throughput and p50/p99 latency per mode, and the throughput ratio.
+throughput and p50/p99 latency per mode, and the throughput ratio. The server serves the
+shipped default model, or `--model PATH` (any exported checkpoint) as its one variant.
 """
 from __future__ import annotations
 
@@ -49,15 +50,26 @@ def multipart(photo: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def serve_settings(max_batch: int, threads: int, max_wait_ms: float, encode_chunk: int,
+                   model: Path | None = None) -> dict:
+    """The server's config file: the shipped default model, or `model` as its one variant."""
+    settings = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
+                "encode_chunk": encode_chunk, "db": f"load-{max_batch}.db"}
+    if model is not None:  # that file, from its own folder
+        model = Path(model).resolve()
+        settings.update(model_dir=str(model.parent),
+                        experiment={"name": "load", "variants": [{"name": "default", "checkpoint": model.name}]})
+    return settings
+
+
 class Server:
     """`captioner serve` in a child process on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, max_batch: int, threads: int, workdir: Path, max_wait_ms: float = 10, encode_chunk: int = 4):
+    def __init__(self, max_batch: int, threads: int, workdir: Path, max_wait_ms: float = 10, encode_chunk: int = 4,
+                 model: Path | None = None):
         self.port = free_port()
         cfg = workdir / f"serve-{max_batch}.json"
-        cfg.write_text(json.dumps({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
-                                   "encode_chunk": encode_chunk,
-                                   "db": f"load-{max_batch}.db"}))
+        cfg.write_text(json.dumps(serve_settings(max_batch, threads, max_wait_ms, encode_chunk, model)))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.pop("CAPTIONER_API_KEYS", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--config", str(cfg),
@@ -175,7 +187,7 @@ def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
 
 
 def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Path) -> dict:
-    server = Server(max_batch, threads, workdir, args.max_wait_ms, args.encode_chunk)
+    server = Server(max_batch, threads, workdir, args.max_wait_ms, args.encode_chunk, args.model)
     try:
         load(server.port, args.clients, min(3.0, args.seconds), 8)  # warm-up: encoder, allocator, caches
         before = server.get("/healthz")
@@ -239,6 +251,7 @@ def main(argv=None) -> dict:
                         "compared at its best (default 1,2)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching: the first photo's longest wait")
     p.add_argument("--encode-chunk", type=int, default=4, help="photos per encoder call within a batch")
+    p.add_argument("--model", type=Path, help="serve this checkpoint instead of the shipped default model")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
     p.add_argument("--readme-only", action="store_true", help="rewrite the README's quote of --out; no load run")
@@ -265,6 +278,7 @@ def main(argv=None) -> dict:
                for m in modes}
     ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
     result = {
+        "model": str(args.model) if args.model else "default",
         "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
         "server_threads": thread_counts, "by_threads": by_threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": args.encode_chunk, "request": "multipart upload of an example photo, beam 3, max_len 25",
         "summary": summary, "throughput_ratio": round(ratio, 2),

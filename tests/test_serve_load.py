@@ -64,3 +64,23 @@ def test_micro_batcher_passes_model_errors_to_every_waiting_client():
         with pytest.raises(RuntimeError, match="exploded"):
             f.result(timeout=10)
     batcher.stop()
+
+
+def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
+    """`serve_load.py --model PATH`: the server's config names that file as its one variant."""
+    from captioner.ab import resolve_checkpoint
+    from captioner.config import load_serve_config
+
+    bench = load_benchmark("serve_load")
+    model = tmp_path / "models" / "mine.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"weights")
+    for given, expected in ((model, model.resolve()), (None, "default")):
+        cfg_file = tmp_path / "serve.json"
+        cfg_file.write_text(json.dumps(bench.serve_settings(16, 2, 10.0, 4, given)))
+        cfg = load_serve_config(cfg_file)
+        [variant] = cfg.experiment.variants
+        if given is None:
+            assert variant.checkpoint == expected
+        else:
+            assert resolve_checkpoint(cfg.model_dir, variant.checkpoint) == expected
