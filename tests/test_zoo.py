@@ -89,10 +89,17 @@ def test_model_card_describes_the_runs_own_encoder():
 
 def test_rerun_of_a_recipe_matches_its_first_run():
     """The README says a second run of the lite0-lite2 recipe reproduced the first: the kept files agree."""
-    first, rerun = REPO / "benchmarks" / "results" / "lite0-lite2", REPO / "benchmarks" / "results" / "lite0-lite2" / "rerun"
-    epochs = [[(h["epoch"], h.get("train_loss"), h["dev"]) for h in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
-              for d in (first, rerun)]
-    assert epochs[0] == epochs[1] and len(epochs[0]) > 1
+    first = REPO / "benchmarks" / "results" / "lite0-lite2"
+    rerun = first / "rerun"
+
+    def read(folder, name):
+        return json.loads((folder / name).read_text())
+
+    def epochs(folder):
+        history = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return [(h["epoch"], h.get("train_loss"), h["dev"]) for h in history]
+
+    assert epochs(first) == epochs(rerun) and len(epochs(first)) > 1
     for name in ("test_scores.json", "length_penalty.json"):
-        assert json.loads((first / name).read_text()) == json.loads((rerun / name).read_text()), name
-    assert json.loads((first / "scst_gain.json").read_text())["gain"] == json.loads((rerun / "scst_gain.json").read_text())["gain"]
+        assert read(first, name) == read(rerun, name), name
+    assert read(first, "scst_gain.json")["gain"] == read(rerun, "scst_gain.json")["gain"]
