@@ -117,3 +117,12 @@ def test_combined_encoder_puts_its_parts_side_by_side(photos, tmp_path):
     cache = features.build_cache(d, names, cfg, tmp_path / "cache", progress=False)
     assert cache.features.shape == (3, 49, 2560)
     torch.testing.assert_close(cache.get(["1.jpg"]), regions, atol=2e-2, rtol=1e-2)
+
+
+def test_a_combined_encoder_refuses_parts_that_normalise_differently():
+    from captioner.encoders import EncoderConfig, build_encoder
+
+    bad = EncoderConfig("lite0-twice", 224, mean=0.0, std=255.0, feature_dim=2560,
+                        parts=("efficientnet-lite0", "efficientnet-lite0"))
+    with pytest.raises(ValueError, match="efficientnet-lite0 normalises inputs as"):
+        build_encoder(bad)

@@ -144,7 +144,12 @@ def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
     from efficientnet_lite_pytorch import EfficientNet
 
     if cfg.parts:
-        return CombinedEncoder(cfg, [build_encoder(get_encoder_config(p)) for p in cfg.parts])
+        parts = [get_encoder_config(p) for p in cfg.parts]
+        for part in parts:  # the photo is preprocessed once, by the combined config, for every part
+            if (part.mean, part.std) != (cfg.mean, cfg.std):
+                raise ValueError(f"encoder {cfg.name}: its part {part.name} normalises inputs as (rgb - {part.mean:g}) "
+                                 f"/ {part.std:g}, the combined encoder as (rgb - {cfg.mean:g}) / {cfg.std:g}")
+        return CombinedEncoder(cfg, [build_encoder(p) for p in parts])
 
     backbone = EfficientNet.from_name(cfg.name)
     state = torch.load(weights_file(cfg), map_location="cpu", weights_only=True)
