@@ -21,7 +21,8 @@ V, C, N, B, T = 30, 40, 9, 3, 6
 
 # Variants of a registered arch that change its computation, tested like archs of their own.
 VARIANTS = {"local-attention-lstm": ("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "attention": "local",
-                                                             "window": 1})}
+                                                             "window": 1}),
+            "tied-lstm": ("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "tie_embeddings": True})}
 
 
 @pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS))
@@ -103,6 +104,18 @@ def test_local_attention_stays_inside_its_window():
         assert rows.max() - rows.min() <= 2 and cols.max() - cols.min() <= 2
     with pytest.raises(ConfigError, match="attention"):
         build_decoder("soft-attention-lstm", {"attention": "nearby"}, V, C)
+
+
+def test_tied_output_layer_stays_the_embedding_through_a_state_dict():
+    params = {**SMALL["soft-attention-lstm"], "tie_embeddings": True}
+    torch.manual_seed(0)
+    trained = build_decoder("soft-attention-lstm", params, V, C)
+    fresh = build_decoder("soft-attention-lstm", params, V, C)
+    fresh.load_state_dict({k: v.half().float() for k, v in trained.state_dict().items()})
+    assert fresh.out.weight is fresh.embed.weight
+    torch.testing.assert_close(fresh.out.weight, trained.embed.weight, atol=1e-3, rtol=1e-3)
+    untied = sum(p.numel() for p in build_decoder("soft-attention-lstm", SMALL["soft-attention-lstm"], V, C).parameters())
+    assert untied - sum(p.numel() for p in fresh.parameters()) == V * SMALL["soft-attention-lstm"]["embed_dim"]
 
 
 @pytest.mark.parametrize("name", list_models())

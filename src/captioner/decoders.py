@@ -63,6 +63,7 @@ class AttentionLSTMConfig:
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty (training)
     attention: str = "global"  # "global" (all regions) or "local" (a window around a predicted spot)
     window: int = 2  # local attention: half-width of the window, in grid cells
+    tie_embeddings: bool = False  # the output layer shares the word embedding matrix (Press & Wolf, 2017)
 
 
 @register_decoder("soft-attention-lstm", AttentionLSTMConfig)
@@ -86,6 +87,9 @@ class SoftAttentionLSTM(nn.Module):
         self.out_hidden = nn.Linear(H, E)  # L_h
         self.out_context = nn.Linear(D, E, bias=False)  # L_z
         self.out = nn.Linear(E, vocab_size)  # L_o
+        if cfg.tie_embeddings:  # a small init: the embeddings now also give the logits' scale
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            self.out.weight = self.embed.weight
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.attention not in ("global", "local"):
             raise ConfigError(f"soft-attention-lstm: attention must be 'global' or 'local', not {cfg.attention!r}")
