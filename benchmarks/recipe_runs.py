@@ -63,6 +63,14 @@ def latencies(folder: Path) -> str:
     return "; ".join(found) or "–"
 
 
+def model_config(model: str):
+    """A run's model: a registered name, or a model config file given relative to the repo
+    (e.g. `configs/models/show-attend-tell-tied.json`), as the recipes are run from its root."""
+    if model.endswith(".json") and not Path(model).is_absolute():
+        model = str(REPO / model)
+    return get_model_config(model)
+
+
 def load_run(folder: Path) -> dict | None:
     """One run's figures, or None when `folder` is not a run's output folder."""
     if (folder / "ensemble.json").is_file():
@@ -73,8 +81,8 @@ def load_run(folder: Path) -> dict | None:
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     best = max(history, key=lambda h: h["dev"]["CIDEr"])
     search = json.loads((folder / "length_penalty.json").read_text())
-    encoder = cfg.get("encoder") or get_model_config(cfg["model"]).encoder
-    run = {"name": folder.name, "model": cfg["model"], "encoder": encoder,
+    model = model_config(cfg["model"])
+    run = {"name": folder.name, "model": model.name, "encoder": cfg.get("encoder") or model.encoder,
            "xe_epochs": sum(h.get("phase", "xe") == "xe" for h in history),
            "scst_epochs": sum(h.get("phase") == "scst" for h in history),
            "best_dev_cider": best["dev"]["CIDEr"], "best_epoch": best["epoch"],

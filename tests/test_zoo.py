@@ -63,6 +63,11 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path):
     with pytest.raises(SystemExit, match="gone"):
         runs.load_run(pair)
 
+    # a model config file, named relative to the repo as the recipes give it: shown by its name
+    (run / "config.json").write_text(json.dumps({"model": "configs/models/show-attend-tell-tied.json"}))
+    tied = runs.load_run(run)
+    assert (tied["model"], tied["encoder"]) == ("show-attend-tell-tied", "efficientnet-lite0")
+
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
     runs.write_readme(runs.markdown([row]), readme)
