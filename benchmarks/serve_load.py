@@ -256,6 +256,8 @@ def main(argv=None) -> dict:
     p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
     p.add_argument("--readme-only", action="store_true", help="rewrite the README's quote of --out; no load run")
     args = p.parse_args(argv)
+    if args.model is not None and not args.model.is_file():  # before any server starts
+        p.error(f"--model {args.model}: no such checkpoint file")
     if args.readme_only:
         result = json.loads(Path(args.out).read_text())
         update_readme(result)

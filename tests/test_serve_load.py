@@ -84,3 +84,12 @@ def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
             assert variant.checkpoint == expected
         else:
             assert resolve_checkpoint(cfg.model_dir, variant.checkpoint) == expected
+
+
+def test_load_benchmark_names_a_missing_model_before_starting_a_server(tmp_path, capsys):
+    bench = load_benchmark("serve_load")
+    missing = tmp_path / "gone.pt"
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(missing), "--out", str(tmp_path / "out.json")])
+    assert f"--model {missing}: no such checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
