@@ -1,0 +1,160 @@
+"""How test quality grows with the number of training photos: a recipe trained on the first N
+training photos for several N, each scored on the whole test split; writes the README block.
+
+    python benchmarks/learning_curve.py [--sizes 750,1500,3000] [--full-run runs/default]
+        [--config configs/flickr8k-default.json] [--data ../shared/data/flickr8k]
+        [--cache-dir runs/default/cache] [--runs runs/learning-curve]
+        [--results benchmarks/results/learning_curve.json] [--no-readme] [--force]
+
+Each size trains the recipe unchanged (`max_train_images=N`: the first N photos of the train
+split, all their captions; the vocabulary is built from those captions) into RUNS/nN. Dev, used
+for early stopping and choosing the best epoch, and test stay whole. `--full-run` adds a run of
+the same recipe on the whole train split that already exists (the shipped default's
+`retrain_default.sh` run), scored the same way instead of training it again; its config is
+checked against the recipe first.
+
+Both ends of each run are scored with the plain beam search (beam 3, length penalty 1, no n-gram
+blocking, as `scst_gain.py` does): the best cross-entropy weights (`best-xe.pt`) and the final
+model (`best.pt`). A line fitted to test CIDEr-D against log2(N) gives the gain per doubling of
+the training photos over the measured range. Rows are kept in the results file; a size already
+there is skipped unless --force, so the sizes can be run a few at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from readme_blocks import replace_block
+
+from captioner.checkpoint import load_checkpoint
+from captioner.config import load_train_config
+from captioner.evaluate import evaluate
+from captioner.train import prepare, train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "learning_curve.json"
+# settings that say where a run lives or how it reports, not what it learns
+WHERE = {"data", "out", "cache_dir", "progress", "max_train_images", "init_checkpoint", "threads", "device"}
+
+
+def score(path: Path, args: argparse.Namespace) -> dict:
+    model, ckpt = load_checkpoint(path)
+    search = model.search_config(3, 25, 1, 1.0, 0)
+    scores, _ = evaluate(model, args.data, "test", search, cache_dir=args.cache_dir, progress=False)
+    return {"test": scores, "selected_on_dev": ckpt.get("metrics", {}), "vocab": len(model.vocab)}
+
+
+def logged_minutes(run: Path) -> float:
+    """Training and dev-scoring minutes logged in the run's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return round(sum(r.get("train_seconds", 0) + r.get("val_seconds", 0) for r in lines) / 60, 1)
+
+
+def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
+    xe = score(run / "best-xe.pt", args) if (run / "best-xe.pt").is_file() else None
+    final = score(run / "best.pt", args)
+    return {"train_images": train_images, "run": str(run), "vocab": final["vocab"],
+            "best_dev_CIDEr": final["selected_on_dev"]["dev"]["CIDEr"],
+            "best_epoch": final["selected_on_dev"].get("epoch"),
+            "xe_test": xe["test"] if xe else None, "test": final["test"], "logged_minutes": logged_minutes(run)}
+
+
+def check_full_run(run: Path, args: argparse.Namespace) -> None:
+    """The full run must be the recipe itself, on the whole train split."""
+    recipe = load_train_config(args.config, [f"data={args.data}"]).to_dict()
+    used = json.loads((run / "config.json").read_text())
+    differ = sorted(k for k in recipe if k not in WHERE and used.get(k) != recipe[k])
+    if differ or used.get("max_train_images", 0):
+        what = ", ".join(f"{k}={used.get(k)!r} (recipe {recipe[k]!r})" for k in differ) or "a train subset"
+        raise SystemExit(f"{run / 'config.json'}: not the recipe {args.config} on all train photos: {what}")
+
+
+def train_size(n: int, args: argparse.Namespace) -> dict:
+    out = Path(args.runs) / f"n{n}"
+    cfg = load_train_config(args.config, [f"data={args.data}", f"out={out}", f"cache_dir={args.cache_dir}",
+                                          f"max_train_images={n}", "progress=false"])
+    prepare(cfg)
+    t = time.time()
+    train(cfg, resume=(out / "last.pt").is_file())
+    row = row_for(out, n, args)
+    row["wall_minutes"] = round((time.time() - t) / 60, 1)
+    return row
+
+
+def fit(rows: list[dict]) -> dict | None:
+    """Least-squares line through (log2 N, test CIDEr-D)."""
+    if len(rows) < 2:
+        return None
+    xs = [math.log2(r["train_images"]) for r in rows]
+    ys = [r["test"]["CIDEr"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"cider_per_doubling": round(slope, 4), "intercept": round(my - slope * mx, 4)}
+
+
+def readme_block(rows: list[dict], config: str) -> str:
+    rows = sorted(rows, key=lambda r: r["train_images"])
+    lines = ["| train photos | vocabulary | best dev CIDEr-D | test CIDEr-D, cross-entropy | test BLEU-4, final | "
+             "test CIDEr-D, final | SCST gain | minutes (logged) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        xe = r["xe_test"]["CIDEr"] if r["xe_test"] else None
+        xe_text, gain = (f"{xe:.3f}", f"{r['test']['CIDEr'] - xe:+.3f}") if xe is not None else ("–", "–")
+        lines.append(f"| {r['train_images']} | {r['vocab']} | {r['best_dev_CIDEr']:.3f} | {xe_text} | "
+                     f"{r['test']['Bleu_4']:.3f} | {r['test']['CIDEr']:.3f} | {gain} | {r['logged_minutes']} |")
+    text = "\n".join(lines) + "\n"
+    line = fit(rows)
+    if line:
+        text += (f"\nRecipe `{config}`, test split, plain beam 3. A line through test CIDEr-D against "
+                 f"log2(train photos) rises **{line['cider_per_doubling']:+.3f} per doubling** of the "
+                 f"training photos over {rows[0]['train_images']}–{rows[-1]['train_images']}.\n")
+    return text
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/flickr8k-default.json")
+    p.add_argument("--sizes", default="750,1500,3000", help="train photos per run, comma-separated")
+    p.add_argument("--full-run", default=None, help="a finished run of the recipe on the whole train split")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--cache-dir", default="~/.cache/captioner")
+    p.add_argument("--runs", default="runs/learning-curve")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
+    p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
+    args = p.parse_args(argv)
+    if args.full_run and not (Path(args.full_run) / "config.json").is_file():
+        p.error(f"--full-run {args.full_run}: no config.json there (not a run folder)")
+    results = Path(args.results)
+    rows = json.loads(results.read_text()) if results.is_file() else []
+
+    def keep(row: dict) -> None:
+        nonlocal rows
+        rows = [r for r in rows if r["train_images"] != row["train_images"]] + [row]
+        rows.sort(key=lambda r: r["train_images"])
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+
+    done = {r["train_images"] for r in rows}
+    for n in (int(s) for s in args.sizes.split(",") if s.strip()):
+        if args.force or n not in done:
+            keep(train_size(n, args))
+    if args.full_run:
+        run = Path(args.full_run)
+        check_full_run(run, args)
+        cfg = load_train_config(run / "config.json", [f"data={args.data}", f"cache_dir={args.cache_dir}"])
+        n = len(prepare(cfg).dataset.split("train"))
+        if args.force or n not in done:
+            keep(row_for(run, n, args))
+    block = readme_block(rows, args.config)
+    if not args.no_readme:
+        replace_block("learning-curve", block)
+    print(block)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
