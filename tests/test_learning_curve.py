@@ -1,8 +1,10 @@
-"""benchmarks/learning_curve.py trains a recipe on the first N train photos and scores each run."""
+"""benchmarks/learning_curve.py trains a recipe on the first N train photos and scores each run;
+benchmarks/same_run.py tells whether a rerun reproduced a run."""
 import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import REPO, load_benchmark, make_flickr_like
 
@@ -62,3 +64,28 @@ def test_full_run_must_be_a_run_folder(curve, capsys):
     with pytest.raises(SystemExit):
         module.main(args + ["--full-run", str(tmp / "nowhere")])
     assert "no config.json there" in capsys.readouterr().err
+
+
+def test_same_run_compares_weights_and_scores_but_not_timings(tmp_path):
+    same_run = load_benchmark("same_run")
+    state = {"w": torch.arange(6, dtype=torch.float16).view(2, 3), "b": torch.zeros(2, dtype=torch.float16)}
+    torch.save({"decoder_state": state}, tmp_path / "a.pt")
+    torch.save({"decoder_state": {k: v.clone() for k, v in state.items()}}, tmp_path / "b.pt")
+    torch.save({"decoder_state": {**state, "b": torch.ones(2, dtype=torch.float16)}}, tmp_path / "c.pt")
+    for name, seconds, cider in (("x", 10, 0.5), ("y", 99, 0.5), ("z", 10, 0.6)):
+        run = tmp_path / name
+        run.mkdir()
+        run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(
+            {"epoch": e, "train_seconds": seconds, "dev": {"CIDEr": cider if e == 2 else 0.4}}) for e in (1, 2)))
+        run.joinpath("test_scores.json").write_text(json.dumps({"CIDEr": cider}))
+    report = same_run.main([str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--runs", str(tmp_path / "x"),
+                            str(tmp_path / "y"), "--out", str(tmp_path / "same.json")])
+    assert report["same"] and report["weights"] == {"tensors": 2, "parameters": 8, "differ": []}
+    assert json.loads((tmp_path / "same.json").read_text()) == report
+    report = same_run.main([str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--runs", str(tmp_path / "x"),
+                            str(tmp_path / "z")])
+    assert not report["same"] and report["weights"]["differ"] == ["b"]
+    assert report["runs"]["epochs_differ"] == [2] and not report["runs"]["test_scores_equal"]
+    torch.save({"weights": state}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="foreign.pt: not a captioner model file"):
+        same_run.main([str(tmp_path / "a.pt"), str(tmp_path / "foreign.pt")])
