@@ -4,7 +4,7 @@ training photos for several N, each scored on the whole test split; writes the R
     python benchmarks/learning_curve.py [--sizes 750,1500,3000] [--full-run runs/default]
         [--config configs/flickr8k-default.json] [--data ../shared/data/flickr8k]
         [--cache-dir runs/default/cache] [--runs runs/learning-curve]
-        [--results benchmarks/results/learning_curve.json] [--no-readme] [--force]
+        [--results benchmarks/results/learning_curve.json] [--target 0.65] [--no-readme] [--force]
 
 Each size trains the recipe unchanged (`max_train_images=N`: the first N photos of the train
 split, all their captions; the vocabulary is built from those captions) into RUNS/nN. Dev, used
@@ -16,8 +16,9 @@ checked against the recipe first.
 Both ends of each run are scored with the plain beam search (beam 3, length penalty 1, no n-gram
 blocking, as `scst_gain.py` does): the best cross-entropy weights (`best-xe.pt`) and the final
 model (`best.pt`). A line fitted to test CIDEr-D against log2(N) gives the gain per doubling of
-the training photos over the measured range. Rows are kept in the results file; a size already
-there is skipped unless --force, so the sizes can be run a few at a time.
+the training photos over the measured range, and where that line would reach `--target`. Rows
+are kept in the results file; a size already there is skipped unless --force, so the sizes can
+be run a few at a time.
 """
 from __future__ import annotations
 
@@ -95,7 +96,19 @@ def fit(rows: list[dict]) -> dict | None:
     return {"cider_per_doubling": round(slope, 4), "intercept": round(my - slope * mx, 4)}
 
 
-def readme_block(rows: list[dict], config: str) -> str:
+def photos_for(line: dict, cider: float) -> int | None:
+    """Where the fitted line reaches `cider` (an extrapolation past the measured range); None
+    where it never does (a line that does not rise), or only past 2 ** 40 photos."""
+    if line["cider_per_doubling"] <= 0:
+        return None
+    doublings = (cider - line["intercept"]) / line["cider_per_doubling"]
+    if doublings >= 40:
+        return None
+    photos = 2 ** doublings
+    return int(round(photos, -2) if photos >= 1000 else round(photos))
+
+
+def readme_block(rows: list[dict], config: str, target: float = 0.65) -> str:
     rows = sorted(rows, key=lambda r: r["train_images"])
     lines = ["| train photos | vocabulary | best dev CIDEr-D | test CIDEr-D, cross-entropy | test BLEU-4, final | "
              "test CIDEr-D, final | SCST gain | minutes (logged) |", "|---|---|---|---|---|---|---|---|"]
@@ -109,7 +122,10 @@ def readme_block(rows: list[dict], config: str) -> str:
     if line:
         text += (f"\nRecipe `{config}`, test split, plain beam 3. A line through test CIDEr-D against "
                  f"log2(train photos) rises **{line['cider_per_doubling']:+.3f} per doubling** of the "
-                 f"training photos over {rows[0]['train_images']}–{rows[-1]['train_images']}.\n")
+                 f"training photos over {rows[0]['train_images']}–{rows[-1]['train_images']}.")
+        photos = photos_for(line, target)
+        reach = f"never reaches {target:.2f}" if photos is None else f"reaches {target:.2f} at about {photos} photos"
+        text += f" Extended past them (an extrapolation), it {reach}.\n"
     return text
 
 
@@ -122,6 +138,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cache-dir", default="~/.cache/captioner")
     p.add_argument("--runs", default="runs/learning-curve")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--target", type=float, default=0.65, help="test CIDEr-D to extrapolate the line to")
     p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
     p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
     args = p.parse_args(argv)
@@ -149,7 +166,7 @@ def main(argv=None) -> list[dict]:
         n = len(prepare(cfg).dataset.split("train"))
         if args.force or n not in done:
             keep(row_for(run, n, args))
-    block = readme_block(rows, args.config)
+    block = readme_block(rows, args.config, args.target)
     if not args.no_readme:
         replace_block("learning-curve", block)
     print(block)

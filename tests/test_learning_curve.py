@@ -35,6 +35,11 @@ def test_each_size_trains_on_that_many_photos_and_is_scored_at_both_ends(curve):
     assert json.loads((tmp / "curve.json").read_text()) == rows
     block = module.readme_block(rows, "recipe.json")
     assert block.count("\n| 3 |") + block.count("\n| 6 |") == 2 and "per doubling" in block
+    assert "reaches 0.65 at about" in block or "never reaches 0.65" in block
+    assert module.photos_for({"intercept": 0.0, "cider_per_doubling": 0.1}, 1.0) == 1000  # 2 ** 10, to 100s
+    assert module.photos_for({"intercept": 0.0, "cider_per_doubling": 0.1}, 0.5) == 32
+    assert module.photos_for({"intercept": 0.5, "cider_per_doubling": 0.0}, 1.0) is None  # a flat line
+    assert module.photos_for({"intercept": 0.0, "cider_per_doubling": 0.001}, 1.0) is None  # 2 ** 1000 photos
     stamp = (tmp / "runs" / "n6" / "metrics.jsonl").stat().st_mtime_ns
     assert module.main(args + ["--sizes", "6"]) == rows  # a size already measured is not trained again
     assert (tmp / "runs" / "n6" / "metrics.jsonl").stat().st_mtime_ns == stamp
