@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 from readme_blocks import replace_block
+from recipe_runs import logged_minutes, read_history
+from scst_gain import score
 
 from captioner.checkpoint import load_checkpoint
 from captioner.config import load_train_config
-from captioner.evaluate import evaluate
 from captioner.train import prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,26 +42,16 @@ RESULTS = REPO / "benchmarks" / "results" / "learning_curve.json"
 WHERE = {"data", "out", "cache_dir", "progress", "max_train_images", "init_checkpoint", "threads", "device"}
 
 
-def score(path: Path, args: argparse.Namespace) -> dict:
-    model, ckpt = load_checkpoint(path)
-    search = model.search_config(3, 25, 1, 1.0, 0)
-    scores, _ = evaluate(model, args.data, "test", search, cache_dir=args.cache_dir, progress=False)
-    return {"test": scores, "selected_on_dev": ckpt.get("metrics", {}), "vocab": len(model.vocab)}
-
-
-def logged_minutes(run: Path) -> float:
-    """Training and dev-scoring minutes logged in the run's metrics.jsonl."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return round(sum(r.get("train_seconds", 0) + r.get("val_seconds", 0) for r in lines) / 60, 1)
-
-
 def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
-    xe = score(run / "best-xe.pt", args) if (run / "best-xe.pt").is_file() else None
-    final = score(run / "best.pt", args)
-    return {"train_images": train_images, "run": str(run), "vocab": final["vocab"],
+    """Both ends of a run scored on test with the plain beam 3, as scst_gain.py scores them."""
+    plain = argparse.Namespace(data=args.data, split="test", beam_size=3, cache_dir=args.cache_dir)
+    xe = score(str(run / "best-xe.pt"), plain)["test"] if (run / "best-xe.pt").is_file() else None
+    final = score(str(run / "best.pt"), plain)
+    model, _ = load_checkpoint(run / "best.pt")
+    return {"train_images": train_images, "run": str(run), "vocab": len(model.vocab),
             "best_dev_CIDEr": final["selected_on_dev"]["dev"]["CIDEr"],
             "best_epoch": final["selected_on_dev"].get("epoch"),
-            "xe_test": xe["test"] if xe else None, "test": final["test"], "logged_minutes": logged_minutes(run)}
+            "xe_test": xe, "test": final["test"], "logged_minutes": logged_minutes(read_history(run))}
 
 
 def check_full_run(run: Path, args: argparse.Namespace) -> None:

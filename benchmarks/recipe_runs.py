@@ -71,6 +71,16 @@ def model_config(model: str):
     return get_model_config(model)
 
 
+def read_history(folder: Path) -> list[dict]:
+    """A run's per-epoch records (its metrics.jsonl)."""
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def logged_minutes(history: list[dict]) -> float:
+    """The log's own per-epoch seconds: training plus dev decoding, extraction not included."""
+    return round(sum(h.get("train_seconds", 0) + h.get("val_seconds", 0) for h in history) / 60, 1)
+
+
 def load_run(folder: Path) -> dict | None:
     """One run's figures, or None when `folder` is not a run's output folder."""
     if (folder / "ensemble.json").is_file():
@@ -78,7 +88,7 @@ def load_run(folder: Path) -> dict | None:
     if not all((folder / f).is_file() for f in RUN_FILES):
         return None
     cfg = json.loads((folder / "config.json").read_text())
-    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = read_history(folder)
     best = max(history, key=lambda h: h["dev"]["CIDEr"])
     search = json.loads((folder / "length_penalty.json").read_text())
     model = model_config(cfg["model"])
@@ -88,9 +98,7 @@ def load_run(folder: Path) -> dict | None:
            "best_dev_cider": best["dev"]["CIDEr"], "best_epoch": best["epoch"],
            "test": json.loads((folder / "test_scores.json").read_text()),
            "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"],
-           # the log's own per-epoch seconds: training plus dev decoding, extraction not included
-           "train_minutes_logged": round(sum(h.get("train_seconds", 0) + h.get("val_seconds", 0)
-                                             for h in history) / 60, 1)}
+           "train_minutes_logged": logged_minutes(history)}
     if (folder / "timing.json").is_file():
         run["retrain_minutes"] = json.loads((folder / "timing.json").read_text())["retrain_minutes"]
     run["latency"] = latencies(folder)

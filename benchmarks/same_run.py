@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from recipe_runs import read_history
+
 
 def weights(path: str) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -32,8 +34,7 @@ def compare_weights(a: str, b: str) -> dict:
 
 
 def epochs(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines if line.strip()]
+    return [{k: v for k, v in h.items() if not k.endswith("_seconds")} for h in read_history(run)]
 
 
 def compare_runs(a: Path, b: Path) -> dict:
