@@ -32,9 +32,9 @@ from readme_blocks import replace_block
 from recipe_runs import logged_minutes, read_history
 from scst_gain import score
 
-from captioner.checkpoint import load_checkpoint
 from captioner.config import load_train_config
-from captioner.train import prepare, train
+from captioner.data import load_dataset
+from captioner.train import data_options, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "learning_curve.json"
@@ -47,8 +47,7 @@ def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
     plain = argparse.Namespace(data=args.data, split="test", beam_size=3, cache_dir=args.cache_dir)
     xe = score(str(run / "best-xe.pt"), plain)["test"] if (run / "best-xe.pt").is_file() else None
     final = score(str(run / "best.pt"), plain)
-    model, _ = load_checkpoint(run / "best.pt")
-    return {"train_images": train_images, "run": str(run), "vocab": len(model.vocab),
+    return {"train_images": train_images, "run": str(run), "vocab": final["vocab"],
             "best_dev_CIDEr": final["selected_on_dev"]["dev"]["CIDEr"],
             "best_epoch": final["selected_on_dev"].get("epoch"),
             "xe_test": xe, "test": final["test"], "logged_minutes": logged_minutes(read_history(run))}
@@ -68,8 +67,7 @@ def train_size(n: int, args: argparse.Namespace) -> dict:
     out = Path(args.runs) / f"n{n}"
     cfg = load_train_config(args.config, [f"data={args.data}", f"out={out}", f"cache_dir={args.cache_dir}",
                                           f"max_train_images={n}", "progress=false"])
-    prepare(cfg)
-    t = time.time()
+    t = time.time()  # train() checks the data and fills any missing features itself
     train(cfg, resume=(out / "last.pt").is_file())
     row = row_for(out, n, args)
     row["wall_minutes"] = round((time.time() - t) / 60, 1)
@@ -153,8 +151,8 @@ def main(argv=None) -> list[dict]:
     if args.full_run:
         run = Path(args.full_run)
         check_full_run(run, args)
-        cfg = load_train_config(run / "config.json", [f"data={args.data}", f"cache_dir={args.cache_dir}"])
-        n = len(prepare(cfg).dataset.split("train"))
+        cfg = load_train_config(run / "config.json", [f"data={args.data}"])
+        n = len(load_dataset(cfg.data, cfg.data_format, data_options(cfg)).split("train"))
         if args.force or n not in done:
             keep(row_for(run, n, args))
     block = readme_block(rows, args.config, args.target)

@@ -26,7 +26,8 @@ def score(path: str, args: argparse.Namespace) -> dict:
     scores, notes = evaluate(model, args.data, args.split, search, cache_dir=args.cache_dir, progress=False)
     for note in notes:
         print(f"note: {note}")
-    return {"checkpoint": path, "selected_on_dev": ckpt.get("metrics", {}), args.split: scores}
+    return {"checkpoint": path, "selected_on_dev": ckpt.get("metrics", {}), "vocab": len(model.vocab),
+            args.split: scores}
 
 
 def main(argv=None) -> dict:
