@@ -1,9 +1,11 @@
 """Contract tests, run for every registered decoder."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from captioner.decoders import DECODERS, build_decoder
-from captioner.encoders import get_encoder_config
+from captioner.decoders import DECODERS, WithTunedTop, build_decoder
+from captioner.encoders import HEAD_DIM, TunedTop, get_encoder_config
 from captioner.errors import ConfigError
 from captioner.model import get_model_config, list_models
 
@@ -23,13 +25,28 @@ V, C, N, B, T = 30, 40, 9, 3, 6
 VARIANTS = {"local-attention-lstm": ("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "attention": "local",
                                                              "window": 1}),
             "tied-lstm": ("soft-attention-lstm", {**SMALL["soft-attention-lstm"], "tie_embeddings": True})}
+# The LSTM behind a tuned encoder top; the top here is Lite0's last block and head (the registered
+# tuned encoder trains five blocks), on that block's 192-channel input over the 7x7 grid.
+TUNED = "tuned-top-lstm"
+SMALL_TOP = replace(get_encoder_config("efficientnet-lite0-tuned"), split=15, feature_dim=192)
 
 
-@pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS))
+@pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS) + [TUNED])
 def decoder(request):
     torch.manual_seed(0)
+    if request.param == TUNED:
+        return WithTunedTop(TunedTop(SMALL_TOP), build_decoder("soft-attention-lstm", SMALL["soft-attention-lstm"],
+                                                               V, HEAD_DIM))
     arch, params = VARIANTS.get(request.param, (request.param, SMALL.get(request.param, {})))
     return build_decoder(arch, params, V, C)
+
+
+def regions(decoder, b: int) -> torch.Tensor:
+    """Random regions of the shape `decoder` reads: (b, N, C), or a tuned top's cached input."""
+    if isinstance(decoder, WithTunedTop):
+        cfg = decoder.top.cfg
+        return torch.randn(b, cfg.grid_size ** 2, cfg.feature_dim)
+    return torch.randn(b, N, C)
 
 
 def test_every_registered_decoder_has_a_small_test_config():
@@ -37,14 +54,14 @@ def test_every_registered_decoder_has_a_small_test_config():
 
 
 def test_forward_shapes_and_no_nan(decoder):
-    feats, tokens = torch.randn(B, N, C), torch.randint(0, V, (B, T))
+    feats, tokens = regions(decoder, B), torch.randint(0, V, (B, T))
     logits = decoder(feats, tokens)
     assert logits.shape == (B, T, V)
     assert torch.isfinite(logits).all()
 
 
 def test_backward_reaches_every_parameter(decoder):
-    feats, tokens = torch.randn(B, N, C), torch.randint(0, V, (B, T))
+    feats, tokens = regions(decoder, B), torch.randint(0, V, (B, T))
     decoder(feats, tokens).logsumexp(-1).mean().backward()
     for name, p in decoder.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -53,7 +70,7 @@ def test_backward_reaches_every_parameter(decoder):
 
 def test_step_agrees_with_teacher_forced_forward(decoder):
     decoder.eval()
-    feats, tokens = torch.randn(B, N, C), torch.randint(0, V, (B, T))
+    feats, tokens = regions(decoder, B), torch.randint(0, V, (B, T))
     with torch.no_grad():
         full = decoder(feats, tokens).log_softmax(-1)
         state = decoder.init_state(feats)
@@ -65,10 +82,11 @@ def test_step_agrees_with_teacher_forced_forward(decoder):
 def test_attention_weights_are_distributions(decoder):
     decoder.eval()
     with torch.no_grad():
-        state = decoder.init_state(torch.randn(B, N, C))
+        feats = regions(decoder, B)
+        state = decoder.init_state(feats)
         _, state = decoder.step(torch.zeros(B, dtype=torch.long), state)
     alpha = state["alpha"]
-    assert alpha.shape == (B, N)
+    assert alpha.shape == (B, feats.shape[1])
     torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
 
 
@@ -81,7 +99,7 @@ def test_unknown_arch_and_field_are_named():
 
 def test_rows_share_one_image_between_captions(decoder):
     decoder.eval()
-    feats, tokens = torch.randn(2, N, C), torch.randint(0, V, (4, T))
+    feats, tokens = regions(decoder, 2), torch.randint(0, V, (4, T))
     rows = torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
         shared = decoder(feats, tokens, rows)
@@ -126,7 +144,7 @@ def test_every_named_model_config_builds_and_steps(name):
     cfg = get_model_config(name)
     enc = get_encoder_config(cfg.encoder)
     torch.manual_seed(0)
-    dec = build_decoder(cfg.decoder, cfg.decoder_params, V, enc.feature_dim).eval()
+    dec = build_decoder(cfg.decoder, cfg.decoder_params, V, enc.region_dim).eval()
     with torch.no_grad():
         state = dec.init_state(torch.randn(2, enc.grid_size ** 2, enc.feature_dim))
         logprobs, state = dec.step(torch.zeros(2, dtype=torch.long), state)

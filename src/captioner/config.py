@@ -33,6 +33,7 @@ class TrainConfig:
     warmup_steps: int = 200  # linear warm-up, then cosine decay to lr * final_lr_ratio
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.0
+    encoder_lr_scale: float = 0.1  # a tuned encoder top's learning rate, relative to the decoder's (both stages)
     grad_clip: float = 5.0  # max global gradient norm
     ema_decay: float = 0.0  # score and keep a moving average of the weights (e.g. 0.999); 0 = the raw weights
     label_smoothing: float = 0.1

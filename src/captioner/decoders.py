@@ -580,3 +580,33 @@ class Ensemble(nn.Module):
             new.update({f"{i}.{k}": v for k, v in s.items()})
         new["alpha"] = torch.stack([new[f"{i}.alpha"] for i in range(len(self.members))]).mean(0)
         return self._mix(logprobs), new
+
+
+class WithTunedTop(nn.Module):
+    """A decoder behind the trained top of its encoder (`encoders.TunedTop`): the cached
+    regions pass through `top` first, so search, SCST, ensembles of decoders and the CLI see the
+    same contract. `top` runs once per photo, before any beam or caption expands the batch."""
+
+    def __init__(self, top: nn.Module, inner: nn.Module):
+        super().__init__()
+        self.top = top
+        self.inner = inner
+
+    @property
+    def max_words(self) -> int:
+        return getattr(self.inner, "max_words", 10 ** 9)
+
+    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
+                               rows: torch.Tensor | None = None, need_weights: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.inner.forward_with_attention(self.top(features), tokens, rows, need_weights)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.inner(self.top(features), tokens, rows)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        return self.inner.init_state(self.top(features))
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.inner.step(prev_tokens, state)

