@@ -162,6 +162,11 @@ class TunedTop(nn.Module):
         self.load_state_dict(mine)
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        # float32 even under a training autocast: on CPU these convolutions run slower in bfloat16
+        with torch.autocast(regions.device.type, enabled=False):
+            return self._forward(regions.float())
+
+    def _forward(self, regions: torch.Tensor) -> torch.Tensor:
         b, n, c = regions.shape
         side = self.cfg.grid_size
         x = regions.transpose(1, 2).reshape(b, c, side, side)
