@@ -56,7 +56,8 @@ def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
 def check_full_run(run: Path, args: argparse.Namespace) -> None:
     """The full run must be the recipe itself, on the whole train split."""
     recipe = load_train_config(args.config, [f"data={args.data}"]).to_dict()
-    used = json.loads((run / "config.json").read_text())
+    # a field added since the run was made took its default there (new fields keep the old behaviour)
+    used = {**load_train_config(None).to_dict(), **json.loads((run / "config.json").read_text())}
     differ = sorted(k for k in recipe if k not in WHERE and used.get(k) != recipe[k])
     if differ or used.get("max_train_images", 0):
         what = ", ".join(f"{k}={used.get(k)!r} (recipe {recipe[k]!r})" for k in differ) or "a train subset"
