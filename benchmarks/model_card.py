@@ -71,7 +71,7 @@ def tuned_text(cfg) -> str:
     top = TunedTop(cfg)
     weights = sum(p.numel() for p in top.parameters())
     return (f"{backbone_name(cfg)} frozen up to block {cfg.split}; its last {len(top.blocks)} blocks and head "
-            f"({weights / 1e6:.1f}M weights, from the same ImageNet weights) are trained with the decoder and "
+            f"({weights / 1e6:.1f}M weights, starting from its ImageNet weights) are trained with the decoder and "
             f"shipped with it")
 
 
@@ -159,8 +159,9 @@ Trained on 6000 photos of people, dogs and outdoor scenes from Flickr: it descri
 scenes best and will name things it has not seen as the nearest thing it knows. Captions can
 be wrong about gender, age, number and activity; do not use them as the only alt text for
 content where such errors matter without a person checking them. Its scores are bounded by
-those 6000 photos: the same recipe on half of them scores well below it on test, as each
-halving before did (the README's "How far the training photos go").
+those 6000 photos: the same recipe on the frozen encoder, trained on half of them, scores well
+below its full run on test, as each halving before did (the README's "How far the training
+photos go").
 """
     (REPO / "src" / "captioner" / "weights" / "MODEL_CARD.md").write_text(card)
     # Keep the run's own result files beside the README that quotes them (runs/ is not committed).
