@@ -584,8 +584,9 @@ class Ensemble(nn.Module):
 
 class WithTunedTop(nn.Module):
     """A decoder behind the trained top of its encoder (`encoders.TunedTop`): the cached
-    regions pass through `top` first, so search, SCST, ensembles of decoders and the CLI see the
-    same contract. `top` runs once per photo, before any beam or caption expands the batch."""
+    regions pass through `top` first, and search, SCST, training and the CLI use the same
+    contract as for any decoder. `top` runs once per photo, before any beam or caption expands
+    the batch. (Ensembles refuse such models: each member would need its own top.)"""
 
     def __init__(self, top: nn.Module, inner: nn.Module):
         super().__init__()
