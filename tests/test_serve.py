@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 from captioner.ab import assign  # noqa: E402
 from captioner.api import default_model_path  # noqa: E402
+from captioner.checkpoint import read_checkpoint  # noqa: E402
 from captioner.config import load_serve_config  # noqa: E402
 from captioner.feedback import FeedbackStore, client_hash  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
@@ -104,7 +105,8 @@ def test_upload_gives_caption_score_model_variant_and_id(served):
     assert body["caption"] and body["caption"] == body["caption"].lower() and len(body["caption"].split()) >= 3
     assert isinstance(body["score"], float) and body["score"] < 0
     assert len(body["alternatives"]) == 1 and body["alternatives"][0]["score"] <= body["score"]
-    assert body["model"] == "show-attend-tell" and len(body["model_version"]) == 12
+    # the served checkpoint's own model name (the shipped default's: its config and encoder)
+    assert body["model"] == read_checkpoint(default_model_path())["model"]["name"] and len(body["model_version"]) == 12
     assert body["experiment"] == "exp1" and body["variant"] in ("control", "candidate")
     assert len(body["caption_id"]) == 32 and "attention" not in body
 
