@@ -1,6 +1,7 @@
 """A tuned encoder top: the frozen backbone stops early, its last blocks and head train with
 the decoder, and are saved, shipped and run with it."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,6 +29,12 @@ def test_the_untrained_top_on_cached_regions_gives_the_frozen_backbones_regions(
         cached = bottom(images)
         assert cached.shape == (2, 49, get_encoder_config(TUNED).feature_dim)
         torch.testing.assert_close(top(cached), frozen(images), atol=1e-4, rtol=1e-4)
+
+
+def test_a_combined_encoder_with_a_tuned_top_is_refused_by_name():
+    combined = replace(get_encoder_config("efficientnet-lite0+lite2"), split=11)
+    with pytest.raises(ValueError, match="efficientnet-lite0\\+lite2.*tuned top"):
+        build_encoder(combined)
 
 
 def test_encoders_without_a_tuned_top_keep_their_dicts_and_so_their_feature_caches():

@@ -142,7 +142,6 @@ class TunedTop(nn.Module):
         self.blocks = nn.ModuleList(backbone._blocks[cfg.split:])
         self.conv_head, self.bn1 = backbone._conv_head, backbone._bn1
         self.act = backbone._swish
-        self.first = cfg.split
         self.eval()
 
     def train(self, mode: bool = True) -> "TunedTop":
@@ -150,16 +149,10 @@ class TunedTop(nn.Module):
 
     def load_pretrained(self) -> None:
         """The ImageNet weights of these blocks and the head, from the encoder's weights package."""
-        state = torch.load(weights_file(self.cfg), map_location="cpu", weights_only=True)
-        mine = {}
-        for key, value in state.items():
-            if key.startswith("_blocks."):
-                index, rest = key[len("_blocks."):].split(".", 1)
-                if int(index) >= self.first:
-                    mine[f"blocks.{int(index) - self.first}.{rest}"] = value
-            elif key.startswith(("_conv_head.", "_bn1.")):
-                mine[key[1:]] = value
-        self.load_state_dict(mine)
+        backbone = pretrained_backbone(self.cfg)
+        self.blocks.load_state_dict(nn.ModuleList(backbone._blocks[self.cfg.split:]).state_dict())
+        self.conv_head.load_state_dict(backbone._conv_head.state_dict())
+        self.bn1.load_state_dict(backbone._bn1.state_dict())
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         # float32 even under a training autocast: on CPU these convolutions run slower in bfloat16
@@ -226,10 +219,19 @@ def weights_file(cfg: EncoderConfig) -> Path:
     return files[0]
 
 
-def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
-    """Build the frozen encoder with its pretrained ImageNet weights (never downloaded)."""
+def pretrained_backbone(cfg: EncoderConfig) -> nn.Module:
+    """The whole EfficientNet of a single-backbone encoder, with its ImageNet weights (never downloaded)."""
     from efficientnet_lite_pytorch import EfficientNet
 
+    backbone = EfficientNet.from_name(cfg.arch)
+    backbone.load_state_dict(torch.load(weights_file(cfg), map_location="cpu", weights_only=True))
+    return backbone
+
+
+def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
+    """Build the frozen encoder with its pretrained ImageNet weights (never downloaded)."""
+    if cfg.split and cfg.parts:
+        raise ValueError(f"encoder {cfg.name}: a combined encoder cannot have a tuned top")
     if cfg.parts:
         parts = [get_encoder_config(p) for p in cfg.parts]
         for part in parts:  # the photo is preprocessed once, by the combined config, for every part
@@ -238,9 +240,4 @@ def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
                                  f"/ {part.std:g}, the combined encoder as (rgb - {cfg.mean:g}) / {cfg.std:g}")
         return CombinedEncoder(cfg, [build_encoder(p) for p in parts])
 
-    if cfg.split and cfg.parts:
-        raise ValueError(f"encoder {cfg.name}: a combined encoder cannot have a tuned top")
-    backbone = EfficientNet.from_name(cfg.arch)
-    state = torch.load(weights_file(cfg), map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state)
-    return Encoder(cfg, backbone)
+    return Encoder(cfg, pretrained_backbone(cfg))
