@@ -25,43 +25,38 @@ from captioner.model import get_model_config, list_models
 REPO = Path(__file__).resolve().parents[1]
 
 
-def step_ms(name: str, bf16: bool, repeats: int) -> float:
-    torch.manual_seed(0)
-    cfg = get_model_config(name)
-    decoder = build_decoder(cfg.decoder, cfg.decoder_params, 2538, 1280).train()
-    optimizer = torch.optim.Adam(decoder.parameters(), 1e-4)
-    feats, tokens = torch.randn(10, 49, 1280), torch.randint(4, 2538, (50, 14))
-    rows = torch.arange(10).repeat_interleave(5)
+def median_step_ms(loss_fn, params, bf16: bool, repeats: int) -> float:
+    """Median ms of forward (`loss_fn()`, under bf16 autocast or not), backward and Adam."""
+    optimizer = torch.optim.Adam(params, 1e-4)
     times = []
     for _ in range(repeats + 1):  # the first is warm-up
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = decoder(feats, tokens, rows)
-        loss = logits.float().logsumexp(-1).mean()
+            loss = loss_fn()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times[1:])
+
+
+def step_ms(name: str, bf16: bool, repeats: int) -> float:
+    torch.manual_seed(0)
+    cfg = get_model_config(name)
+    decoder = build_decoder(cfg.decoder, cfg.decoder_params, 2538, 1280).train()
+    feats, tokens = torch.randn(10, 49, 1280), torch.randint(4, 2538, (50, 14))
+    rows = torch.arange(10).repeat_interleave(5)
+    return median_step_ms(lambda: decoder(feats, tokens, rows).float().logsumexp(-1).mean(),
+                          decoder.parameters(), bf16, repeats)
 
 
 def top_step_ms(encoder: str, bf16: bool, repeats: int) -> float:
     torch.manual_seed(0)
     cfg = ENCODERS[encoder]
     top = TunedTop(cfg)
-    optimizer = torch.optim.Adam(top.parameters(), 1e-4)
     feats = torch.randn(10, cfg.grid_size ** 2, cfg.feature_dim)
-    times = []
-    for _ in range(repeats + 1):  # the first is warm-up
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            regions = top._forward(feats)  # the convolutions in the autocast's precision
-        loss = regions.float().square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times[1:])
+    # _forward: the convolutions in the autocast's precision (forward() keeps them in float32)
+    return median_step_ms(lambda: top._forward(feats).float().square().mean(), top.parameters(), bf16, repeats)
 
 
 def main(argv=None) -> dict:
