@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from captioner.api import Captioner
-from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
 from captioner.data import ImageRecord
 from captioner.encoders import EncoderConfig, TunedTop, build_encoder, get_encoder_config
 from captioner.ensemble import ensemble_checkpoint
-from captioner.errors import CheckpointError
 from captioner.model import CaptionModel, get_model_config
 from captioner.train import _build, configured_model, param_groups, train
 from captioner.vocab import Vocab
@@ -20,14 +19,15 @@ from test_train_smoke import tiny_config
 TUNED = "efficientnet-lite0-tuned"
 
 
-def test_the_untrained_top_on_cached_regions_gives_the_frozen_backbones_regions():
-    frozen, bottom = build_encoder(get_encoder_config("efficientnet-lite0")), build_encoder(get_encoder_config(TUNED))
-    top = TunedTop(get_encoder_config(TUNED))
+@pytest.mark.parametrize("name", [TUNED, "efficientnet-lite0-tuned8"])
+def test_the_untrained_top_on_cached_regions_gives_the_frozen_backbones_regions(name):
+    frozen, bottom = build_encoder(get_encoder_config("efficientnet-lite0")), build_encoder(get_encoder_config(name))
+    top = TunedTop(get_encoder_config(name))
     top.load_pretrained()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         cached = bottom(images)
-        assert cached.shape == (2, 49, get_encoder_config(TUNED).feature_dim)
+        assert cached.shape == (2, 49, get_encoder_config(name).feature_dim)
         torch.testing.assert_close(top(cached), frozen(images), atol=1e-4, rtol=1e-4)
 
 
@@ -84,8 +84,37 @@ def test_a_tuned_model_round_trips_through_a_half_precision_checkpoint(tmp_path)
         torch.testing.assert_close(loaded(feats, tokens), model(feats, tokens), atol=0.05, rtol=0.05)
         moved = [(a - b).abs().max() for a, b in zip(loaded.decoder.top.parameters(), model.decoder.top.parameters())]
     assert max(moved) < 0.01  # fp16 rounding only
-    with pytest.raises(CheckpointError, match="m.pt.*tuned top"):
-        ensemble_checkpoint([tmp_path / "m.pt", tmp_path / "m.pt"])
+
+
+def _tuned_model(seed: int, vocab: Vocab) -> CaptionModel:
+    torch.manual_seed(seed)
+    cfg = get_model_config("show-attend-tell")
+    model = CaptionModel(cfg.__class__(**{**cfg.to_dict(), "encoder": TUNED}), vocab)
+    with torch.no_grad():
+        for p in model.decoder.top.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_tuned_models_join_an_ensemble_each_with_its_own_top(tmp_path):
+    vocab = Vocab.build(["a dog runs"] * 5, 1)
+    members = [_tuned_model(seed, vocab) for seed in (0, 1)]
+    for i, m in enumerate(members):
+        save_checkpoint(tmp_path / f"m{i}.pt", m)
+    write_checkpoint(ensemble_checkpoint([tmp_path / "m0.pt", tmp_path / "m1.pt"]), tmp_path / "pair.pt")
+    pair, _ = load_checkpoint(tmp_path / "pair.pt")
+    assert not hasattr(pair.decoder, "top")  # no shared top: each member runs its own
+    for joined, alone in zip(pair.decoder.members, members):
+        for (name, a), b in zip(joined.top.state_dict().items(), alone.decoder.top.state_dict().values()):
+            assert torch.equal(a, b), name
+    feats, tokens = torch.randn(2, 49, 448), torch.randint(0, len(vocab), (2, 5))
+    with torch.no_grad():
+        mean = torch.stack([m(feats, tokens).softmax(-1) for m in members]).mean(0)
+        torch.testing.assert_close(pair.eval()(feats, tokens).exp(), mean, atol=1e-5, rtol=1e-4)
+    # fine-tuning the pair trains both tops at the scaled rate
+    groups = param_groups(pair, tiny_config(tmp_path, tmp_path / "run", "show-attend-tell", encoder=TUNED))
+    assert {id(p) for p in groups[1]["params"]} == {
+        id(p) for m in pair.decoder.members for p in m.top.parameters()}
 
 
 def test_a_tuned_model_trains_both_stages_saves_and_captions(tiny_data, tiny_model_file, tmp_path):

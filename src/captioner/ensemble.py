@@ -12,7 +12,8 @@ from .errors import CheckpointError, ConfigError
 def ensemble_checkpoint(paths: list[str | Path], name: str = "") -> dict:
     """One checkpoint dict from member checkpoints that share a vocab and an encoder.
 
-    The members keep their own decoder configs and weights (stored under `members.I.`); the
+    The members keep their own decoder configs and weights (stored under `members.I.`), a tuned
+    encoder top included (each member runs its own on the shared cached regions); the
     ensemble starts with plain beam settings (length penalty 1.0, no n-gram blocking), to be
     tuned on dev like any model's.
     """
@@ -28,10 +29,6 @@ def ensemble_checkpoint(paths: list[str | Path], name: str = "") -> dict:
         if ckpt["vocab"] != first["vocab"]:
             raise CheckpointError(f"its vocabulary differs from {first_path.name}'s; ensemble members must "
                                   f"share one (train them on the same data with the same min_word_count)", path)
-        if ckpt["encoder"].get("split"):
-            raise CheckpointError(f"its encoder ({ckpt['encoder'].get('name')}) has a tuned top, trained with its "
-                                  f"decoder; ensemble members share one frozen encoder's features, so a model "
-                                  f"with a tuned top cannot join an ensemble", path)
         if ckpt["encoder"] != first["encoder"]:
             raise CheckpointError(f"its encoder ({ckpt['encoder'].get('name')}) differs from "
                                   f"{first_path.name}'s ({first['encoder'].get('name')}); ensemble members "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .decode import Hypotheses, Samples, SearchConfig, beam_search, sample
-from .decoders import WithTunedTop, build_decoder
+from .decoders import Ensemble, WithTunedTop, build_decoder
 from .encoders import EncoderConfig, TunedTop, get_encoder_config
 from .errors import ConfigError
 from .vocab import Vocab
@@ -70,8 +70,13 @@ class CaptionModel(nn.Module):
         self.vocab = vocab
         self.encoder_cfg = encoder_cfg or get_encoder_config(cfg.encoder)
         decoder = build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), self.encoder_cfg.region_dim)
-        # with a tuned encoder top, the decoder holds it: it is trained, saved and shipped with it
-        self.decoder = WithTunedTop(TunedTop(self.encoder_cfg), decoder) if self.encoder_cfg.split else decoder
+        # with a tuned encoder top, the decoder holds it: it is trained, saved and shipped with it;
+        # in an ensemble each member holds the top it was trained with
+        if self.encoder_cfg.split and isinstance(decoder, Ensemble):
+            decoder.members = nn.ModuleList(WithTunedTop(TunedTop(self.encoder_cfg), m) for m in decoder.members)
+        elif self.encoder_cfg.split:
+            decoder = WithTunedTop(TunedTop(self.encoder_cfg), decoder)
+        self.decoder = decoder
         # Beam ranking exponent this model was tuned with on dev; saved with its checkpoint.
         self.length_penalty = 1.0
         self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)

@@ -24,7 +24,7 @@ from .data import CaptionDataset, DataOptions, ImageRecord, load_dataset
 from .decode import SearchConfig
 from .distributed import DistEnv, all_sum, barrier, broadcast, gather_lists, setup, shard
 from .evaluate import decode_records
-from .encoders import get_encoder_config
+from .encoders import TunedTop, get_encoder_config
 from .errors import ConfigError
 from .features import FeatureCache, build_cache
 from .files import atomic_write_text, remove_stale_temps
@@ -487,13 +487,15 @@ def configured_model(cfg: TrainConfig) -> ModelConfig:
 
 
 def param_groups(model: CaptionModel, cfg: TrainConfig) -> list[dict]:
-    """The decoder's weights for Adam; a tuned encoder top's in a group of their own, whose
-    learning rate is `encoder_lr_scale` times the decoder's (pretrained weights move slowly)."""
-    decoder = model.decoder
-    if not model.encoder_cfg.split:
-        return [{"params": list(decoder.parameters()), "lr_scale": 1.0}]
-    return [{"params": list(decoder.inner.parameters()), "lr_scale": 1.0},
-            {"params": list(decoder.top.parameters()), "lr_scale": cfg.encoder_lr_scale}]
+    """The decoder's weights for Adam; a tuned encoder top's (every member's, in an ensemble) in
+    a group of their own, whose learning rate is `encoder_lr_scale` times the decoder's
+    (pretrained weights move slowly)."""
+    in_tops = {id(p) for m in model.decoder.modules() if isinstance(m, TunedTop) for p in m.parameters()}
+    params = list(model.decoder.parameters())
+    groups = [{"params": [p for p in params if id(p) not in in_tops], "lr_scale": 1.0}]
+    if in_tops:
+        groups.append({"params": [p for p in params if id(p) in in_tops], "lr_scale": cfg.encoder_lr_scale})
+    return groups
 
 
 def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord],
