@@ -66,14 +66,20 @@ def test_a_fresh_run_starts_the_top_from_imagenet_and_trains_it_at_a_scaled_rate
     assert [g["lr_scale"] for g in param_groups(plain_model, plain)] == [1.0]
 
 
-def test_a_tuned_model_round_trips_through_a_half_precision_checkpoint(tmp_path):
-    torch.manual_seed(0)
+def _tuned_model(seed: int, vocab: Vocab) -> CaptionModel:
+    """A tuned show-attend-tell whose top is the package's weights plus noise, as if trained."""
+    torch.manual_seed(seed)
     cfg = get_model_config("show-attend-tell")
-    model = CaptionModel(cfg.__class__(**{**cfg.to_dict(), "encoder": TUNED}), Vocab.build(["a dog runs"] * 5, 1))
+    model = CaptionModel(cfg.__class__(**{**cfg.to_dict(), "encoder": TUNED}), vocab)
     model.decoder.top.load_pretrained()
     with torch.no_grad():
         for p in model.decoder.top.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # as if trained: no longer the package's weights
+            p.add_(0.01 * torch.randn_like(p))  # no longer the package's weights
+    return model.eval()
+
+
+def test_a_tuned_model_round_trips_through_a_half_precision_checkpoint(tmp_path):
+    model = _tuned_model(0, Vocab.build(["a dog runs"] * 5, 1))
     save_checkpoint(tmp_path / "m.pt", model, half=True)
     assert any(k.startswith("top.") for k in read_checkpoint(tmp_path / "m.pt")["decoder_state"])
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
@@ -84,16 +90,6 @@ def test_a_tuned_model_round_trips_through_a_half_precision_checkpoint(tmp_path)
         torch.testing.assert_close(loaded(feats, tokens), model(feats, tokens), atol=0.05, rtol=0.05)
         moved = [(a - b).abs().max() for a, b in zip(loaded.decoder.top.parameters(), model.decoder.top.parameters())]
     assert max(moved) < 0.01  # fp16 rounding only
-
-
-def _tuned_model(seed: int, vocab: Vocab) -> CaptionModel:
-    torch.manual_seed(seed)
-    cfg = get_model_config("show-attend-tell")
-    model = CaptionModel(cfg.__class__(**{**cfg.to_dict(), "encoder": TUNED}), vocab)
-    with torch.no_grad():
-        for p in model.decoder.top.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model.eval()
 
 
 def test_tuned_models_join_an_ensemble_each_with_its_own_top(tmp_path):
