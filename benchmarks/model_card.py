@@ -133,6 +133,9 @@ def main(run: Path) -> None:
     if scst:
         recipe += (f", then {len(scst)} self-critical (SCST) epochs on CIDEr-D with the {config['scst_baseline']} "
                    f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
+    if config.get("mirror_prob", 0) > 0:
+        recipe += (f"; in every epoch of both stages each training photo is seen as its mirror image (its captions' "
+                   f"left and right swapped) with probability {config['mirror_prob']}")
     card = f"""# Model card: captioner default (`{config['model']}`)
 
 **Architecture.** {model_cfg['description']} {encoder_text(config.get('encoder') or model_cfg['encoder'])}
