@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
     batch = cap.encode(photos * 8)  # 32 photos' features
     t = median_ms(lambda: cap.model.generate(batch, SearchConfig(beam_size=3)), max(3, args.repeats // 5))
     rows["beam3_decode_batch32_ms_per_image"] = round(t / len(batch), 2)
-    result = {"model": cap.info["path"].replace(str(REPO) + "/", ""), "photos": [ph.name for ph in photos],
+    result = {"model": cap.info["path"].replace(str(REPO) + "/", ""),
+              "model_mb": round(Path(cap.info["path"]).stat().st_size / 1e6, 1), "photos": [ph.name for ph in photos],
               "precision": cap.precision, "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "machine": platform.machine(), **rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
