@@ -377,8 +377,8 @@ def readme_block(result: dict) -> str:
             f"{result['valid_latency_ms']['p99']} |",
             "",
             f"{'Passed' if passed(result) else 'FAILED'}: zero 5xx, zero lost rows, every bad request its own 4xx, "
-            f"store integrity {result['store_integrity']}, API key never in the log. {result['note']} "
-            f"Command: `{result['command']}`; source: `benchmarks/results/soak.json`."]
+            f"store integrity {result['store_integrity']}, API key never in the log. "
+            f"{result['note'] + ' ' if result['note'] else ''}Command: `{result['command']}`; source: `benchmarks/results/soak.json`."]
     return "\n".join(rows)
 
 
