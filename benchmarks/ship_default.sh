@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # From a finished training run to the shipped default model: pick the beam length penalty
-# and n-gram blocking on dev, score the result on the Flickr8k test split, and export it.
+# and n-gram blocking on dev (or take them from SEARCH_FROM), score the result on the Flickr8k test split, and export it.
 #   bash benchmarks/ship_default.sh [DATA_DIR] [RUN_DIR]
 # Writes RUN_DIR/length_penalty.json, RUN_DIR/model.pt, RUN_DIR/test_scores.json,
 # RUN_DIR/captions-test.json and src/captioner/weights/default.pt (fp16, test scores inside).
@@ -13,8 +13,26 @@ EXPORT_TO=${EXPORT_TO:-src/captioner/weights/default.pt}
 # The decoder precision the model is scored and shipped with: bf16 runs its matrix products on
 # bfloat16 weights where the CPU has native bf16 (fp32 elsewhere); see src/captioner/precision.py.
 PRECISION=${PRECISION:-bf16}
-python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
-  --out "$RUN/length_penalty.json"
+# A refit (`train_on_dev`) has trained on dev, so dev cannot tune its search: it takes the one
+# tuned for the train-only run it refits, SEARCH_FROM=<that run's length_penalty.json>.
+SEARCH_FROM=${SEARCH_FROM:-}
+if [ -n "$SEARCH_FROM" ]; then
+  python3 - "$SEARCH_FROM" "$RUN/length_penalty.json" <<'PY'
+import json, sys
+tuned = json.load(open(sys.argv[1]))
+out = {"split": tuned["split"], "beam_size": tuned["beam_size"], "taken_from": sys.argv[1],
+       "best_length_penalty": tuned["best_length_penalty"], "best_no_repeat_ngram": tuned["best_no_repeat_ngram"]}
+open(sys.argv[2], "w").write(json.dumps(out, indent=2) + "\n")
+PY
+elif python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('train_on_dev') else 1)" \
+    "$RUN/config.json"; then
+  echo "error: $RUN/config.json has train_on_dev: dev cannot tune its search; set SEARCH_FROM to the" \
+    "length_penalty.json of the train-only run it refits" >&2
+  exit 2
+else
+  python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
+    --out "$RUN/length_penalty.json"
+fi
 best() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/length_penalty.json" "$1"; }
 captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$(best best_length_penalty)" \
   --no-repeat-ngram "$(best best_no_repeat_ngram)" --precision "$PRECISION"

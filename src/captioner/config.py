@@ -44,6 +44,10 @@ class TrainConfig:
     val_max_len: int = 25  # words generated at most
     length_penalty: float = 1.0  # beam ranking: sum(logprob) / length ** length_penalty
     patience: int = 3  # epochs without a dev CIDEr gain before stopping early
+    # A final refit: the dev photos join the training set (vocabulary, batches, SCST reward and
+    # mirror images included). Dev can then no longer judge the model, so each stage keeps its
+    # last epoch and nothing stops early; dev is still scored each epoch, for the log only.
+    train_on_dev: bool = False
     scst_epochs: int = 0  # self-critical epochs on CIDEr-D after cross-entropy (0 = none)
     scst_lr: float = 2e-5  # constant Adam learning rate during self-critical training
     scst_samples: int = 5  # captions sampled per image per step

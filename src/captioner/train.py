@@ -63,18 +63,27 @@ def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = 
 def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
                    env: DistEnv | None = None, mirror: bool = False) -> FeatureCache:
     """Fill (or reuse) the feature cache of every photo of `dataset`, or with `mirror` that of
-    the train photos' mirror images."""
+    the training photos' mirror images."""
     enc = get_encoder_config(encoder or configured_model(cfg).encoder)
-    records = dataset.split("train") if mirror else dataset.records
+    records = training_records(dataset, cfg) if mirror else dataset.records
     return build_cache(dataset.image_dir, [r.image for r in records], enc,
                        Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
                        progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers,
                        mirror=mirror)
 
 
+def training_records(dataset: CaptionDataset, cfg: TrainConfig) -> list[ImageRecord]:
+    """The photos a run trains on: the train split (its first `max_train_images`), and the dev
+    split too with `train_on_dev`."""
+    records = dataset.split("train")
+    if cfg.max_train_images:
+        records = records[:cfg.max_train_images]
+    return records + dataset.split("dev") if cfg.train_on_dev else records
+
+
 def mirror_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | None = None,
                     env: DistEnv | None = None) -> FeatureCache | None:
-    """The train photos' mirror-image cache where `cfg.mirror_prob` > 0 (filled if need be), else None."""
+    """The training photos' mirror-image cache where `cfg.mirror_prob` > 0 (filled if need be), else None."""
     return cache_features(dataset, cfg, encoder, env, mirror=True) if cfg.mirror_prob > 0 else None
 
 
@@ -565,6 +574,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
              model_cfg.name, sum(p.numel() for p in model.decoder.parameters()), len(model.vocab),
              len(train_recs), len(dev_recs),
              f"; {env.world_size} processes (DDP), {env.device}" if env.distributed else f"; {env.device}")
+    if cfg.train_on_dev:
+        log.info("train_on_dev: the %d dev images are in the training set; each stage keeps its last epoch "
+                 "and dev scores are for the log only", len(prepared.dataset.split("dev")))
     # The log restarts from what last.pt knows: a kill after an epoch's log line but before its
     # checkpoint leaves no orphan line behind.
     if env.is_main:
@@ -614,10 +626,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
 
 
 def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    train_recs = prepared.dataset.split("train")
+    train_recs = training_records(prepared.dataset, cfg)
     dev_recs = prepared.dataset.split("dev")
-    if cfg.max_train_images:
-        train_recs = train_recs[:cfg.max_train_images]
     if cfg.max_val_images:
         dev_recs = dev_recs[:cfg.max_val_images]
     if not train_recs or not dev_recs:
@@ -640,7 +650,7 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
     record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
     progress.history.append(record)
     progress.epoch = record["epoch"]
-    improved = dev["CIDEr"] > progress.best
+    improved = dev["CIDEr"] > progress.best or cfg.train_on_dev  # a refit keeps every stage's last epoch
     if improved:
         progress.best, progress.stale = dev["CIDEr"], 0
     else:
@@ -657,7 +667,8 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
     raw = f" (raw weights: CIDEr {record['dev_raw']['CIDEr']:.4f})" if "dev_raw" in record else ""
     log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s%s (%.0fs train, %.0fs val)", record["epoch"], what,
-             dev["Bleu_4"], dev["CIDEr"], raw, " *best*" if improved else "", record["train_seconds"],
+             dev["Bleu_4"], dev["CIDEr"], raw,
+             (" *kept*" if cfg.train_on_dev else " *best*") if improved else "", record["train_seconds"],
              record["val_seconds"])
     write_checkpoint({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
