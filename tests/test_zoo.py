@@ -68,6 +68,11 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path):
     tied = runs.load_run(run)
     assert (tied["model"], tied["encoder"]) == ("show-attend-tell-tied", "efficientnet-lite0")
 
+    # a refit has trained on dev: its dev scores are not shown as if they judged it
+    (run / "config.json").write_text(json.dumps({"model": "show-tell", "train_on_dev": True}))
+    refit_line = runs.markdown([runs.load_run(run)]).splitlines()[-1]
+    assert "| 1+1 | – (refit: dev trained on) | 0.210 |" in refit_line and "(epoch" not in refit_line
+
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
     runs.write_readme(runs.markdown([row]), readme)
@@ -89,6 +94,18 @@ def test_model_card_describes_the_runs_own_encoder():
     assert "resized to 260×260 px with its 9×9 grid average-pooled to 7×7" in combined
     single = card.encoder_text("efficientnet-lite1")
     assert "EfficientNet-Lite1" in single and "Lite0" not in single and "8×8 grid of 1280-d" in single
+    sys.modules.pop("model_card", None)
+
+
+def test_model_card_says_how_a_refit_kept_its_epoch_and_search():
+    card = load_benchmark("model_card")
+    history = [{"epoch": 1, "dev": {"CIDEr": 0.7}}, {"epoch": 2, "dev": {"CIDEr": 0.6}}]
+    lp = {"best_length_penalty": 1.0, "best_no_repeat_ngram": 3}
+    plain = card.how_kept({}, history, lp)
+    assert "best dev CIDEr-D during training 0.700, epoch 1" in plain and "chosen on dev." in plain
+    refit = card.how_kept({"train_on_dev": True}, history, {**lp, "taken_from": "x/length_penalty.json"})
+    assert "best dev" not in refit and "each stage's last epoch kept" in refit
+    assert "chosen on dev for the train-only run it refits (`x/length_penalty.json`)" in refit
     sys.modules.pop("model_card", None)
 
 
