@@ -3,7 +3,8 @@
 # length penalty and n-gram blocking on dev, score the model on the Flickr8k test split, and ship it.
 #   bash benchmarks/retrain_default.sh [DATA_DIR] [RUN_DIR]
 # CONFIG=configs/flickr8k-transformer.json EXPORT_TO=runs/transformer/model-fp16.pt bash ... runs another
-# recipe the same way without replacing the shipped model.
+# recipe the same way without replacing the shipped model. The default recipe is a refit on
+# train + dev, so it runs as SEARCH_FROM=benchmarks/results/tuned-mirror/length_penalty.json bash ...
 # Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here),
 # RUN_DIR/length_penalty.json, RUN_DIR/test_scores.json, RUN_DIR/captions-test.json, and the
 # shipped model src/captioner/weights/default.pt (fp16, with its test scores inside).
@@ -12,6 +13,14 @@ DATA=${1:-../shared/data/flickr8k}
 RUN=${2:-runs/default}
 CONFIG=${CONFIG:-configs/flickr8k-default.json}
 CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
+# A refit (`train_on_dev`) takes its beam search from the train-only run it refits: say which
+# before training starts, not after it (see ship_default.sh).
+if [ -z "${SEARCH_FROM:-}" ] && python3 -c \
+    "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('train_on_dev') else 1)" "$CONFIG"; then
+  echo "error: $CONFIG has train_on_dev: set SEARCH_FROM to the length_penalty.json of the train-only run" \
+    "it refits (the default's: benchmarks/results/tuned-mirror/length_penalty.json)" >&2
+  exit 2
+fi
 mkdir -p "$RUN"
 rm -rf "$CACHE"
 now() { date +%s.%N; }

@@ -1,6 +1,9 @@
 """`train_on_dev`: a final refit on the train and dev photos together, keeping each stage's
 last epoch, since dev can no longer judge a model trained on it."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,43 @@ def test_train_on_dev_is_a_config_switch():
     from captioner.config import load_train_config
     assert load_train_config(None, []).train_on_dev is False
     assert load_train_config(None, ["train_on_dev=true"]).train_on_dev is True
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bash(script: str, *args, env=None):
+    return subprocess.run(["bash", str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_ship_default_refuses_to_tune_a_refit_on_dev(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train_on_dev": True}))
+    done = _bash("ship_default.sh", tmp_path / "data", run)
+    assert done.returncode == 2 and "train_on_dev" in done.stderr and "SEARCH_FROM" in done.stderr
+    assert not (run / "length_penalty.json").exists()
+
+
+def test_ship_default_takes_a_refits_search_from_the_train_only_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train_on_dev": True}))
+    tuned = tmp_path / "length_penalty.json"
+    tuned.write_text(json.dumps({"split": "dev", "beam_size": 3, "best_length_penalty": 0.5,
+                                 "best_no_repeat_ngram": 3, "table": []}))
+    done = _bash("ship_default.sh", tmp_path / "data", run, env={"SEARCH_FROM": str(tuned)})
+    assert done.returncode != 0  # no best.pt to export: it stops there, after taking the search
+    taken = json.loads((run / "length_penalty.json").read_text())
+    assert taken == {"split": "dev", "beam_size": 3, "taken_from": str(tuned), "best_length_penalty": 0.5,
+                     "best_no_repeat_ngram": 3}
+
+
+def test_retrain_default_refuses_a_refit_without_its_search_before_training(tmp_path):
+    config = tmp_path / "refit.json"
+    config.write_text(json.dumps({"train_on_dev": True}))
+    run = tmp_path / "run"
+    done = _bash("retrain_default.sh", tmp_path / "data", run, env={"CONFIG": str(config), "SEARCH_FROM": ""})
+    assert done.returncode == 2 and "SEARCH_FROM" in done.stderr
+    assert not run.exists()  # nothing prepared, nothing trained
