@@ -155,11 +155,13 @@ def main(run: Path) -> None:
                      "models quoted below\ntrained on the 6000 alone. It is")
         command = f"SEARCH_FROM={lp.get('taken_from', '?')} bash benchmarks/retrain_default.sh"
         kept_text = "Dev is part of the training set, so each stage keeps its last epoch."
+        refit_note = ", which also says what the dev photos added here"
     else:
         data_text = ("6000 training photos with\n5 captions each, model selected on the 1000 dev photos by "
                      "CIDEr-D of real beam-3 decoding,")
         command = "bash benchmarks/retrain_default.sh"
         kept_text = "The checkpoint kept is the one with the best dev CIDEr-D."
+        refit_note = ""
     card = f"""# Model card: captioner default (`{config['model']}`)
 
 **Architecture.** {model_cfg['description']} {encoder_text(config.get('encoder') or model_cfg['encoder'])}
@@ -185,9 +187,9 @@ Trained on {photos} photos of people, dogs and outdoor scenes from Flickr: it de
 scenes best and will name things it has not seen as the nearest thing it knows. Captions can
 be wrong about gender, age, number and activity; do not use them as the only alt text for
 content where such errors matter without a person checking them. Its scores are bounded by
-those {photos} photos: the same recipe on the frozen encoder, trained on half of them, scores well
-below its full run on test, as each halving before did (the README's "How far the training
-photos go").
+the photos it learned from: the same recipe on the frozen encoder, trained on half of the
+train split, scores well below its full run on test, as each halving before did (the README's
+"How far the training photos go"{refit_note}).
 """
     (REPO / "src" / "captioner" / "weights" / "MODEL_CARD.md").write_text(card)
     # Keep the run's own result files beside the README that quotes them (runs/ is not committed).
