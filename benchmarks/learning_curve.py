@@ -2,7 +2,7 @@
 training photos for several N, each scored on the whole test split; writes the README block.
 
     python benchmarks/learning_curve.py [--sizes 750,1500,3000] [--full-run runs/default]
-        [--config configs/flickr8k-default.json] [--data ../shared/data/flickr8k]
+        [--config configs/flickr8k-tuned-mirror.json] [--data ../shared/data/flickr8k]
         [--cache-dir runs/default/cache] [--runs runs/learning-curve]
         [--results benchmarks/results/learning_curve.json] [--target 0.65] [--no-readme] [--force]
 
@@ -11,7 +11,8 @@ split, all their captions; the vocabulary is built from those captions) into RUN
 for early stopping and choosing the best epoch, and test stay whole. `--full-run` adds a run of
 the same recipe on the whole train split that already exists (the shipped default's
 `retrain_default.sh` run), scored the same way instead of training it again; its config is
-checked against the recipe first.
+checked against the recipe first. A refit recipe (`train_on_dev`) is refused: its runs would
+train on dev too; give the train-only recipe it refits (the default's: flickr8k-tuned-mirror.json).
 
 Both ends of each run are scored with the plain beam search (beam 3, length penalty 1, no n-gram
 blocking, as `scst_gain.py` does): the best cross-entropy weights (`best-xe.pt`) and the final
@@ -121,7 +122,7 @@ def readme_block(rows: list[dict], config: str, target: float = 0.65) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/flickr8k-default.json")
+    p.add_argument("--config", default="configs/flickr8k-tuned-mirror.json")
     p.add_argument("--sizes", default="750,1500,3000", help="train photos per run, comma-separated")
     p.add_argument("--full-run", default=None, help="a finished run of the recipe on the whole train split")
     p.add_argument("--data", default="../shared/data/flickr8k")
@@ -132,6 +133,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
     p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
     args = p.parse_args(argv)
+    if load_train_config(args.config).train_on_dev:
+        p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev too; give the "
+                f"train-only recipe it refits")
     if args.full_run and not (Path(args.full_run) / "config.json").is_file():
         p.error(f"--full-run {args.full_run}: no config.json there (not a run folder)")
     results = Path(args.results)

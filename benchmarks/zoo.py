@@ -4,7 +4,8 @@
         [--epochs 5] [--scst-epochs 0] [--data ../shared/data/flickr8k] [--runs runs/zoo] [--force]
 
 Each pair trains with configs/flickr8k-default.json and the given epoch counts (the same budget
-for every model), is scored by `captioner evaluate`'s code on the 1000 test photos (beam 3),
+for every model) on the train split alone (the default recipe's refit on dev is switched off:
+dev chooses each pair's epoch), is scored by `captioner evaluate`'s code on the 1000 test photos (beam 3),
 and timed for one-photo captioning like benchmarks/latency.py. Rows are kept in
 benchmarks/results/zoo.json (a pair already there is skipped unless --force, so the script can
 be run a few models at a time), and the README's zoo block is rewritten from that file beside
@@ -37,7 +38,7 @@ def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
     out = runs / f"{name}@{encoder}"
     overrides = [f"model={name}", f"encoder={encoder}", f"data={args.data}", f"out={out}",
                  f"cache_dir={args.cache_dir}", f"epochs={args.epochs}", f"scst_epochs={args.scst_epochs}",
-                 "progress=false"]
+                 "train_on_dev=false", "progress=false"]
     cfg = load_train_config(REPO / "configs" / "flickr8k-default.json", overrides)
     t = time.time()
     prepare(cfg)  # features once per encoder (timed in extraction_minutes)

@@ -96,3 +96,12 @@ def test_same_run_compares_weights_and_scores_but_not_timings(tmp_path):
     torch.save({"weights": state}, tmp_path / "foreign.pt")
     with pytest.raises(SystemExit, match="foreign.pt: not a captioner model file"):
         same_run.main([str(tmp_path / "a.pt"), str(tmp_path / "foreign.pt")])
+
+
+def test_a_refit_recipe_is_refused_before_anything_trains(curve):
+    module, args, tmp = curve
+    recipe = tmp / "recipe.json"
+    recipe.write_text(json.dumps({**json.loads(recipe.read_text()), "train_on_dev": True}))
+    with pytest.raises(SystemExit):
+        module.main(args + ["--sizes", "3"])
+    assert not (tmp / "runs").exists()

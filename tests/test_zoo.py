@@ -19,6 +19,9 @@ def test_zoo_writes_a_scored_row_per_model(tmp_path):
     row = json.loads(results.read_text())[0]
     assert set(row["test"]) >= {"Bleu_4", "CIDEr", "ROUGE_L"}
     assert row["params_millions"] > 0 and row["caption_beam3_ms"] > 0
+    # the default recipe is a refit on dev; the zoo trains on the train split alone, chosen on dev
+    assert json.loads((tmp_path / "runs" / "show-tell@efficientnet-lite0" / "config.json").read_text())[
+        "train_on_dev"] is False
     assert "show-tell (efficientnet-lite0, 1+0 epochs; measured)" in zoo.readme_block(rows)
     assert zoo.main(args) == rows  # a pair already measured is not run again
     assert (REPO / "README.md").read_text() == readme_before
