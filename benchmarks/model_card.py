@@ -149,7 +149,7 @@ def main(run: Path) -> None:
                    f"left and right swapped) with probability {config['mirror_prob']}")
     photos = "7000" if refit else "6000"
     if refit:
-        data_text = ("7000 training photos with 5 captions each: the 6000 of the train split and the 1000 "
+        data_text = (f"{photos} training photos with 5 captions each: the 6000 of the train split and the 1000 "
                      "dev photos\n(a final refit, `train_on_dev`). The recipe, its epoch counts and the beam "
                      "settings were\nchosen on dev with train-only runs before the refit; the published "
                      "models quoted below\ntrained on the 6000 alone. It is")
@@ -157,7 +157,7 @@ def main(run: Path) -> None:
         kept_text = "Dev is part of the training set, so each stage keeps its last epoch."
         refit_note = ", which also says what the dev photos added here"
     else:
-        data_text = ("6000 training photos with\n5 captions each, model selected on the 1000 dev photos by "
+        data_text = (f"{photos} training photos with\n5 captions each, model selected on the 1000 dev photos by "
                      "CIDEr-D of real beam-3 decoding,")
         command = "bash benchmarks/retrain_default.sh"
         kept_text = "The checkpoint kept is the one with the best dev CIDEr-D."

@@ -21,6 +21,10 @@ if [ -z "${SEARCH_FROM:-}" ] && python3 -c \
     "it refits (the default's: benchmarks/results/tuned-mirror/length_penalty.json)" >&2
   exit 2
 fi
+if [ -n "${SEARCH_FROM:-}" ] && [ ! -f "$SEARCH_FROM" ]; then
+  echo "error: SEARCH_FROM=$SEARCH_FROM: no such file (give a run's length_penalty.json)" >&2
+  exit 2
+fi
 mkdir -p "$RUN"
 rm -rf "$CACHE"
 now() { date +%s.%N; }

@@ -16,7 +16,10 @@ PRECISION=${PRECISION:-bf16}
 # A refit (`train_on_dev`) has trained on dev, so dev cannot tune its search: it takes the one
 # tuned for the train-only run it refits, SEARCH_FROM=<that run's length_penalty.json>.
 SEARCH_FROM=${SEARCH_FROM:-}
-if [ -n "$SEARCH_FROM" ]; then
+if [ -n "$SEARCH_FROM" ] && [ ! -f "$SEARCH_FROM" ]; then
+  echo "error: SEARCH_FROM=$SEARCH_FROM: no such file (give a run's length_penalty.json)" >&2
+  exit 2
+elif [ -n "$SEARCH_FROM" ]; then
   python3 - "$SEARCH_FROM" "$RUN/length_penalty.json" <<'PY'
 import json, sys
 tuned = json.load(open(sys.argv[1]))

@@ -117,3 +117,12 @@ def test_retrain_default_refuses_a_refit_without_its_search_before_training(tmp_
     done = _bash("retrain_default.sh", tmp_path / "data", run, env={"CONFIG": str(config), "SEARCH_FROM": ""})
     assert done.returncode == 2 and "SEARCH_FROM" in done.stderr
     assert not run.exists()  # nothing prepared, nothing trained
+
+
+def test_a_missing_search_file_is_named_before_anything_runs(tmp_path):
+    run = tmp_path / "run"
+    missing = tmp_path / "nowhere" / "length_penalty.json"
+    for script in ("retrain_default.sh", "ship_default.sh"):
+        done = _bash(script, tmp_path / "data", run, env={"SEARCH_FROM": str(missing)})
+        assert done.returncode == 2 and f"SEARCH_FROM={missing}: no such file" in done.stderr, script
+        assert not run.exists()

@@ -455,7 +455,7 @@ class Progress:
 
     epoch: int = 0  # epochs done
     step: int = 0  # cross-entropy optimiser steps done (the LR schedule's clock)
-    best: float = -1.0  # best dev CIDEr-D so far
+    best: float = -1.0  # best dev CIDEr-D so far (in a refit, `train_on_dev`, the last epoch's)
     stale: int = 0  # epochs since it last improved
     phase: str = "xe"  # "xe" (cross-entropy), then "scst" (self-critical)
     history: list = field(default_factory=list)  # one record per epoch, as in metrics.jsonl
