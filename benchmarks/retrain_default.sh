@@ -14,17 +14,9 @@ RUN=${2:-runs/default}
 CONFIG=${CONFIG:-configs/flickr8k-default.json}
 CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
 # A refit (`train_on_dev`) takes its beam search from the train-only run it refits: say which
-# before training starts, not after it (see ship_default.sh).
-if [ -z "${SEARCH_FROM:-}" ] && python3 -c \
-    "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('train_on_dev') else 1)" "$CONFIG"; then
-  echo "error: $CONFIG has train_on_dev: set SEARCH_FROM to the length_penalty.json of the train-only run" \
-    "it refits (the default's: benchmarks/results/tuned-mirror/length_penalty.json)" >&2
-  exit 2
-fi
-if [ -n "${SEARCH_FROM:-}" ] && [ ! -f "$SEARCH_FROM" ]; then
-  echo "error: SEARCH_FROM=$SEARCH_FROM: no such file (give a run's length_penalty.json)" >&2
-  exit 2
-fi
+# before training starts, not after it.
+source "$(dirname "$0")/search_from.sh"
+check_search_from "$CONFIG"
 mkdir -p "$RUN"
 rm -rf "$CACHE"
 now() { date +%s.%N; }

@@ -13,13 +13,10 @@ EXPORT_TO=${EXPORT_TO:-src/captioner/weights/default.pt}
 # The decoder precision the model is scored and shipped with: bf16 runs its matrix products on
 # bfloat16 weights where the CPU has native bf16 (fp32 elsewhere); see src/captioner/precision.py.
 PRECISION=${PRECISION:-bf16}
-# A refit (`train_on_dev`) has trained on dev, so dev cannot tune its search: it takes the one
-# tuned for the train-only run it refits, SEARCH_FROM=<that run's length_penalty.json>.
-SEARCH_FROM=${SEARCH_FROM:-}
-if [ -n "$SEARCH_FROM" ] && [ ! -f "$SEARCH_FROM" ]; then
-  echo "error: SEARCH_FROM=$SEARCH_FROM: no such file (give a run's length_penalty.json)" >&2
-  exit 2
-elif [ -n "$SEARCH_FROM" ]; then
+# A refit (`train_on_dev`) takes its search from SEARCH_FROM (see search_from.sh).
+source "$(dirname "$0")/search_from.sh"
+check_search_from "$RUN/config.json"
+if [ -n "${SEARCH_FROM:-}" ]; then
   python3 - "$SEARCH_FROM" "$RUN/length_penalty.json" <<'PY'
 import json, sys
 tuned = json.load(open(sys.argv[1]))
@@ -27,11 +24,6 @@ out = {"split": tuned["split"], "beam_size": tuned["beam_size"], "taken_from": s
        "best_length_penalty": tuned["best_length_penalty"], "best_no_repeat_ngram": tuned["best_no_repeat_ngram"]}
 open(sys.argv[2], "w").write(json.dumps(out, indent=2) + "\n")
 PY
-elif python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('train_on_dev') else 1)" \
-    "$RUN/config.json"; then
-  echo "error: $RUN/config.json has train_on_dev: dev cannot tune its search; set SEARCH_FROM to the" \
-    "length_penalty.json of the train-only run it refits" >&2
-  exit 2
 else
   python3 benchmarks/tune_length_penalty.py --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
     --out "$RUN/length_penalty.json"

@@ -126,3 +126,12 @@ def test_a_missing_search_file_is_named_before_anything_runs(tmp_path):
         done = _bash(script, tmp_path / "data", run, env={"SEARCH_FROM": str(missing)})
         assert done.returncode == 2 and f"SEARCH_FROM={missing}: no such file" in done.stderr, script
         assert not run.exists()
+
+
+def test_a_folder_without_a_config_is_no_refit_and_gets_no_traceback(tmp_path):
+    """An ensemble's folder has no config.json: shipping it tunes its search on dev as before."""
+    check = subprocess.run(["bash", "-c", f'set -eu; source benchmarks/search_from.sh; '
+                                          f'check_search_from "{tmp_path}/config.json"; echo passed'],
+                           cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "SEARCH_FROM"})
+    assert check.returncode == 0 and check.stdout.strip() == "passed" and check.stderr == ""
