@@ -1,15 +1,19 @@
 """Train and score each registered architecture x encoder on Flickr8k; write the README table.
 
     python benchmarks/zoo.py [--models show-tell,show-attend-tell,...] [--encoders efficientnet-lite0,...]
-        [--epochs 5] [--scst-epochs 0] [--data ../shared/data/flickr8k] [--runs runs/zoo] [--force]
+        [--epochs 3] [--scst-epochs 0] [--config configs/flickr8k-frozen.json]
+        [--data ../shared/data/flickr8k] [--runs runs/zoo] [--force]
 
-Each pair trains with configs/flickr8k-default.json and the given epoch counts (the same budget
-for every model) on the train split alone (the default recipe's refit on dev is switched off:
-dev chooses each pair's epoch), is scored by `captioner evaluate`'s code on the 1000 test photos (beam 3),
+Each pair trains with one pinned recipe (--config, by default the frozen recipe: the default's
+training settings on a frozen encoder, no mirror images) and the given epoch counts (the same
+budget for every model) on the train split alone (a refit on dev is switched off: dev chooses
+each pair's epoch), is scored by `captioner evaluate`'s code on the 1000 test photos (beam 3),
 and timed for one-photo captioning like benchmarks/latency.py. Rows are kept in
-benchmarks/results/zoo.json (a pair already there is skipped unless --force, so the script can
-be run a few models at a time), and the README's zoo block is rewritten from that file beside
-the published numbers, which are marked as such. Feature extraction is timed once per encoder.
+benchmarks/results/zoo.json with the recipe they were trained with (a pair already there is
+skipped unless --force, so the script can be run a few models at a time), and the README's zoo
+block is rewritten from that file beside the published numbers, which are marked as such; it
+names the recipe, and any row trained with another one. Feature extraction is timed once per
+encoder.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ from captioner.train import prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "zoo.json"
+CONFIG = REPO / "configs" / "flickr8k-frozen.json"
+# what a row sets itself, or what does not change what is learned: not part of its recipe
+PER_ROW = {"model", "encoder", "data", "data_format", "layout", "image_root", "out", "cache_dir", "epochs",
+           "scst_epochs", "progress", "threads", "device", "feature_batch_size", "feature_workers"}
 
 
 def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
@@ -39,7 +47,7 @@ def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
     overrides = [f"model={name}", f"encoder={encoder}", f"data={args.data}", f"out={out}",
                  f"cache_dir={args.cache_dir}", f"epochs={args.epochs}", f"scst_epochs={args.scst_epochs}",
                  "train_on_dev=false", "progress=false"]
-    cfg = load_train_config(REPO / "configs" / "flickr8k-default.json", overrides)
+    cfg = load_train_config(args.config, overrides)
     t = time.time()
     prepare(cfg)  # features once per encoder (timed in extraction_minutes)
     extraction = time.time() - t
@@ -56,7 +64,42 @@ def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
             "params_millions": round(sum(p.numel() for p in cap.model.decoder.parameters()) / 1e6, 2),
             "train_minutes": round(minutes, 1), "extraction_minutes": round(extraction / 60, 1),
             "caption_beam3_ms": round(latency, 1), "test": scores, "notes": notes,
-            "recipe": {k: getattr(cfg, k) for k in ("label_smoothing", "batching", "amp", "batch_size", "lr")}}
+            "config": config_name(args.config),
+            "recipe": {k: v for k, v in cfg.to_dict().items() if k not in PER_ROW}}
+
+
+def config_name(path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def recipe_note(rows: list[dict]) -> str:
+    """One line naming the recipe most rows share, and how any other row's differs from it."""
+    def key(r):
+        return json.dumps([r.get("config"), r.get("recipe")], sort_keys=True)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    main_rows = max(groups.values(), key=len)
+    first = main_rows[0]
+    recipe = first.get("recipe") or {}
+    name = f"`{first['config']}`" if first.get("config") else "an unrecorded recipe"
+    line = (f"Every row above: the recipe {name} (seed {recipe.get('seed', '?')}), on the train split alone, "
+            "its best dev epoch scored" if len(groups) == 1 else
+            f"Most rows above: the recipe {name} (seed {recipe.get('seed', '?')}), on the train split alone, "
+            "their best dev epoch scored")
+    others = []
+    for r in rows:
+        if key(r) == key(first):
+            continue
+        theirs = r.get("recipe")
+        if theirs is None:
+            what = "its recipe was not recorded"
+        else:
+            diff = sorted(k for k in set(theirs) | set(recipe) if theirs.get(k) != recipe.get(k))
+            what = ", ".join(f"{k} {theirs.get(k)}" for k in diff) or f"config {r.get('config')}"
+        others.append(f"{r['model']} ({r['encoder']}): {what}")
+    return line + (". Trained otherwise: " + "; ".join(others) + "." if others else ".")
 
 
 def readme_block(rows: list[dict]) -> str:
@@ -65,15 +108,16 @@ def readme_block(rows: list[dict]) -> str:
     extra = "| model | encoder | decoder params (M) | train min | caption ms (beam 3) |\n|---|---|---|---|---|\n"
     extra += "".join(f"| {r['model']} | {r['encoder']} | {r['params_millions']} | {r['train_minutes']} | "
                      f"{r['caption_beam3_ms']} |\n" for r in rows)
-    return table(scored + REFERENCE) + "\n" + extra
+    return table(scored + REFERENCE) + "\n" + extra + "\n" + recipe_note(rows) + "\n"
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(list_models()))
     p.add_argument("--encoders", default="efficientnet-lite0")
-    p.add_argument("--epochs", type=int, default=5, help="cross-entropy epochs per model")
+    p.add_argument("--epochs", type=int, default=3, help="cross-entropy epochs per model")
     p.add_argument("--scst-epochs", type=int, default=0, help="self-critical epochs per model")
+    p.add_argument("--config", default=str(CONFIG), help="the recipe every pair trains with")
     p.add_argument("--data", default="../shared/data/flickr8k")
     p.add_argument("--cache-dir", default="~/.cache/captioner")
     p.add_argument("--runs", default="runs/zoo")

@@ -23,8 +23,31 @@ def test_zoo_writes_a_scored_row_per_model(tmp_path):
     assert json.loads((tmp_path / "runs" / "show-tell@efficientnet-lite0" / "config.json").read_text())[
         "train_on_dev"] is False
     assert "show-tell (efficientnet-lite0, 1+0 epochs; measured)" in zoo.readme_block(rows)
+    # every row records the one recipe it was trained with, and the block names it
+    assert row["config"] == "configs/flickr8k-frozen.json" and row["recipe"]["seed"] == 1
+    assert "model" not in row["recipe"] and "epochs" not in row["recipe"]
+    assert "Every row above: the recipe `configs/flickr8k-frozen.json` (seed 1)" in zoo.readme_block(rows)
     assert zoo.main(args) == rows  # a pair already measured is not run again
     assert (REPO / "README.md").read_text() == readme_before
+    sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
+
+
+def test_zoo_block_names_rows_trained_with_another_recipe():
+    zoo = load_benchmark("zoo")
+    recipe = {"seed": 1, "lr": 0.001, "label_smoothing": 0.0}
+    scores = {"Bleu_4": 0.2, "CIDEr": 0.5}
+    row = {"model": "show-tell", "encoder": "efficientnet-lite0", "epochs": 3, "scst_epochs": 0, "test": scores,
+           "params_millions": 5.0, "train_minutes": 3.0, "caption_beam3_ms": 50.0,
+           "config": "configs/flickr8k-frozen.json", "recipe": recipe}
+    rows = [row, {**row, "model": "transformer"},
+            {**row, "model": "up-down", "recipe": {**recipe, "label_smoothing": 0.1}},
+            {k: v for k, v in {**row, "model": "show-attend-tell"}.items() if k not in ("recipe", "config")}]
+    note = zoo.recipe_note(rows)
+    assert note.startswith("Most rows above: the recipe `configs/flickr8k-frozen.json` (seed 1)")
+    assert "up-down (efficientnet-lite0): label_smoothing 0.1" in note
+    assert "show-attend-tell (efficientnet-lite0): its recipe was not recorded" in note
+    assert "show-tell (efficientnet-lite0)" not in note and "transformer (" not in note
+    assert zoo.recipe_note(rows[:2]).startswith("Every row above")
     sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
 
 
