@@ -46,6 +46,20 @@ def test_cache_is_fp16_and_reused_without_recomputing(photos, tmp_path, monkeypa
     assert not list((tmp_path / "cache").glob("*.tmp*"))
 
 
+def test_a_linked_cache_folder_is_topped_up_where_it_points(photos, tmp_path):
+    """A cache folder linked from elsewhere: a new photo is encoded into the linked folder, the link stays."""
+    d, names = photos
+    cfg = get_encoder_config("efficientnet-lite0")
+    first = features.build_cache(d, names[:2], cfg, tmp_path / "kept", progress=False)
+    linked = tmp_path / "cache" / first.path.name
+    linked.parent.mkdir()
+    linked.symlink_to(first.path)
+    cache = features.build_cache(d, names, cfg, tmp_path / "cache", progress=False)
+    assert linked.is_symlink() and sorted(cache.names) == names
+    assert sorted(features.build_cache(d, names, cfg, tmp_path / "kept", progress=False).names) == names
+    assert not list(tmp_path.glob("*/*.tmp*"))
+
+
 def test_cache_key_changes_with_preprocessing():
     cfg = get_encoder_config("efficientnet-lite0")
     from dataclasses import replace

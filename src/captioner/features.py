@@ -170,7 +170,10 @@ def _join_shards(out: np.ndarray, shards: Path, n: int, world_size: int) -> None
 
 def _write(folder: Path, image_dir: Path, keep: list[str], todo: list[str], cfg: EncoderConfig, fill) -> None:
     """Write the cache folder: the old cache's rows for `keep`, then `fill(rows for todo)`.
-    The whole folder appears at once: a killed build leaves only a .tmp folder behind."""
+    The whole folder appears at once: a killed build leaves only a .tmp folder behind. A cache
+    folder that is a link (to a cache kept on another disk, say) is rewritten where it points."""
+    if folder.is_symlink():
+        folder = folder.resolve()
     old = _open(folder)
     remove_stale_temps(folder)  # what killed builds left behind (their processes are gone)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
