@@ -3,6 +3,7 @@
     python benchmarks/zoo.py [--models show-tell,show-attend-tell,...] [--encoders efficientnet-lite0,...]
         [--epochs 3] [--scst-epochs 0] [--config configs/flickr8k-frozen.json]
         [--data ../shared/data/flickr8k] [--runs runs/zoo] [--force]
+    python benchmarks/zoo.py --retime 3 [--runs runs/zoo]    # time every row's model again, in turn
 
 Each pair trains with one pinned recipe (--config, by default the frozen recipe: the default's
 training settings on a frozen encoder, no mirror images) and the given epoch counts (the same
@@ -13,7 +14,8 @@ benchmarks/results/zoo.json with the recipe they were trained with (a pair alrea
 skipped unless --force, so the script can be run a few models at a time), and the README's zoo
 block is rewritten from that file beside the published numbers, which are marked as such; it
 names the recipe, and any row trained with another one. Feature extraction is timed once per
-encoder.
+encoder. Each row's caption time is first taken right after its training; `--retime N` times
+all rows' models again, one after another in each of N rounds, and keeps each one's median.
 """
 from __future__ import annotations
 
@@ -58,14 +60,31 @@ def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:
     search = cap.model.search_config(beam_size=3)
     scores, notes = evaluate(cap.model, args.data, "test", search, cache_dir=args.cache_dir,
                              captions_out=out / "captions-test.json", progress=False)
-    photos = sorted((REPO / "examples").glob("*.jpg"))
-    latency = statistics.median(median_ms(lambda: cap.caption(p, beam_size=3), 10) for p in photos)
+    latency = caption_ms(cap)
     return {"model": name, "encoder": encoder, "epochs": args.epochs, "scst_epochs": args.scst_epochs,
             "params_millions": round(sum(p.numel() for p in cap.model.decoder.parameters()) / 1e6, 2),
             "train_minutes": round(minutes, 1), "extraction_minutes": round(extraction / 60, 1),
             "caption_beam3_ms": round(latency, 1), "test": scores, "notes": notes,
             "config": config_name(args.config),
             "recipe": {k: v for k, v in cfg.to_dict().items() if k not in PER_ROW}}
+
+
+def caption_ms(cap: Captioner) -> float:
+    """Median over the example photos of the median of 10 beam-3 captions of each."""
+    photos = sorted((REPO / "examples").glob("*.jpg"))
+    return statistics.median(median_ms(lambda: cap.caption(p, beam_size=3), 10) for p in photos)
+
+
+def retime(rows: list[dict], runs: Path, rounds: int) -> list[dict]:
+    """Time every row's model again, all of them in turn in each round (so a busy spell of the
+    machine hits them alike), and keep each row's median over the rounds."""
+    models = [Captioner.load(runs / f"{r['model']}@{r['encoder']}" / "best.pt") for r in rows]
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(rounds):
+        for i, cap in enumerate(models):
+            times[i].append(caption_ms(cap))
+    return [{**r, "caption_beam3_ms": round(statistics.median(t), 1), "latency_rounds": rounds}
+            for r, t in zip(rows, times)]
 
 
 def config_name(path) -> str:
@@ -124,11 +143,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--force", action="store_true", help="rerun pairs already in zoo.json")
     p.add_argument("--results", default=str(RESULTS), help="results file (default benchmarks/results/zoo.json)")
     p.add_argument("--no-readme", action="store_true", help="leave the README's table alone")
+    p.add_argument("--retime", type=int, default=0, metavar="ROUNDS",
+                   help="train nothing: time every row's model again (from --runs), in turn, ROUNDS times")
     args = p.parse_args(argv)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.is_file() else []
-    for encoder in args.encoders.split(","):
-        for name in args.models.split(","):
+    if args.retime:
+        rows = retime(rows, Path(args.runs), args.retime)
+        results.write_text(json.dumps(rows, indent=2) + "\n")
+        args.models = args.encoders = ""  # nothing to train
+    for encoder in filter(None, args.encoders.split(",")):
+        for name in filter(None, args.models.split(",")):
             key = (name, encoder, args.epochs, args.scst_epochs)
             if not args.force and any((r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) == key for r in rows):
                 continue

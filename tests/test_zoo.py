@@ -28,6 +28,10 @@ def test_zoo_writes_a_scored_row_per_model(tmp_path):
     assert "model" not in row["recipe"] and "epochs" not in row["recipe"]
     assert "Every row above: the recipe `configs/flickr8k-frozen.json` (seed 1)" in zoo.readme_block(rows)
     assert zoo.main(args) == rows  # a pair already measured is not run again
+    retimed = zoo.main(args + ["--retime", "2"])  # every row's model timed again, nothing trained
+    assert retimed[0]["latency_rounds"] == 2 and retimed[0]["caption_beam3_ms"] > 0
+    unchanged = [{k: v for k, v in r.items() if k not in ("latency_rounds", "caption_beam3_ms")} for r in (retimed[0], rows[0])]
+    assert unchanged[0] == unchanged[1] and json.loads(results.read_text()) == retimed
     assert (REPO / "README.md").read_text() == readme_before
     sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
 
@@ -48,6 +52,14 @@ def test_zoo_block_names_rows_trained_with_another_recipe():
     assert "show-attend-tell (efficientnet-lite0): its recipe was not recorded" in note
     assert "show-tell (efficientnet-lite0)" not in note and "transformer (" not in note
     assert zoo.recipe_note(rows[:2]).startswith("Every row above")
+    sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
+
+
+def test_readme_zoo_block_matches_the_results_file():
+    zoo = load_benchmark("zoo")
+    rows = json.loads(zoo.RESULTS.read_text())
+    assert zoo.readme_block(rows).strip() in (REPO / "README.md").read_text()
+    assert len({json.dumps([r.get("config"), r.get("recipe")], sort_keys=True) for r in rows}) == 1  # like for like
     sys.modules.pop("latency", None), sys.modules.pop("model_card", None)
 
 
