@@ -78,7 +78,12 @@ def caption_ms(cap: Captioner) -> float:
 def retime(rows: list[dict], runs: Path, rounds: int) -> list[dict]:
     """Time every row's model again, all of them in turn in each round (so a busy spell of the
     machine hits them alike), and keep each row's median over the rounds."""
-    models = [Captioner.load(runs / f"{r['model']}@{r['encoder']}" / "best.pt") for r in rows]
+    files = [runs / f"{r['model']}@{r['encoder']}" / "best.pt" for r in rows]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"--retime: no checkpoint for these rows: {', '.join(missing)} "
+                         f"(--runs must be the folder the rows were trained in)")
+    models = [Captioner.load(f) for f in files]
     times: list[list[float]] = [[] for _ in rows]
     for _ in range(rounds):
         for i, cap in enumerate(models):
