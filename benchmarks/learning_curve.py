@@ -4,7 +4,8 @@ training photos for several N, each scored on the whole test split; writes the R
     python benchmarks/learning_curve.py [--sizes 750,1500,3000] [--full-run runs/default]
         [--config configs/flickr8k-tuned-mirror.json] [--data ../shared/data/flickr8k]
         [--cache-dir runs/default/cache] [--runs runs/learning-curve]
-        [--results benchmarks/results/learning_curve.json] [--target 0.65] [--no-readme] [--force]
+        [--results benchmarks/results/learning_curve.json] [--target 0.65] [--block learning-curve]
+        [--no-readme] [--force]
 
 Each size trains the recipe unchanged (`max_train_images=N`: the first N photos of the train
 split, all their captions; the vocabulary is built from those captions) into RUNS/nN. Dev, used
@@ -29,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-from readme_blocks import replace_block
+from readme_blocks import README, markers, replace_block
 from recipe_runs import logged_minutes, read_history
 from scst_gain import score
 
@@ -130,9 +131,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--runs", default="runs/learning-curve")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--target", type=float, default=0.65, help="test CIDEr-D to extrapolate the line to")
+    p.add_argument("--block", default="learning-curve", help="the README block to rewrite (one per recipe)")
     p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
     p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
     args = p.parse_args(argv)
+    if not args.no_readme:  # before hours of training, not after
+        start, end = markers(args.block)
+        if start not in README.read_text() or end not in README.read_text():
+            p.error(f"--block {args.block}: README.md has no {start} ... {end} block to rewrite")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev too; give the "
                 f"train-only recipe it refits")
@@ -162,7 +168,7 @@ def main(argv=None) -> list[dict]:
             keep(row_for(run, n, args))
     block = readme_block(rows, args.config, args.target)
     if not args.no_readme:
-        replace_block("learning-curve", block)
+        replace_block(args.block, block)
     print(block)
     return rows
 

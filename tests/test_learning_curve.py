@@ -105,3 +105,11 @@ def test_a_refit_recipe_is_refused_before_anything_trains(curve):
     with pytest.raises(SystemExit):
         module.main(args + ["--sizes", "3"])
     assert not (tmp / "runs").exists()
+
+
+def test_a_block_the_readme_lacks_is_refused_before_anything_trains(curve, capsys):
+    module, args, tmp = curve
+    with pytest.raises(SystemExit):
+        module.main([a for a in args if a != "--no-readme"] + ["--sizes", "3", "--block", "no-such-curve"])
+    assert "<!-- no-such-curve:start -->" in capsys.readouterr().err and not (tmp / "runs").exists()
+
