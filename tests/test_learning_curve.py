@@ -113,3 +113,12 @@ def test_a_block_the_readme_lacks_is_refused_before_anything_trains(curve, capsy
         module.main([a for a in args if a != "--no-readme"] + ["--sizes", "3", "--block", "no-such-curve"])
     assert "<!-- no-such-curve:start -->" in capsys.readouterr().err and not (tmp / "runs").exists()
 
+
+def test_readme_learning_curve_blocks_match_their_results_files():
+    module = load_benchmark("learning_curve")
+    readme = (REPO / "README.md").read_text()
+    for block, results, config in (("learning-curve", "learning_curve.json", "configs/flickr8k-frozen.json"),
+                                   ("learning-curve-tuned", "learning_curve-tuned.json",
+                                    "configs/flickr8k-tuned-mirror.json")):
+        rows = json.loads((REPO / "benchmarks" / "results" / results).read_text())
+        assert module.readme_block(rows, config).strip() in readme, block
