@@ -34,14 +34,14 @@ from readme_blocks import README, markers, replace_block
 from recipe_runs import logged_minutes, read_history
 from scst_gain import score
 
-from captioner.config import load_train_config
+from captioner.config import NOT_LEARNED, load_train_config
 from captioner.data import load_dataset
 from captioner.train import data_options, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "learning_curve.json"
-# settings that say where a run lives or how it reports, not what it learns
-WHERE = {"data", "out", "cache_dir", "progress", "max_train_images", "init_checkpoint", "threads", "device"}
+# what a size's run may differ in from the recipe: where it lives and how it reports, and its subset
+WHERE = NOT_LEARNED | {"max_train_images", "init_checkpoint"}
 
 
 def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
@@ -137,7 +137,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if not args.no_readme:  # before hours of training, not after
         start, end = markers(args.block)
-        if start not in README.read_text() or end not in README.read_text():
+        readme = README.read_text()
+        if start not in readme or end not in readme:
             p.error(f"--block {args.block}: README.md has no {start} ... {end} block to rewrite")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev too; give the "

@@ -30,7 +30,7 @@ from model_card import REFERENCE, table
 from readme_blocks import replace_block
 
 from captioner.api import Captioner
-from captioner.config import load_train_config
+from captioner.config import NOT_LEARNED, load_train_config
 from captioner.evaluate import evaluate
 from captioner.model import list_models
 from captioner.train import prepare, train
@@ -39,8 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "zoo.json"
 CONFIG = REPO / "configs" / "flickr8k-frozen.json"
 # what a row sets itself, or what does not change what is learned: not part of its recipe
-PER_ROW = {"model", "encoder", "data", "data_format", "layout", "image_root", "out", "cache_dir", "epochs",
-           "scst_epochs", "progress", "threads", "device", "feature_batch_size", "feature_workers"}
+PER_ROW = NOT_LEARNED | {"model", "encoder", "epochs", "scst_epochs"}
 
 
 def run_pair(name: str, encoder: str, args: argparse.Namespace) -> dict:

@@ -70,6 +70,12 @@ class TrainConfig:
         return asdict(self)
 
 
+# TrainConfig fields that say where a run reads and writes, or how it reports and uses the
+# machine, not what it learns: two runs that differ only in these train the same model.
+NOT_LEARNED = frozenset({"data", "data_format", "layout", "image_root", "out", "cache_dir", "progress", "threads",
+                         "device", "feature_batch_size", "feature_workers"})
+
+
 def _coerce(field_type: Any, raw: str, key: str) -> Any:
     kind = field_type if isinstance(field_type, str) else getattr(field_type, "__name__", str(field_type))
     try:
