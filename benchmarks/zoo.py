@@ -96,13 +96,21 @@ def config_name(path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def pair_key(row: dict) -> tuple:
+    """What a row measured: one model on one encoder with one epoch budget."""
+    return row["model"], row["encoder"], row["epochs"], row["scst_epochs"]
+
+
+def recipe_key(row: dict) -> str:
+    """What a row was trained with: its config file and resolved recipe (None where unrecorded)."""
+    return json.dumps([row.get("config"), row.get("recipe")], sort_keys=True)
+
+
 def recipe_note(rows: list[dict]) -> str:
     """One line naming the recipe most rows share, and how any other row's differs from it."""
-    def key(r):
-        return json.dumps([r.get("config"), r.get("recipe")], sort_keys=True)
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(key(r), []).append(r)
+        groups.setdefault(recipe_key(r), []).append(r)
     main_rows = max(groups.values(), key=len)
     first = main_rows[0]
     recipe = first.get("recipe") or {}
@@ -113,7 +121,7 @@ def recipe_note(rows: list[dict]) -> str:
             "their best dev epoch scored")
     others = []
     for r in rows:
-        if key(r) == key(first):
+        if recipe_key(r) == recipe_key(first):
             continue
         theirs = r.get("recipe")
         if theirs is None:
@@ -152,20 +160,20 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.is_file() else []
-    if args.retime:
+    if args.retime:  # nothing trained
         rows = retime(rows, Path(args.runs), args.retime)
         results.write_text(json.dumps(rows, indent=2) + "\n")
-        args.models = args.encoders = ""  # nothing to train
-    for encoder in filter(None, args.encoders.split(",")):
-        for name in filter(None, args.models.split(",")):
-            key = (name, encoder, args.epochs, args.scst_epochs)
-            if not args.force and any((r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) == key for r in rows):
-                continue
-            row = run_pair(name, encoder, args)
-            rows = [r for r in rows if (r["model"], r["encoder"], r["epochs"], r["scst_epochs"]) != key] + [row]
-            results.parent.mkdir(parents=True, exist_ok=True)
-            results.write_text(json.dumps(rows, indent=2) + "\n")
-            print(json.dumps(row), flush=True)
+    pairs = [] if args.retime else [(name, encoder) for encoder in filter(None, args.encoders.split(","))
+                                    for name in filter(None, args.models.split(","))]
+    for name, encoder in pairs:
+        key = (name, encoder, args.epochs, args.scst_epochs)
+        if not args.force and any(pair_key(r) == key for r in rows):
+            continue
+        row = run_pair(name, encoder, args)
+        rows = [r for r in rows if pair_key(r) != key] + [row]
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
     block = readme_block(rows)
     if not args.no_readme:
         replace_block("zoo", block)
