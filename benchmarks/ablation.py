@@ -27,8 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from readme_blocks import README, markers, replace_block
-from recipe_runs import logged_minutes, read_history
+from readme_blocks import missing_block, replace_block
+from recipe_runs import differences, logged_minutes, read_history
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -55,12 +55,8 @@ def stage_config(args: argparse.Namespace, name: str, stage: str, extra: list[st
 
 def check_recipe_run(run: Path, args: argparse.Namespace) -> None:
     """A run stands for the recipe's cross-entropy stage only if it learned it the same way."""
-    recipe = stage_config(args, "recipe", "xe", []).to_dict()
-    # a field added since the run was made took its default there (new fields keep the old behaviour)
-    used = {**load_train_config(None).to_dict(), **json.loads((run / "config.json").read_text())}
-    differ = sorted(k for k in recipe if k not in XE_WHERE and used.get(k) != recipe[k])
-    if differ:
-        what = ", ".join(f"{k}={used.get(k)!r} (recipe {recipe[k]!r})" for k in differ)
+    what = differences(run, stage_config(args, "recipe", "xe", []).to_dict(), XE_WHERE)
+    if what:
         raise SystemExit(f"{run / 'config.json'}: its cross-entropy stage is not the recipe {args.config}'s: {what}")
     if not (run / "best-xe.pt").is_file():
         raise SystemExit(f"{run}: no best-xe.pt (a run without an SCST stage keeps it as best.pt)")
@@ -133,11 +129,8 @@ def main(argv=None) -> list[dict]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if not args.no_readme:  # before hours of training, not after
-        start, end = markers(args.block)
-        readme = README.read_text()
-        if start not in readme or end not in readme:
-            p.error(f"--block {args.block}: README.md has no {start} ... {end} block to rewrite")
+    if not args.no_readme and missing_block(args.block):  # before hours of training, not after
+        p.error(f"--block {args.block}: {missing_block(args.block)}")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev, which must choose here; "
                 f"give the train-only recipe it refits")

@@ -30,8 +30,8 @@ import math
 import time
 from pathlib import Path
 
-from readme_blocks import README, markers, replace_block
-from recipe_runs import logged_minutes, read_history
+from readme_blocks import missing_block, replace_block
+from recipe_runs import differences, logged_minutes, read_history
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -58,11 +58,9 @@ def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
 def check_full_run(run: Path, args: argparse.Namespace) -> None:
     """The full run must be the recipe itself, on the whole train split."""
     recipe = load_train_config(args.config, [f"data={args.data}"]).to_dict()
-    # a field added since the run was made took its default there (new fields keep the old behaviour)
-    used = {**load_train_config(None).to_dict(), **json.loads((run / "config.json").read_text())}
-    differ = sorted(k for k in recipe if k not in WHERE and used.get(k) != recipe[k])
-    if differ or used.get("max_train_images", 0):
-        what = ", ".join(f"{k}={used.get(k)!r} (recipe {recipe[k]!r})" for k in differ) or "a train subset"
+    subset = json.loads((run / "config.json").read_text()).get("max_train_images", 0)
+    what = differences(run, recipe, WHERE) or (subset and "a train subset")
+    if what:
         raise SystemExit(f"{run / 'config.json'}: not the recipe {args.config} on all train photos: {what}")
 
 
@@ -135,11 +133,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
     p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
     args = p.parse_args(argv)
-    if not args.no_readme:  # before hours of training, not after
-        start, end = markers(args.block)
-        readme = README.read_text()
-        if start not in readme or end not in readme:
-            p.error(f"--block {args.block}: README.md has no {start} ... {end} block to rewrite")
+    if not args.no_readme and missing_block(args.block):  # before hours of training, not after
+        p.error(f"--block {args.block}: {missing_block(args.block)}")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev too; give the "
                 f"train-only recipe it refits")

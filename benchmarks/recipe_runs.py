@@ -25,6 +25,7 @@ from pathlib import Path
 
 from readme_blocks import replace_block
 
+from captioner.config import load_train_config
 from captioner.model import get_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,15 @@ def model_config(model: str):
     if model.endswith(".json") and not Path(model).is_absolute():
         model = str(REPO / model)
     return get_model_config(model)
+
+
+def differences(run: Path, recipe: dict, ignore: set[str]) -> str:
+    """The settings, outside `ignore`, in which a finished run's config.json differs from the
+    resolved `recipe` ("field=run's value (recipe recipe's value), ..."); empty where none do."""
+    # a field added since the run was made took its default there (new fields keep the old behaviour)
+    used = {**load_train_config(None).to_dict(), **json.loads((run / "config.json").read_text())}
+    return ", ".join(f"{k}={used.get(k)!r} (recipe {recipe[k]!r})"
+                     for k in sorted(recipe) if k not in ignore and used.get(k) != recipe[k])
 
 
 def read_history(folder: Path) -> list[dict]:
