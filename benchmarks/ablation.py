@@ -96,7 +96,7 @@ def readme_block(rows: list[dict], config: str) -> str:
     order = {name: i for i, name in enumerate(VARIANTS)}
     rows = sorted(rows, key=lambda r: order.get(r["variant"], len(order)))
     base = next((r for r in rows if r["variant"] == "recipe"), None)
-    lines = ["| variant | changed | best dev CIDEr-D, cross-entropy (epoch) | best dev CIDEr-D after SCST (epochs) | "
+    lines = ["| variant | changed | best dev CIDEr-D, cross-entropy (epoch) | best dev CIDEr-D after SCST (epoch) | "
              "dev CIDEr-D after SCST vs recipe | test CIDEr-D, cross-entropy | test CIDEr-D after SCST | "
              "test BLEU-4 after SCST |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -104,7 +104,8 @@ def readme_block(rows: list[dict], config: str) -> str:
         changed = ", ".join(f"`{o}`" for o in r["overrides"]) or "nothing (the recipe)"
         versus = f"{scst['best_dev_CIDEr'] - base['scst']['best_dev_CIDEr']:+.3f}" if base and r is not base else "–"
         lines.append(f"| {r['variant']} | {changed} | {xe['best_dev_CIDEr']:.3f} ({xe['best_epoch']} of "
-                     f"{xe['epochs']}) | {scst['best_dev_CIDEr']:.3f} ({scst['epochs']}) | {versus} | "
+                     f"{xe['epochs']}) | {scst['best_dev_CIDEr']:.3f} ({scst['best_epoch']} of "
+                     f"{scst['epochs']}) | {versus} | "
                      f"{xe['test']['CIDEr']:.3f} | {scst['test']['CIDEr']:.3f} | {scst['test']['Bleu_4']:.3f} |")
     return "\n".join(lines) + (
         f"\n\nRecipe `{config}` (train split; dev chooses), one seed per row: each variant's cross-entropy "

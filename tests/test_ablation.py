@@ -92,3 +92,11 @@ def test_bad_arguments_are_refused_before_anything_trains(ablation, capsys):
     with pytest.raises(SystemExit):
         module.main(args)
     assert "refit recipe" in capsys.readouterr().err and not (tmp / "runs").exists()
+
+
+def test_readme_ablation_block_matches_its_results_file():
+    module = load_benchmark("ablation")
+    rows = json.loads((REPO / "benchmarks" / "results" / "ablation.json").read_text())
+    assert {r["variant"] for r in rows} == set(module.VARIANTS)
+    block = module.readme_block(rows, "configs/flickr8k-tuned-mirror.json")
+    assert block.strip() in (REPO / "README.md").read_text()
