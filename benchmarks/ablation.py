@@ -32,6 +32,7 @@ from recipe_runs import differences, logged_minutes, read_history
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
+from captioner.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ablation.json"
@@ -71,13 +72,10 @@ def best_of(history: list[dict], phase: str) -> dict:
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    from captioner.train import train  # imported here so that --help and the checks stay quick
-
     t = time.time()
     plain = argparse.Namespace(data=args.data, split="test", beam_size=3, cache_dir=args.cache_dir)
     if name == "recipe" and args.recipe_run:
-        xe_run, xe_weights = Path(args.recipe_run), Path(args.recipe_run) / "best-xe.pt"
-        check_recipe_run(xe_run, args)
+        xe_run, xe_weights = Path(args.recipe_run), Path(args.recipe_run) / "best-xe.pt"  # checked in main
     else:
         cfg = stage_config(args, name, "xe", ["scst_epochs=0"])
         xe_run, xe_weights = Path(cfg.out), Path(cfg.out) / "best.pt"
