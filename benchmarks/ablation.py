@@ -43,9 +43,9 @@ VARIANTS = {
     "no-decay": ["final_lr_ratio=1.0"],
     "label-smoothing": ["label_smoothing=0.1"],
 }
-# what a finished run of the recipe may differ in and still stand for its cross-entropy stage
-XE_WHERE = NOT_LEARNED | {"scst_epochs", "scst_lr", "scst_samples", "scst_batch_size", "scst_baseline",
-                          "scst_sampler", "scst_dropout", "scst_max_len"}
+# what a finished run of the recipe may differ in and still stand for its cross-entropy stage:
+# where it lives and how it reports, and every self-critical setting
+XE_WHERE = NOT_LEARNED | {f for f in load_train_config(None).to_dict() if f.startswith("scst_")}
 
 
 def stage_config(args: argparse.Namespace, name: str, stage: str, extra: list[str]):
