@@ -128,8 +128,9 @@ def main(argv=None) -> list[dict]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if not args.no_readme and missing_block(args.block):  # before hours of training, not after
-        p.error(f"--block {args.block}: {missing_block(args.block)}")
+    missing = None if args.no_readme else missing_block(args.block)  # before hours of training, not after
+    if missing:
+        p.error(f"--block {args.block}: {missing}")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev, which must choose here; "
                 f"give the train-only recipe it refits")

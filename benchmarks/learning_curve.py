@@ -133,8 +133,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-readme", action="store_true", help="leave the README's block alone")
     p.add_argument("--force", action="store_true", help="rerun sizes already in the results file")
     args = p.parse_args(argv)
-    if not args.no_readme and missing_block(args.block):  # before hours of training, not after
-        p.error(f"--block {args.block}: {missing_block(args.block)}")
+    missing = None if args.no_readme else missing_block(args.block)  # before hours of training, not after
+    if missing:
+        p.error(f"--block {args.block}: {missing}")
     if load_train_config(args.config).train_on_dev:
         p.error(f"--config {args.config}: a refit recipe (train_on_dev) trains on dev too; give the "
                 f"train-only recipe it refits")
