@@ -38,6 +38,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # score and keep a moving average of the weights (e.g. 0.999); 0 = the raw weights
     label_smoothing: float = 0.1
     mirror_prob: float = 0.0  # chance a train photo is seen mirrored in an epoch (0 = never; see train.TrainingSet)
+    # Random crops: in each epoch each train photo is seen through a square crop of its cached feature
+    # grid, its side a fraction drawn from [crop_scale, 1] of the whole, resized back (1 = never; see train.TrainingSet)
+    crop_scale: float = 1.0
     min_word_count: int = 5  # words rarer than this in train captions become <unk>
     max_caption_len: int = 30  # words kept per training caption
     val_beam_size: int = 3  # dev decoding during training, as evaluate does it
@@ -131,6 +134,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
     if not 0.0 <= cfg.mirror_prob <= 1.0:
         raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
+    if not 0.0 < cfg.crop_scale <= 1.0:
+        raise ConfigError(f"field crop_scale: must be above 0 and at most 1, not {cfg.crop_scale!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"field ema_decay: must be at least 0 and below 1, not {cfg.ema_decay!r}")
     return cfg

@@ -57,6 +57,12 @@ class EncoderConfig:
         return self.backbone or self.name
 
     @property
+    def cache_fold(self) -> int:
+        """Cells per region side in the feature cache: a tuned top's input (stride 16) keeps each
+        region's 2x2 cells of the finer grid as channels (see Encoder.forward); 1 otherwise."""
+        return 2 if self.split else 1
+
+    @property
     def region_dim(self) -> int:
         """Channels of the regions the decoder attends over: a tuned top's output is the
         backbone's head (1280 channels in every EfficientNet-Lite), the cached features otherwise."""

@@ -87,6 +87,18 @@ def mirror_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | No
     return cache_features(dataset, cfg, encoder, env, mirror=True) if cfg.mirror_prob > 0 else None
 
 
+def crop_regions(regions: torch.Tensor, theta: torch.Tensor, fold: int = 1) -> torch.Tensor:
+    """Regions (B, N, C) of a square grid, each `fold` x `fold` cells of a finer grid kept as
+    channels, -> the same grid resampled (bilinear, on the finer grid) from the crops `theta`
+    (B, 2, 3): affine maps from the output grid into the input's [-1, 1] coordinates."""
+    b, n, c = regions.shape
+    side = math.isqrt(n)
+    x = F.pixel_shuffle(regions.transpose(1, 2).reshape(b, c, side, side), fold)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.pixel_unshuffle(x, fold).flatten(2).transpose(1, 2)
+
+
 class TrainingSet:
     """Train-split images with all their captions, the images' features held in RAM.
 
@@ -96,12 +108,15 @@ class TrainingSet:
 
     With a `mirrored` cache (features of the photos flipped left to right), `mirror` draws
     which photos an epoch sees mirrored: those give their mirror image's features, and
-    captions with "left" and "right" swapped.
+    captions with "left" and "right" swapped. `crop` draws the part of each photo an epoch
+    sees: a random square of its feature grid, resampled to the whole grid (`crop_regions`).
     """
 
     def __init__(self, records: list[ImageRecord], cache: FeatureCache, vocab: Vocab, max_len: int,
-                 mirrored: FeatureCache | None = None):
+                 mirrored: FeatureCache | None = None, fold: int = 1):
         self.vocab = vocab
+        self.fold = fold  # cells per region side in the cache (EncoderConfig.cache_fold)
+        self.crops: torch.Tensor | None = None  # this epoch's crop of each photo (affine_grid's theta)
         self.seqs: list[list[list[int]]] = [[vocab.encode(c, max_len) for c in r.captions] for r in records]
         self.lengths = [max(len(s) for s in seqs) for seqs in self.seqs]  # longest caption per image
         self.captions = sum(len(s) for s in self.seqs)
@@ -125,13 +140,24 @@ class TrainingSet:
             raise ValueError("this training set has no mirrored features")
         self.is_mirrored = torch.rand(len(self), generator=gen) < prob
 
+    def crop(self, scale: float, gen: torch.Generator) -> None:
+        """Until the next call each photo is seen through a square crop of its grid, the crop's
+        side a fraction drawn uniformly from [scale, 1] of the grid's, placed uniformly within it."""
+        n = len(self)
+        side = scale + (1 - scale) * torch.rand(n, generator=gen)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = side
+        theta[:, :, 2] = (1 - side)[:, None] * (2 * torch.rand(n, 2, generator=gen) - 1)  # the crop's centre
+        self.crops = theta
+
     def photo_features(self, images: list[int]) -> torch.Tensor:
         """Image indices -> their features (B, R, C) float32, as this epoch sees each photo."""
         feats = self.features[images]
         flips = self.is_mirrored[images]
         if bool(flips.any()):
             feats = torch.where(flips[:, None, None], self.mirror_features[images], feats)
-        return feats.float()
+        feats = feats.float()
+        return feats if self.crops is None else crop_regions(feats, self.crops[images], self.fold)
 
     def _captions(self, image: int) -> list[list[int]]:
         return self.mirror_seqs[image] if self.is_mirrored[image] else self.seqs[image]
@@ -582,7 +608,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     if env.is_main:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
 
-    data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len, prepared.mirrored)
+    data = TrainingSet(train_recs, prepared.cache, model.vocab, cfg.max_caption_len, prepared.mirrored,
+                       model.encoder_cfg.cache_fold)
     forward: nn.Module = TeacherForcing(model.decoder)
     if env.distributed:
         forward = DistributedDataParallel(forward, device_ids=[env.local_rank] if env.device.startswith("cuda") else None)
@@ -596,6 +623,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
         t0 = time.time()
         if cfg.mirror_prob > 0:
             data.mirror(cfg.mirror_prob, gen)
+        if cfg.crop_scale < 1:
+            data.crop(cfg.crop_scale, gen)
         if scst:
             if progress.phase != "scst":
                 optimizer = _start_scst(model, best_path, cfg, progress, env.is_main)
