@@ -19,8 +19,8 @@ Both ends of each run are scored with the plain beam search (beam 3, length pena
 blocking, as `scst_gain.py` does): the best cross-entropy weights (`best-xe.pt`) and the final
 model (`best.pt`). A line fitted to test CIDEr-D against log2(N) gives the gain per doubling of
 the training photos over the measured range, and where that line would reach `--target`. Rows
-are kept in the results file; a size already there is skipped unless --force, so the sizes can
-be run a few at a time.
+are kept in the results file, each naming its recipe (one recipe per file: another is refused);
+a size already there is skipped unless --force, so the sizes can be run a few at a time.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
     plain = argparse.Namespace(data=args.data, split="test", beam_size=3, cache_dir=args.cache_dir)
     xe = score(str(run / "best-xe.pt"), plain)["test"] if (run / "best-xe.pt").is_file() else None
     final = score(str(run / "best.pt"), plain)
-    return {"train_images": train_images, "run": str(run), "vocab": final["vocab"],
+    return {"train_images": train_images, "config": args.config, "run": str(run), "vocab": final["vocab"],
             "best_dev_CIDEr": final["selected_on_dev"]["dev"]["CIDEr"],
             "best_epoch": final["selected_on_dev"].get("epoch"),
             "xe_test": xe, "test": final["test"], "logged_minutes": logged_minutes(read_history(run))}
@@ -98,7 +98,18 @@ def photos_for(line: dict, cider: float) -> int | None:
     return int(round(photos, -2) if photos >= 1000 else round(photos))
 
 
-def readme_block(rows: list[dict], config: str, target: float = 0.65) -> str:
+def recipe_of(rows: list[dict], results: str | Path) -> str | None:
+    """The one recipe every row of a results file was trained with (None for no rows)."""
+    configs = sorted({r.get("config", "(not recorded)") for r in rows})
+    if len(configs) > 1:
+        raise SystemExit(f"{results}: rows of more than one recipe ({', '.join(configs)}); "
+                         f"a curve is one recipe's, so give each its own --results file")
+    return configs[0] if configs else None
+
+
+def readme_block(rows: list[dict], target: float = 0.65) -> str:
+    """The README block of one recipe's rows (each names it in its "config")."""
+    config = recipe_of(rows, "rows")
     rows = sorted(rows, key=lambda r: r["train_images"])
     lines = ["| train photos | vocabulary | best dev CIDEr-D | test CIDEr-D, cross-entropy | test BLEU-4, final | "
              "test CIDEr-D, final | SCST gain | minutes (logged) |", "|---|---|---|---|---|---|---|---|"]
@@ -143,6 +154,10 @@ def main(argv=None) -> list[dict]:
         p.error(f"--full-run {args.full_run}: no config.json there (not a run folder)")
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.is_file() else []
+    recipe = recipe_of(rows, results)
+    if recipe not in (None, args.config):
+        p.error(f"--results {results}: its rows are of the recipe {recipe}, not --config {args.config}; "
+                f"give this recipe a results file of its own")
 
     def keep(row: dict) -> None:
         nonlocal rows
@@ -163,7 +178,7 @@ def main(argv=None) -> list[dict]:
         n = len(load_dataset(cfg.data, cfg.data_format, data_options(cfg)).split("train"))
         if args.force or n not in done:
             keep(row_for(run, n, args))
-    block = readme_block(rows, args.config, args.target)
+    block = readme_block(rows, args.target)
     if not args.no_readme:
         replace_block(args.block, block)
     print(block)

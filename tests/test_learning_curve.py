@@ -33,7 +33,9 @@ def test_each_size_trains_on_that_many_photos_and_is_scored_at_both_ends(curve):
     for r in rows:
         assert set(r["xe_test"]) >= {"Bleu_4", "CIDEr"} and set(r["test"]) >= {"Bleu_4", "CIDEr"}
     assert json.loads((tmp / "curve.json").read_text()) == rows
-    block = module.readme_block(rows, "recipe.json")
+    assert {r["config"] for r in rows} == {str(tmp / "recipe.json")}  # each row names its recipe
+    block = module.readme_block(rows)
+    assert f"Recipe `{tmp / 'recipe.json'}`" in block
     assert block.count("\n| 3 |") + block.count("\n| 6 |") == 2 and "per doubling" in block
     assert "reaches 0.65 at about" in block or "never reaches 0.65" in block
     assert module.photos_for({"intercept": 0.0, "cider_per_doubling": 0.1}, 1.0) == 1000  # 2 ** 10, to 100s
@@ -114,11 +116,37 @@ def test_a_block_the_readme_lacks_is_refused_before_anything_trains(curve, capsy
     assert "<!-- no-such-curve:start -->" in capsys.readouterr().err and not (tmp / "runs").exists()
 
 
-def test_readme_learning_curve_blocks_match_their_results_files():
+def test_a_results_file_holds_one_recipes_rows(curve, capsys):
+    module, args, tmp = curve
+    module.main(args + ["--sizes", "3"])
+    other = tmp / "other.json"
+    other.write_text((tmp / "recipe.json").read_text())
+    with pytest.raises(SystemExit):
+        module.main([str(other) if a == str(tmp / "recipe.json") else a for a in args] + ["--sizes", "6"])
+    err = capsys.readouterr().err
+    assert "curve.json" in err and "recipe.json" in err and str(other) in err
+    assert not (tmp / "runs" / "n6").exists()
+    rows = json.loads((tmp / "curve.json").read_text())
+    with pytest.raises(SystemExit, match="more than one recipe"):
+        module.readme_block(rows + [{**rows[0], "config": str(other), "train_images": 6}])
+
+
+def test_readme_learning_curve_blocks_match_their_results_files_and_kept_runs():
+    """Each block is its results file's, and every run kept beside it (benchmarks/results/<file
+    stem>/nN/config.json) trained the recipe the rows name on N photos, nothing else changed."""
     module = load_benchmark("learning_curve")
+    recipe_runs = load_benchmark("recipe_runs")
+    from captioner.config import load_train_config
+
     readme = (REPO / "README.md").read_text()
-    for block, results, config in (("learning-curve", "learning_curve.json", "configs/flickr8k-frozen.json"),
-                                   ("learning-curve-tuned", "learning_curve-tuned.json",
-                                    "configs/flickr8k-tuned-mirror.json")):
+    for block, results in (("learning-curve", "learning_curve.json"),
+                           ("learning-curve-tuned", "learning_curve-tuned.json")):
         rows = json.loads((REPO / "benchmarks" / "results" / results).read_text())
-        assert module.readme_block(rows, config).strip() in readme, block
+        assert module.readme_block(rows).strip() in readme, block
+        recipe = load_train_config(REPO / module.recipe_of(rows, results)).to_dict()
+        kept = REPO / "benchmarks" / "results" / results.removesuffix(".json")
+        for r in rows:
+            run = kept / f"n{r['train_images']}"
+            if run.is_dir():
+                assert recipe_runs.differences(run, recipe, module.WHERE) == "", run
+                assert json.loads((run / "config.json").read_text())["max_train_images"] == r["train_images"]
