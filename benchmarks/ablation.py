@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from readme_blocks import missing_block, replace_block
-from recipe_runs import differences, logged_minutes, read_history
+from recipe_runs import differences, logged_minutes, read_history, recipe_of
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -84,13 +84,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
                                             f"init_checkpoint={xe_weights}"])
     scst_run = Path(cfg.out)
     train(cfg, resume=(scst_run / "last.pt").is_file())
-    return {"variant": name, "overrides": VARIANTS[name], "xe_run": str(xe_run), "scst_run": str(scst_run),
+    return {"variant": name, "config": args.config, "overrides": VARIANTS[name], "xe_run": str(xe_run), "scst_run": str(scst_run),
             "xe": {**best_of(read_history(xe_run), "xe"), "test": score(str(xe_weights), plain)["test"]},
             "scst": {**best_of(read_history(scst_run), "scst"), "test": score(str(scst_run / "best.pt"), plain)["test"]},
             "wall_minutes": round((time.time() - t) / 60, 1)}
 
 
-def readme_block(rows: list[dict], config: str) -> str:
+def readme_block(rows: list[dict]) -> str:
+    """The README block of one recipe's rows (each names it in its "config")."""
+    config = recipe_of(rows, "rows")
     order = {name: i for i, name in enumerate(VARIANTS)}
     rows = sorted(rows, key=lambda r: order.get(r["variant"], len(order)))
     base = next((r for r in rows if r["variant"] == "recipe"), None)
@@ -147,6 +149,9 @@ def main(argv=None) -> list[dict]:
         check_recipe_run(Path(args.recipe_run), args)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.is_file() else []
+    if recipe_of(rows, results) not in (None, args.config):
+        p.error(f"--results {results}: its rows are of the recipe {recipe_of(rows, results)}, not --config "
+                f"{args.config}; give this recipe a results file of its own")
     for name in names:
         if args.force or name not in {r["variant"] for r in rows}:
             row = run_variant(name, args)
@@ -154,7 +159,7 @@ def main(argv=None) -> list[dict]:
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(rows, indent=2) + "\n")
             print(json.dumps(row), flush=True)
-    block = readme_block(rows, args.config)
+    block = readme_block(rows)
     if not args.no_readme:
         replace_block(args.block, block)
     print(block)

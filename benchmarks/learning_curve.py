@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from readme_blocks import missing_block, replace_block
-from recipe_runs import differences, logged_minutes, read_history
+from recipe_runs import differences, logged_minutes, read_history, recipe_of
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -96,15 +96,6 @@ def photos_for(line: dict, cider: float) -> int | None:
         return None
     photos = 2 ** doublings
     return int(round(photos, -2) if photos >= 1000 else round(photos))
-
-
-def recipe_of(rows: list[dict], results: str | Path) -> str | None:
-    """The one recipe every row of a results file was trained with (None for no rows)."""
-    configs = sorted({r.get("config", "(not recorded)") for r in rows})
-    if len(configs) > 1:
-        raise SystemExit(f"{results}: rows of more than one recipe ({', '.join(configs)}); "
-                         f"a curve is one recipe's, so give each its own --results file")
-    return configs[0] if configs else None
 
 
 def readme_block(rows: list[dict], target: float = 0.65) -> str:

@@ -81,6 +81,16 @@ def differences(run: Path, recipe: dict, ignore: set[str]) -> str:
                      for k in sorted(recipe) if k not in ignore and used.get(k) != recipe[k])
 
 
+def recipe_of(rows: list[dict], results: str | Path) -> str | None:
+    """The one recipe (its "config") every row of a benchmark's results file was trained with;
+    None for no rows. A file mixing recipes is refused: its rows would not compare."""
+    configs = sorted({r.get("config", "(not recorded)") for r in rows})
+    if len(configs) > 1:
+        raise SystemExit(f"{results}: rows of more than one recipe ({', '.join(configs)}); "
+                         f"give each recipe its own --results file")
+    return configs[0] if configs else None
+
+
 def read_history(folder: Path) -> list[dict]:
     """A run's per-epoch records (its metrics.jsonl)."""
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]

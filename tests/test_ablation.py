@@ -40,7 +40,9 @@ def test_each_variant_changes_one_setting_and_scst_starts_from_its_best_weights(
         assert r["xe"]["best_dev_CIDEr"] == max(r["xe"]["dev_CIDEr"])
         assert set(r["xe"]["test"]) >= {"Bleu_4", "CIDEr"} and set(r["scst"]["test"]) >= {"Bleu_4", "CIDEr"}
     assert json.loads((tmp / "ablation.json").read_text()) == rows
-    block = module.readme_block(rows, "recipe.json")
+    assert {r["config"] for r in rows} == {str(tmp / "recipe.json")}  # each row names its recipe
+    block = module.readme_block(rows)
+    assert f"Recipe `{tmp / 'recipe.json'}`" in block
     assert "| recipe | nothing (the recipe) |" in block and "| label-smoothing | `label_smoothing=0.1` |" in block
     versus = rows[1]["scst"]["best_dev_CIDEr"] - rows[0]["scst"]["best_dev_CIDEr"]
     assert f"| {versus:+.3f} |" in block.splitlines()[3]
@@ -94,9 +96,32 @@ def test_bad_arguments_are_refused_before_anything_trains(ablation, capsys):
     assert "refit recipe" in capsys.readouterr().err and not (tmp / "runs").exists()
 
 
-def test_readme_ablation_block_matches_its_results_file():
+def test_a_results_file_of_another_recipe_is_refused_before_anything_trains(ablation, capsys):
+    module, args, tmp = ablation
+    (tmp / "ablation.json").write_text(json.dumps([{"variant": "recipe", "config": "configs/other.json"}]))
+    with pytest.raises(SystemExit):
+        module.main(args + ["--variants", "no-warmup"])
+    err = capsys.readouterr().err
+    assert "ablation.json" in err and "configs/other.json" in err and not (tmp / "runs").exists()
+
+
+def test_readme_ablation_block_matches_its_results_file_and_kept_runs():
+    """The block is its results file's, and each variant's kept stages (benchmarks/results/
+    ablation/<variant>/{xe,scst}/config.json) are the rows' recipe with that variant's overrides."""
+    from captioner.config import NOT_LEARNED, load_train_config
+
     module = load_benchmark("ablation")
+    recipe_runs = load_benchmark("recipe_runs")
     rows = json.loads((REPO / "benchmarks" / "results" / "ablation.json").read_text())
     assert {r["variant"] for r in rows} == set(module.VARIANTS)
-    block = module.readme_block(rows, "configs/flickr8k-tuned-mirror.json")
+    block = module.readme_block(rows)
     assert block.strip() in (REPO / "README.md").read_text()
+    recipe = REPO / recipe_runs.recipe_of(rows, "ablation.json")
+    kept = REPO / "benchmarks" / "results" / "ablation"
+    for r in rows:
+        for stage, extra, ignore in (("xe", ["scst_epochs=0"], set()),
+                                     ("scst", ["epochs=0", f"scst_epochs={r['scst']['epochs']}"], {"init_checkpoint"})):
+            run = kept / r["variant"] / stage
+            if (run / "config.json").is_file():  # the recipe's cross-entropy stage is tuned-mirror's own run
+                wanted = load_train_config(recipe, [*r["overrides"], *extra]).to_dict()
+                assert recipe_runs.differences(run, wanted, NOT_LEARNED | ignore) == "", run
