@@ -103,6 +103,24 @@ def how_kept(config: dict, history: list[dict], lp: dict) -> str:
     return f"best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch {best['epoch']}). {search}, chosen on dev.\n"
 
 
+def recipe_text(config: dict, history: list[dict]) -> str:
+    """The training recipe in words, from the run's config and log."""
+    scst = [h for h in history if h.get("phase") == "scst"]
+    xe = [h for h in history if h.get("phase", "xe") == "xe"]
+    recipe = (f"{len(xe)} cross-entropy epochs (batch {config['batch_size']}, Adam lr {config['lr']} with warm-up "
+              f"and cosine decay, label smoothing {config['label_smoothing']})")
+    if scst:
+        recipe += (f", then {len(scst)} self-critical (SCST) epochs on CIDEr-D with the {config['scst_baseline']} "
+                   f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
+    if config.get("mirror_prob", 0) > 0:
+        recipe += (f"; in every epoch of both stages each training photo is seen as its mirror image (its captions' "
+                   f"left and right swapped) with probability {config['mirror_prob']}")
+    if config.get("crop_scale", 1.0) < 1:
+        recipe += (f"; in every epoch of both stages each training photo is seen through a random square crop of "
+                   f"its feature grid, its side {config['crop_scale']} to 1 of the whole")
+    return recipe
+
+
 def main(run: Path) -> None:
     timing = json.loads((run / "timing.json").read_text())
     scores = json.loads((run / "test_scores.json").read_text())
@@ -137,16 +155,7 @@ def main(run: Path) -> None:
                  if shipped == "bf16" else "") + ".\n")
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
-    scst = [h for h in history if h.get("phase") == "scst"]
-    xe = [h for h in history if h.get("phase", "xe") == "xe"]
-    recipe = (f"{len(xe)} cross-entropy epochs (batch {config['batch_size']}, Adam lr {config['lr']} with warm-up "
-              f"and cosine decay, label smoothing {config['label_smoothing']})")
-    if scst:
-        recipe += (f", then {len(scst)} self-critical (SCST) epochs on CIDEr-D with the {config['scst_baseline']} "
-                   f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
-    if config.get("mirror_prob", 0) > 0:
-        recipe += (f"; in every epoch of both stages each training photo is seen as its mirror image (its captions' "
-                   f"left and right swapped) with probability {config['mirror_prob']}")
+    recipe = recipe_text(config, history)
     photos = "7000" if refit else "6000"
     if refit:
         data_text = (f"{photos} training photos with 5 captions each: the 6000 of the train split and the 1000 "

@@ -153,6 +153,19 @@ def test_model_card_says_how_a_refit_kept_its_epoch_and_search():
     sys.modules.pop("model_card", None)
 
 
+def test_model_card_names_the_recipes_augmentations_and_quotes_the_defaults_recipe():
+    card = load_benchmark("model_card")
+    results = REPO / "benchmarks" / "results" / "default"
+    config = json.loads((results / "config.json").read_text())
+    history = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines()]
+    shipped = card.recipe_text(config, history)
+    assert shipped in (REPO / "src" / "captioner" / "weights" / "MODEL_CARD.md").read_text()
+    assert "mirror image" in shipped and "crop" not in shipped
+    cropped = card.recipe_text({**config, "crop_scale": 0.8, "mirror_prob": 0.0}, history)
+    assert "random square crop of its feature grid, its side 0.8 to 1" in cropped and "mirror" not in cropped
+    sys.modules.pop("model_card", None)
+
+
 def test_rerun_of_a_recipe_matches_its_first_run():
     """The README says a second run of the lite0-lite2 recipe reproduced the first: the kept files agree."""
     first = REPO / "benchmarks" / "results" / "lite0-lite2"
