@@ -84,7 +84,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
                                             f"init_checkpoint={xe_weights}"])
     scst_run = Path(cfg.out)
     train(cfg, resume=(scst_run / "last.pt").is_file())
-    return {"variant": name, "config": args.config, "overrides": VARIANTS[name], "xe_run": str(xe_run), "scst_run": str(scst_run),
+    return {"variant": name, "config": args.config, "overrides": VARIANTS[name], "xe_run": str(xe_run),
+            "scst_run": str(scst_run),
             "xe": {**best_of(read_history(xe_run), "xe"), "test": score(str(xe_weights), plain)["test"]},
             "scst": {**best_of(read_history(scst_run), "scst"), "test": score(str(scst_run / "best.pt"), plain)["test"]},
             "wall_minutes": round((time.time() - t) / 60, 1)}
@@ -149,9 +150,10 @@ def main(argv=None) -> list[dict]:
         check_recipe_run(Path(args.recipe_run), args)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.is_file() else []
-    if recipe_of(rows, results) not in (None, args.config):
-        p.error(f"--results {results}: its rows are of the recipe {recipe_of(rows, results)}, not --config "
-                f"{args.config}; give this recipe a results file of its own")
+    kept_recipe = recipe_of(rows, results)
+    if kept_recipe not in (None, args.config):
+        p.error(f"--results {results}: its rows are of the recipe {kept_recipe}, not --config {args.config}; "
+                f"give this recipe a results file of its own")
     for name in names:
         if args.force or name not in {r["variant"] for r in rows}:
             row = run_variant(name, args)
