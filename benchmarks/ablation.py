@@ -23,12 +23,11 @@ file; a variant already there is skipped unless --force.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from readme_blocks import missing_block, replace_block
-from recipe_runs import differences, logged_minutes, read_history, recipe_of
+from recipe_runs import differences, load_rows, logged_minutes, read_history, recipe_of, save_rows
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -149,18 +148,12 @@ def main(argv=None) -> list[dict]:
             p.error(f"--recipe-run {args.recipe_run}: no config.json there (not a run folder)")
         check_recipe_run(Path(args.recipe_run), args)
     results = Path(args.results)
-    rows = json.loads(results.read_text()) if results.is_file() else []
-    kept_recipe = recipe_of(rows, results)
-    if kept_recipe not in (None, args.config):
-        p.error(f"--results {results}: its rows are of the recipe {kept_recipe}, not --config {args.config}; "
-                f"give this recipe a results file of its own")
+    rows = load_rows(results, args.config)
     for name in names:
         if args.force or name not in {r["variant"] for r in rows}:
             row = run_variant(name, args)
             rows = [r for r in rows if r["variant"] != name] + [row]
-            results.parent.mkdir(parents=True, exist_ok=True)
-            results.write_text(json.dumps(rows, indent=2) + "\n")
-            print(json.dumps(row), flush=True)
+            save_rows(results, rows, row)
     block = readme_block(rows)
     if not args.no_readme:
         replace_block(args.block, block)

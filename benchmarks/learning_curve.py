@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from readme_blocks import missing_block, replace_block
-from recipe_runs import differences, logged_minutes, read_history, recipe_of
+from recipe_runs import differences, load_rows, logged_minutes, read_history, recipe_of, save_rows
 from scst_gain import score
 
 from captioner.config import NOT_LEARNED, load_train_config
@@ -144,19 +144,13 @@ def main(argv=None) -> list[dict]:
     if args.full_run and not (Path(args.full_run) / "config.json").is_file():
         p.error(f"--full-run {args.full_run}: no config.json there (not a run folder)")
     results = Path(args.results)
-    rows = json.loads(results.read_text()) if results.is_file() else []
-    recipe = recipe_of(rows, results)
-    if recipe not in (None, args.config):
-        p.error(f"--results {results}: its rows are of the recipe {recipe}, not --config {args.config}; "
-                f"give this recipe a results file of its own")
+    rows = load_rows(results, args.config)
 
     def keep(row: dict) -> None:
         nonlocal rows
         rows = [r for r in rows if r["train_images"] != row["train_images"]] + [row]
         rows.sort(key=lambda r: r["train_images"])
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(rows, indent=2) + "\n")
-        print(json.dumps(row), flush=True)
+        save_rows(results, rows, row)
 
     done = {r["train_images"] for r in rows}
     for n in (int(s) for s in args.sizes.split(",") if s.strip()):

@@ -91,6 +91,24 @@ def recipe_of(rows: list[dict], results: str | Path) -> str | None:
     return configs[0] if configs else None
 
 
+def load_rows(results: Path, config: str) -> list[dict]:
+    """A benchmark's kept rows (none if the file is not there yet), refused if they are of
+    another recipe than `config`: new rows could not be compared with them."""
+    rows = json.loads(results.read_text()) if results.is_file() else []
+    kept = recipe_of(rows, results)
+    if kept not in (None, config):
+        raise SystemExit(f"{results}: its rows are of the recipe {kept}, not {config}; "
+                         f"give this recipe a results file of its own (--results)")
+    return rows
+
+
+def save_rows(results: Path, rows: list[dict], row: dict) -> None:
+    """Write the rows (a new `row` among them) as soon as it is measured, and print it."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=2) + "\n")
+    print(json.dumps(row), flush=True)
+
+
 def read_history(folder: Path) -> list[dict]:
     """A run's per-epoch records (its metrics.jsonl)."""
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
