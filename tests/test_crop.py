@@ -1,6 +1,7 @@
 """Random-crop augmentation: each epoch sees each train photo through a random square crop of
 its cached feature grid, resampled to the whole grid (`crop_scale`)."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,11 @@ def test_a_crop_of_the_left_half_spreads_the_left_half_over_the_grid(fold):
     torch.testing.assert_close(fine, fine[:1].expand_as(fine))
 
 
-def test_a_tuned_tops_cache_folds_two_by_two_cells_and_a_frozen_one_none():
-    assert get_encoder_config("efficientnet-lite0-tuned").cache_fold == 2
-    assert get_encoder_config("efficientnet-lite0-tuned8").cache_fold == 2
+def test_a_caches_fold_comes_from_where_the_backbone_is_split():
+    assert get_encoder_config("efficientnet-lite0-tuned").cache_fold == 2  # block 11's input: 14x14
+    assert get_encoder_config("efficientnet-lite0-tuned8").cache_fold == 2  # block 8's input: 14x14
+    last_block = replace(get_encoder_config("efficientnet-lite0-tuned"), split=15, feature_dim=192)
+    assert last_block.cache_fold == 1  # block 15's input is already on the 7x7 grid
     assert get_encoder_config("efficientnet-lite0").cache_fold == 1
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,11 @@ class EncoderConfig:
 
     @property
     def cache_fold(self) -> int:
-        """Cells per region side in the feature cache: a tuned top's input (stride 16) keeps each
-        region's 2x2 cells of the finer grid as channels (see Encoder.forward); 1 otherwise."""
-        return 2 if self.split else 1
+        """Cells per region side in the feature cache: where a tuned top's input lies on a finer
+        grid than the regions (stride 16 for the registered splits), each region keeps its r x r
+        cells as channels, r = sqrt(cached channels / the block's input channels); 1 otherwise.
+        The encoder folds by it, the tuned top unfolds by it, and training crops on the finer grid."""
+        return _fold(self.arch, self.split, self.feature_dim) if self.split else 1
 
     @property
     def region_dim(self) -> int:
@@ -70,6 +73,14 @@ class EncoderConfig:
 
 
 HEAD_DIM = 1280  # channels of an EfficientNet-Lite's head convolution
+
+
+@lru_cache(maxsize=None)
+def _fold(arch: str, split: int, feature_dim: int) -> int:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    in_channels = EfficientNet.from_name(arch)._blocks[split]._block_args.input_filters
+    return math.isqrt(feature_dim // in_channels)
 
 ENCODERS: dict[str, EncoderConfig] = {
     f"efficientnet-lite{k}": EncoderConfig(
@@ -131,8 +142,7 @@ class Encoder(nn.Module):
             x = b._swish(b._bn0(b._conv_stem(images)))
             for block in b._blocks:
                 x = block(x)
-            side = self.cfg.grid_size
-            grid = F.pixel_unshuffle(x, x.shape[-1] // side)  # (B, C*r*r, side, side): r x r cells as channels
+            grid = F.pixel_unshuffle(x, self.cfg.cache_fold)  # (B, C*r*r, side, side): r x r cells as channels
         else:
             grid = self.backbone.extract_features(images)  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2)  # (B, H*W, C)
@@ -174,8 +184,7 @@ class TunedTop(nn.Module):
         b, n, c = regions.shape
         side = self.cfg.grid_size
         x = regions.transpose(1, 2).reshape(b, c, side, side)
-        in_channels = self.blocks[0]._block_args.input_filters
-        x = F.pixel_shuffle(x, math.isqrt(c // in_channels))  # back to (B, C, side*r, side*r)
+        x = F.pixel_shuffle(x, self.cfg.cache_fold)  # back to (B, C, side*r, side*r)
         for block in self.blocks:
             x = block(x)
         x = self.act(self.bn1(self.conv_head(x)))
