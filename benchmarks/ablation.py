@@ -18,7 +18,8 @@ weights are also scored on test with the plain beam 3 (as `scst_gain.py` does), 
 `--recipe-run` takes the recipe's cross-entropy stage from a finished run of the recipe (the
 default's train-only run) instead of training it again: that stage does not depend on the SCST
 settings, and its config is checked against the recipe first. Rows are kept in the results
-file; a variant already there is skipped unless --force.
+file, each naming its recipe (one recipe per file: another is refused); a variant already there
+is skipped unless --force.
 """
 from __future__ import annotations
 

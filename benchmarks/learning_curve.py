@@ -25,7 +25,6 @@ a size already there is skipped unless --force, so the sizes can be run a few at
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from readme_blocks import missing_block, replace_block
 from recipe_runs import differences, load_rows, logged_minutes, read_history, recipe_of, save_rows
 from scst_gain import score
 
-from captioner.config import NOT_LEARNED, load_train_config
+from captioner.config import NOT_LEARNED, TrainConfig, load_train_config
 from captioner.data import load_dataset
 from captioner.train import data_options, train
 
@@ -55,13 +54,14 @@ def row_for(run: Path, train_images: int, args: argparse.Namespace) -> dict:
             "xe_test": xe, "test": final["test"], "logged_minutes": logged_minutes(read_history(run))}
 
 
-def check_full_run(run: Path, args: argparse.Namespace) -> None:
-    """The full run must be the recipe itself, on the whole train split."""
+def check_full_run(run: Path, args: argparse.Namespace) -> TrainConfig:
+    """The full run must be the recipe itself, on the whole train split; gives its config."""
     recipe = load_train_config(args.config, [f"data={args.data}"]).to_dict()
-    subset = json.loads((run / "config.json").read_text()).get("max_train_images", 0)
-    what = differences(run, recipe, WHERE) or (subset and "a train subset")
+    cfg = load_train_config(run / "config.json", [f"data={args.data}"])
+    what = differences(run, recipe, WHERE) or (cfg.max_train_images and "a train subset")
     if what:
         raise SystemExit(f"{run / 'config.json'}: not the recipe {args.config} on all train photos: {what}")
+    return cfg
 
 
 def train_size(n: int, args: argparse.Namespace) -> dict:
@@ -158,8 +158,7 @@ def main(argv=None) -> list[dict]:
             keep(train_size(n, args))
     if args.full_run:
         run = Path(args.full_run)
-        check_full_run(run, args)
-        cfg = load_train_config(run / "config.json", [f"data={args.data}"])
+        cfg = check_full_run(run, args)
         n = len(load_dataset(cfg.data, cfg.data_format, data_options(cfg)).split("train"))
         if args.force or n not in done:
             keep(row_for(run, n, args))
