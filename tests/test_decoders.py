@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.decoders import DECODERS, WithTunedTop, build_decoder
+from captioner.decoders import DECODERS, MirrorViews, WithTunedTop, build_decoder
 from captioner.encoders import HEAD_DIM, TunedTop, get_encoder_config
 from captioner.errors import ConfigError
 from captioner.model import get_model_config, list_models
@@ -29,11 +29,16 @@ VARIANTS = {"local-attention-lstm": ("soft-attention-lstm", {**SMALL["soft-atten
 # tuned encoder trains five blocks), on that block's 192-channel input over the 7x7 grid.
 TUNED = "tuned-top-lstm"
 SMALL_TOP = replace(get_encoder_config("efficientnet-lite0-tuned"), split=15, feature_dim=192)
+# The LSTM reading each photo and its mirror image (a 3x3 grid each), words 5 and 6 swapped between them.
+MIRROR = "mirror-views-lstm"
+SWAP = torch.tensor([*range(5), 6, 5, *range(7, V)])
 
 
-@pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS) + [TUNED])
+@pytest.fixture(params=sorted(DECODERS) + sorted(VARIANTS) + [TUNED, MIRROR])
 def decoder(request):
     torch.manual_seed(0)
+    if request.param == MIRROR:
+        return MirrorViews(build_decoder("soft-attention-lstm", SMALL["soft-attention-lstm"], V, C), SWAP, 3)
     if request.param == TUNED:
         return WithTunedTop(TunedTop(SMALL_TOP), build_decoder("soft-attention-lstm", SMALL["soft-attention-lstm"],
                                                                V, HEAD_DIM))
@@ -42,11 +47,12 @@ def decoder(request):
 
 
 def regions(decoder, b: int) -> torch.Tensor:
-    """Random regions of the shape `decoder` reads: (b, N, C), or a tuned top's cached input."""
+    """Random regions of the shape `decoder` reads: (b, N, C), a tuned top's cached input, or
+    with mirror views both views' regions (b, 2N, C)."""
     if isinstance(decoder, WithTunedTop):
         cfg = decoder.top.cfg
         return torch.randn(b, cfg.grid_size ** 2, cfg.feature_dim)
-    return torch.randn(b, N, C)
+    return torch.randn(b, 2 * N if isinstance(decoder, MirrorViews) else N, C)
 
 
 def test_every_registered_decoder_has_a_small_test_config():
@@ -86,7 +92,7 @@ def test_attention_weights_are_distributions(decoder):
         state = decoder.init_state(feats)
         _, state = decoder.step(torch.zeros(B, dtype=torch.long), state)
     alpha = state["alpha"]
-    assert alpha.shape == (B, feats.shape[1])
+    assert alpha.shape == (B, feats.shape[1] // (2 if isinstance(decoder, MirrorViews) else 1))
     torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
 
 

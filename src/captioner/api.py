@@ -45,11 +45,16 @@ class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
-                 limits: ImageLimits | None = None, precision: str | None = "fp32"):
+                 limits: ImageLimits | None = None, precision: str | None = "fp32",
+                 mirror_views: bool | None = None):
         """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
         `captioner.precision`), or None/"auto" for the model's own (`model.precision`, as
-        exported) where the CPU does bf16 natively. The model is changed in place."""
+        exported) where the CPU does bf16 natively. `mirror_views`: read each photo's mirror
+        image too (`CaptionModel.mirror_views`), or None for the model's own. The model is
+        changed in place."""
         self.model = model.eval().to(device)
+        if mirror_views is not None:
+            self.model.mirror_views = bool(mirror_views)
         self.info = info or {}
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
@@ -60,11 +65,12 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
-             limits: ImageLimits | None = None, precision: str | None = "auto") -> "Captioner":
+             limits: ImageLimits | None = None, precision: str | None = "auto",
+             mirror_views: bool | None = None) -> "Captioner":
         path = Path(path) if path is not None else default_model_path()
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits, precision)
+        return cls(model, info, device, limits, precision, mirror_views)
 
     @property
     def encoder(self) -> Encoder:
@@ -107,8 +113,16 @@ class Captioner:
     @torch.no_grad()
     def encode_pixels(self, batch: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """Preprocessed photos (B, 3, S, S) -> region features (B, N, C); `chunk` > 0 runs the
-        encoder on that many photos at a time (large batches spill the CPU cache)."""
+        encoder on that many photos at a time (large batches spill the CPU cache). With the
+        model's `mirror_views` each photo's mirror image is encoded too: (B, 2N, C), the photo's
+        regions, then its mirror's (flipped as the mirror features of training are)."""
         batch = batch.to(self.device)
+        if not self.model.mirror_views:
+            return self._encode(batch, chunk)
+        photos, mirrors = self._encode(torch.cat([batch, batch.flip(-1)]), chunk).chunk(2)
+        return torch.cat([photos, mirrors], 1)
+
+    def _encode(self, batch: torch.Tensor, chunk: int) -> torch.Tensor:
         if chunk <= 0 or batch.size(0) <= chunk:
             return self.encoder(batch)
         return torch.cat([self.encoder(part) for part in batch.split(chunk)])

@@ -77,7 +77,7 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
         "decoder_state": state,
         "metrics": dict(metrics or {}),
         "decode": {"length_penalty": float(model.length_penalty), "no_repeat_ngram": int(model.no_repeat_ngram),
-                   "precision": str(model.precision)},
+                   "precision": str(model.precision), "mirror_views": bool(model.mirror_views)},
         **(extra or {}),
     }
 
@@ -140,6 +140,9 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
         model.precision = str(decode.get("precision", "fp32"))
         if model.precision not in PRECISIONS:
             raise ValueError(f"decode precision must be {' or '.join(PRECISIONS)}, not {model.precision!r}")
+        model.mirror_views = decode.get("mirror_views", False)
+        if not isinstance(model.mirror_views, bool):
+            raise ValueError(f"decode mirror_views must be true or false, not {model.mirror_views!r}")
     except Exception as e:
         raise CheckpointError(f"checkpoint does not match its own config: {e}", path) from None
     return model.eval(), ckpt

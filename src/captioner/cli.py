@@ -54,6 +54,13 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="decoder weights in matrix products: auto (default) = the model's own, bf16 only "
                         "on a CPU with native bfloat16")
+    p.add_argument("--mirror-views", choices=("auto", "on", "off"), default="auto",
+                   help="also read each photo's mirror image and caption with both views (test-time "
+                        "augmentation; twice the work per photo): auto (default) = the model's own")
+
+
+def _mirror_views(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.mirror_views]
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +88,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
-    captioner = Captioner.load(args.model, precision=args.precision)
+    captioner = Captioner.load(args.model, precision=args.precision, mirror_views=_mirror_views(args))
     # options are checked before any photo is read: a bad one fails at once, not after a batch
     captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
     failed = 0
@@ -130,7 +137,8 @@ def _caption_to_file(args: argparse.Namespace) -> int:
         print("error: --attention and --temperature work without --out only", file=sys.stderr)
         return 2
     env = setup(args.device)
-    captioner = Captioner.load(args.model, device=env.device, precision=args.precision)
+    captioner = Captioner.load(args.model, device=env.device, precision=args.precision,
+                               mirror_views=_mirror_views(args))
     search = dict(beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
                   length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
     result = caption_collection(captioner, photos, args.out, batch_size=args.batch_size, workers=args.workers,
@@ -208,7 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
     from .evaluate import evaluate
 
-    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision)
+    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision,
+                               mirror_views=_mirror_views(args))
     search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
                                            args.no_repeat_ngram)
     out = args.captions_out or f"captions-{args.split}.json"
@@ -220,7 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
           f"length penalty {search.length_penalty}, no-repeat n-gram {search.no_repeat_ngram}, "
-          f"precision {captioner.precision}")
+          f"precision {captioner.precision}, mirror views {'on' if captioner.model.mirror_views else 'off'}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     print(f"captions written to {out}")
@@ -239,6 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.no_repeat_ngram = args.no_repeat_ngram
     if args.precision is not None:
         model.precision = args.precision
+    if args.mirror_views is not None:
+        model.mirror_views = args.mirror_views == "on"
     metrics = dict(ckpt.get("metrics", {}))
     if args.metrics:
         metrics["test"] = json.loads(Path(args.metrics).read_text())
@@ -433,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the decoder precision to caption with where the CPU has native bf16 (see README)")
+    p.add_argument("--mirror-views", choices=("on", "off"), default=None,
+                   help="whether the model reads each photo's mirror image too (see README)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ensemble", help="join trained checkpoints (same vocab and encoder) into one model")

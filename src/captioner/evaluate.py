@@ -19,14 +19,23 @@ from .model import CaptionModel
 
 @torch.no_grad()
 def decode_records(model: CaptionModel, cache: FeatureCache, records: list[ImageRecord],
-                   search: SearchConfig, batch_size: int = 100, progress: bool = False) -> dict[str, str]:
-    """Caption each record's image from the feature cache: {image: caption}."""
+                   search: SearchConfig, batch_size: int = 100, progress: bool = False,
+                   mirror: FeatureCache | None = None) -> dict[str, str]:
+    """Caption each record's image from the feature cache: {image: caption}. A model with
+    `mirror_views` reads each photo's mirror image too, from `mirror` (a `mirror=True` cache)."""
+    if model.mirror_views and mirror is None:
+        raise ValueError("this model reads each photo's mirror image too (mirror_views): "
+                         "decoding it needs the photos' mirror features")
     model.eval()
     device = next(model.parameters()).device
     out = {}
     for s in tqdm(range(0, len(records), batch_size), desc="decode", disable=not progress, leave=False):
         chunk = records[s:s + batch_size]
-        feats = cache.get([r.image for r in chunk]).to(device)
+        names = [r.image for r in chunk]
+        feats = cache.get(names)
+        if model.mirror_views:
+            feats = torch.cat([feats, mirror.get(names)], 1)
+        feats = feats.to(device)
         for r, caption in zip(chunk, model.captions(feats, search)):
             out[r.image] = caption
     return out
@@ -43,9 +52,12 @@ def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search:
     records = dataset.split(split)
     if not records:
         raise DataError(f"split {split!r} has no images", data)
-    cache = build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
-                        Path(cache_dir).expanduser(), tag=dataset.name, progress=progress, env=DistEnv(device=device))
-    preds = decode_records(model, cache, records, search, progress=progress)
+    caches = [build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
+                          Path(cache_dir).expanduser(), tag=dataset.name, progress=progress,
+                          env=DistEnv(device=device), mirror=mirror)
+              for mirror in ((False, True) if model.mirror_views else (False,))]
+    preds = decode_records(model, caches[0], records, search, progress=progress,
+                           mirror=caches[1] if model.mirror_views else None)
     scores, notes = score_captions(preds, {r.image: r.captions for r in records}, METRIC_NAMES)
     if captions_out is not None:
         path = Path(captions_out)

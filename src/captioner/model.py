@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .decode import Hypotheses, Samples, SearchConfig, beam_search, sample
-from .decoders import Ensemble, WithTunedTop, build_decoder
+from .decoders import Ensemble, MirrorViews, WithTunedTop, build_decoder
 from .encoders import EncoderConfig, TunedTop, get_encoder_config
 from .errors import ConfigError
 from .vocab import Vocab
@@ -81,6 +81,9 @@ class CaptionModel(nn.Module):
         self.length_penalty = 1.0
         self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
         self.precision = "fp32"  # decoder precision it was scored with: fp32, or bf16 (captioner.precision)
+        # Read each photo and its mirror image, captioning with both views' mean word distribution
+        # (decoders.MirrorViews): features are then (B, 2N, C), the photo's regions, then the mirror's.
+        self.mirror_views = False
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)
@@ -93,20 +96,29 @@ class CaptionModel(nn.Module):
             length_penalty=self.length_penalty if length_penalty is None else length_penalty,
             no_repeat_ngram=self.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
 
+    def search_decoder(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The decoder that search and sampling run: the trained one, or, with `mirror_views`,
+        the trained one reading both views of each photo."""
+        if not self.mirror_views:
+            return self.decoder
+        perm = torch.tensor(self.vocab.mirrored_ids(), device=device)
+        return MirrorViews(self.decoder, perm, self.encoder_cfg.grid_size)
+
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
-        """Region features (B, N, C) -> best hypotheses per image."""
+        """Region features (B, N, C), or (B, 2N, C) with `mirror_views` -> best hypotheses per image."""
         v = self.vocab
-        return beam_search(self.decoder, features, v.bos_id, v.eos_id, v.pad_id, search,
-                           banned_ids=(v.bos_id, v.unk_id))
+        return beam_search(self.search_decoder(features.device), features, v.bos_id, v.eos_id, v.pad_id,
+                           search, banned_ids=(v.bos_id, v.unk_id))
 
     @torch.no_grad()
     def sample(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                max_len: int = 25, generator: torch.Generator | None = None) -> Samples:
         """`n` sampled captions per image (rows image-major); temperature 0 is greedy."""
         v = self.vocab
-        return sample(self.decoder, features, v.bos_id, v.eos_id, v.pad_id, max_len=max_len, n=n,
-                      temperature=temperature, top_p=top_p, banned_ids=(v.bos_id, v.unk_id), generator=generator)
+        return sample(self.search_decoder(features.device), features, v.bos_id, v.eos_id, v.pad_id,
+                      max_len=max_len, n=n, temperature=temperature, top_p=top_p,
+                      banned_ids=(v.bos_id, v.unk_id), generator=generator)
 
     def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
         hyps = self.generate(features, search)

@@ -78,6 +78,11 @@ class Vocab:
             words.append(self.tokens[i])
         return " ".join(words)
 
+    def mirrored_ids(self) -> list[int]:
+        """Each word's id as a caption of the photo's mirror image says it ("left" for "right");
+        a word without a mirrored counterpart in the vocab stays itself."""
+        return [self._index.get(MIRRORED_WORDS.get(t, t), i) for i, t in enumerate(self.tokens)]
+
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens)}
 

@@ -1,0 +1,30 @@
+"""benchmarks/mirror_views.py: both settings scored on dev and test, and the rule applied to dev."""
+import json
+
+from conftest import REPO, load_benchmark
+
+bench = load_benchmark("mirror_views")
+
+
+def test_the_rule_needs_a_dev_cider_gain_above_the_margin_and_no_bleu_loss():
+    off = {"CIDEr": 0.600, "Bleu_4": 0.230}
+    assert bench.verdict(off, {"CIDEr": 0.615, "Bleu_4": 0.231})["adopt"]
+    assert not bench.verdict(off, {"CIDEr": 0.605, "Bleu_4": 0.240})["adopt"]  # gain within the margin
+    assert not bench.verdict(off, {"CIDEr": 0.630, "Bleu_4": 0.229})["adopt"]  # BLEU-4 fell
+    assert bench.verdict(off, {"CIDEr": 0.615, "Bleu_4": 0.231})["dev_cider_gain"] == 0.015
+
+
+def test_scores_both_settings_on_both_splits(tiny_data, tmp_path):
+    search = tmp_path / "search.json"
+    search.write_text(json.dumps({"best_length_penalty": 1.0, "best_no_repeat_ngram": 3}))
+    out = tmp_path / "views.json"
+    result = bench.main(["--checkpoint", str(REPO / "src/captioner/weights/default.pt"), "--search", str(search),
+                         "--data", str(tiny_data), "--cache-dir", str(tmp_path / "c"), "--beam-size", "2",
+                         "--captions-dir", str(tmp_path / "caps"), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    for split in ("dev", "test"):
+        row = result[split]
+        assert row["captions"] == 6 and 0 <= row["captions_changed"] <= 6
+        assert row["gain"]["CIDEr"] == round(row["on"]["CIDEr"] - row["off"]["CIDEr"], 4)
+    assert result["rule"] == bench.verdict(result["dev"]["off"], result["dev"]["on"])
+    assert (result["length_penalty"], result["no_repeat_ngram"]) == (1.0, 3)
