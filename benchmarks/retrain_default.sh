@@ -16,6 +16,7 @@ CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
 # A refit (`train_on_dev`) takes its beam search from the train-only run it refits: say which
 # before training starts, not after it.
 source "$(dirname "$0")/search_from.sh"
+check_mirror_views
 check_search_from "$CONFIG"
 mkdir -p "$RUN"
 rm -rf "$CACHE"

@@ -17,3 +17,12 @@ sys.exit(0 if os.path.isfile(p) and json.load(open(p)).get('train_on_dev') else 
     exit 2
   fi
 }
+
+# check_mirror_views: exits 2 naming the value when MIRROR_VIEWS (ship_default.sh's setting, given
+# to `captioner export --mirror-views`) is set to anything but on or off, before anything runs.
+check_mirror_views() {
+  case "${MIRROR_VIEWS:-off}" in
+    on|off) ;;
+    *) echo "error: MIRROR_VIEWS=$MIRROR_VIEWS: must be on or off" >&2; exit 2 ;;
+  esac
+}

@@ -13,8 +13,12 @@ EXPORT_TO=${EXPORT_TO:-src/captioner/weights/default.pt}
 # The decoder precision the model is scored and shipped with: bf16 runs its matrix products on
 # bfloat16 weights where the CPU has native bf16 (fp32 elsewhere); see src/captioner/precision.py.
 PRECISION=${PRECISION:-bf16}
+# Whether the model reads each photo's mirror image too (`captioner export --mirror-views`); the
+# test scores are measured with the setting it ships with.
+MIRROR_VIEWS=${MIRROR_VIEWS:-off}
 # A refit (`train_on_dev`) takes its search from SEARCH_FROM (see search_from.sh).
 source "$(dirname "$0")/search_from.sh"
+check_mirror_views
 check_search_from "$RUN/config.json"
 if [ -n "${SEARCH_FROM:-}" ]; then
   python3 - "$SEARCH_FROM" "$RUN/length_penalty.json" <<'PY'
@@ -30,7 +34,7 @@ else
 fi
 best() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/length_penalty.json" "$1"; }
 captioner export "$RUN/best.pt" "$RUN/model.pt" --length-penalty "$(best best_length_penalty)" \
-  --no-repeat-ngram "$(best best_no_repeat_ngram)" --precision "$PRECISION"
+  --no-repeat-ngram "$(best best_no_repeat_ngram)" --precision "$PRECISION" --mirror-views "$MIRROR_VIEWS"
 captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --cache-dir "$CACHE" \
   --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
 tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"

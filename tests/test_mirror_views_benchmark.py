@@ -28,3 +28,7 @@ def test_scores_both_settings_on_both_splits(tiny_data, tmp_path):
         assert row["gain"]["CIDEr"] == round(row["on"]["CIDEr"] - row["off"]["CIDEr"], 4)
     assert result["rule"] == bench.verdict(result["dev"]["off"], result["dev"]["on"])
     assert (result["length_penalty"], result["no_repeat_ngram"]) == (1.0, 3)
+    block = bench.readme_block(result, "x.json").splitlines()
+    assert block[2].startswith("| off | ") and block[3].startswith("| on | ")
+    assert f"{result['test']['on']['CIDEr']:.3f} |" in block[3]
+    assert ("**adopted**" in block[-1]) == result["rule"]["adopt"] and "Source: `x.json`" in block[-1]

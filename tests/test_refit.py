@@ -135,3 +135,11 @@ def test_a_folder_without_a_config_is_no_refit_and_gets_no_traceback(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=60,
                            env={k: v for k, v in os.environ.items() if k != "SEARCH_FROM"})
     assert check.returncode == 0 and check.stdout.strip() == "passed" and check.stderr == ""
+
+
+def test_a_bad_mirror_views_setting_is_named_before_anything_runs(tmp_path):
+    run = tmp_path / "run"
+    for script in ("retrain_default.sh", "ship_default.sh"):
+        done = _bash(script, tmp_path / "data", run, env={"MIRROR_VIEWS": "yes", "SEARCH_FROM": ""})
+        assert done.returncode == 2 and "MIRROR_VIEWS=yes: must be on or off" in done.stderr, script
+        assert not run.exists()
