@@ -121,6 +121,19 @@ def recipe_text(config: dict, history: list[dict]) -> str:
     return recipe
 
 
+def shipped_text(weights: Path) -> str:
+    """The shipped file's line: its size, and the decoding settings its test scores were measured with."""
+    decode = read_checkpoint(weights)["decode"]
+    precision, views = decode.get("precision", "fp32"), decode.get("mirror_views", False)
+    how = f"decoder precision {precision}" + (" where the CPU has native bfloat16 (float32 elsewhere)"
+                                              if precision == "bf16" else "")
+    if views:
+        how += " and mirror views (each photo read as taken and as its mirror image, `--mirror-views`)"
+    measured = "; the test scores were measured so" if precision == "bf16" or views else ""
+    return (f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16), "
+            f"captioning with {how}{measured}.\n")
+
+
 def main(run: Path) -> None:
     timing = json.loads((run / "timing.json").read_text())
     scores = json.loads((run / "test_scores.json").read_text())
@@ -148,11 +161,7 @@ def main(run: Path) -> None:
                   f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
                   f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
                   f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
-    shipped = read_checkpoint(weights)["decode"].get("precision", "fp32")
-    facts += (f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16), "
-              f"captioning with decoder precision {shipped}"
-              + (" where the CPU has native bfloat16 (float32 elsewhere); the test scores were measured so"
-                 if shipped == "bf16" else "") + ".\n")
+    facts += shipped_text(weights)
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
     recipe = recipe_text(config, history)

@@ -166,6 +166,23 @@ def test_model_card_names_the_recipes_augmentations_and_quotes_the_defaults_reci
     sys.modules.pop("model_card", None)
 
 
+def test_model_card_says_which_decoding_settings_the_shipped_file_was_scored_with(tmp_path, monkeypatch):
+    card = load_benchmark("model_card")
+    weights = REPO / "src" / "captioner" / "weights" / "default.pt"
+    assert card.shipped_text(weights) in (REPO / "README.md").read_text()  # the line as shipped
+    from captioner.checkpoint import read_checkpoint, write_checkpoint
+    monkeypatch.setattr(card, "REPO", tmp_path)
+    for precision, views in (("fp32", False), ("fp32", True), ("bf16", True)):
+        ckpt = read_checkpoint(weights)
+        ckpt["decode"].update(precision=precision, mirror_views=views)
+        write_checkpoint(ckpt, tmp_path / "default.pt")
+        line = card.shipped_text(tmp_path / "default.pt")
+        assert ("native bfloat16" in line) == (precision == "bf16")
+        assert ("mirror views" in line) == views
+        assert ("the test scores were measured so" in line) == (precision == "bf16" or views)
+    sys.modules.pop("model_card", None)
+
+
 def test_rerun_of_a_recipe_matches_its_first_run():
     """The README says a second run of the lite0-lite2 recipe reproduced the first: the kept files agree."""
     first = REPO / "benchmarks" / "results" / "lite0-lite2"
