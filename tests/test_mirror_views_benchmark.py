@@ -32,3 +32,12 @@ def test_scores_both_settings_on_both_splits(tiny_data, tmp_path):
     assert block[2].startswith("| off | ") and block[3].startswith("| on | ")
     assert f"{result['test']['on']['CIDEr']:.3f} |" in block[3]
     assert ("**adopted**" in block[-1]) == result["rule"]["adopt"] and "Source: `x.json`" in block[-1]
+
+
+def test_readme_quotes_the_results_file():
+    source = "benchmarks/results/tuned-mirror/mirror_views.json"
+    result = json.loads((REPO / source).read_text())
+    block = (REPO / "README.md").read_text().split("<!-- mirror-views:start -->")[1].split("<!-- mirror-views:end -->")[0]
+    assert block.strip() == bench.readme_block(result, source).strip(), \
+        "run: python benchmarks/mirror_views.py --readme-only"
+    assert result["rule"] == bench.verdict(result["dev"]["off"], result["dev"]["on"])
