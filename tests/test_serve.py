@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import sqlite3
 import struct
 import subprocess
@@ -26,7 +25,8 @@ from PIL import Image  # noqa: E402
 
 from captioner.ab import assign  # noqa: E402
 from captioner.api import default_model_path  # noqa: E402
-from captioner.checkpoint import read_checkpoint  # noqa: E402
+from captioner.api import Captioner  # noqa: E402
+from captioner.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
 from captioner.config import load_serve_config  # noqa: E402
 from captioner.feedback import FeedbackStore, client_hash  # noqa: E402
 from captioner.serve import create_app  # noqa: E402
@@ -57,7 +57,9 @@ def png_header(width: int, height: int) -> bytes:
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "models").mkdir()
-    shutil.copy(default_model_path(), tmp / "models" / "candidate.pt")
+    candidate = read_checkpoint(default_model_path())  # the default, reading mirror images too
+    candidate["decode"]["mirror_views"] = True
+    write_checkpoint(candidate, tmp / "models" / "candidate.pt")
     cfg_file = tmp / "serve.toml"
     cfg_file.write_text(f"""
 model_dir = "models"
@@ -125,6 +127,20 @@ def test_json_batch_of_base64_photos_with_attention(served):
         assert att.shape == (len(x["words"]), 7, 7) and x["caption"] == " ".join(x["words"])
         assert np.allclose(att.sum((1, 2)), 1.0, atol=1e-3)
         assert len(x["alternatives"]) == 1
+
+
+def test_a_variant_with_mirror_views_captions_as_the_library_does(served):
+    r = served["client"].post("/v1/captions", json={
+        "images": [base64.b64encode(CAT).decode()], "model": "candidate", "beam_size": 3, "max_len": 20,
+        "attention": True})
+    assert r.status_code == 200, r.text
+    x = r.json()["results"][0]
+    assert x["variant"] == "candidate"
+    att = np.array(x["attention"])
+    assert att.shape == (len(x["words"]), 7, 7) and np.allclose(att.sum((1, 2)), 1.0, atol=1e-3)
+    library = Captioner.load(served["tmp"] / "models" / "candidate.pt")
+    assert library.model.mirror_views
+    assert x["caption"] == library.caption(REPO / "examples" / "cat.jpg", beam_size=3, max_len=20).text
 
 
 def test_api_key_is_required_and_checked(served):

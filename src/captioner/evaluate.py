@@ -52,12 +52,14 @@ def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search:
     records = dataset.split(split)
     if not records:
         raise DataError(f"split {split!r} has no images", data)
-    caches = [build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
-                          Path(cache_dir).expanduser(), tag=dataset.name, progress=progress,
-                          env=DistEnv(device=device), mirror=mirror)
-              for mirror in ((False, True) if model.mirror_views else (False,))]
-    preds = decode_records(model, caches[0], records, search, progress=progress,
-                           mirror=caches[1] if model.mirror_views else None)
+
+    def cache(mirror: bool) -> FeatureCache:
+        return build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
+                           Path(cache_dir).expanduser(), tag=dataset.name, progress=progress,
+                           env=DistEnv(device=device), mirror=mirror)
+
+    preds = decode_records(model, cache(False), records, search, progress=progress,
+                           mirror=cache(True) if model.mirror_views else None)
     scores, notes = score_captions(preds, {r.image: r.captions for r in records}, METRIC_NAMES)
     if captions_out is not None:
         path = Path(captions_out)
