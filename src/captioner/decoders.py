@@ -627,7 +627,7 @@ class MirrorViews(nn.Module):
     def __init__(self, inner: nn.Module, perm: torch.Tensor, side: int):
         super().__init__()
         self.inner = inner
-        self.register_buffer("perm", perm.long(), persistent=False)
+        self.perm = perm.long()
         self.side = side
 
     @property

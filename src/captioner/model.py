@@ -84,6 +84,8 @@ class CaptionModel(nn.Module):
         # Read each photo and its mirror image, captioning with both views' mean word distribution
         # (decoders.MirrorViews): features are then (B, 2N, C), the photo's regions, then the mirror's.
         self.mirror_views = False
+        # each word's id in a caption of the mirror image, looked up once (not per search)
+        self.register_buffer("mirror_ids", torch.tensor(vocab.mirrored_ids()), persistent=False)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)
@@ -96,19 +98,18 @@ class CaptionModel(nn.Module):
             length_penalty=self.length_penalty if length_penalty is None else length_penalty,
             no_repeat_ngram=self.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
 
-    def search_decoder(self, device: torch.device | str = "cpu") -> nn.Module:
+    def search_decoder(self) -> nn.Module:
         """The decoder that search and sampling run: the trained one, or, with `mirror_views`,
         the trained one reading both views of each photo."""
         if not self.mirror_views:
             return self.decoder
-        perm = torch.tensor(self.vocab.mirrored_ids(), device=device)
-        return MirrorViews(self.decoder, perm, self.encoder_cfg.grid_size)
+        return MirrorViews(self.decoder, self.mirror_ids, self.encoder_cfg.grid_size)
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
         """Region features (B, N, C), or (B, 2N, C) with `mirror_views` -> best hypotheses per image."""
         v = self.vocab
-        return beam_search(self.search_decoder(features.device), features, v.bos_id, v.eos_id, v.pad_id,
+        return beam_search(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
                            search, banned_ids=(v.bos_id, v.unk_id))
 
     @torch.no_grad()
@@ -116,7 +117,7 @@ class CaptionModel(nn.Module):
                max_len: int = 25, generator: torch.Generator | None = None) -> Samples:
         """`n` sampled captions per image (rows image-major); temperature 0 is greedy."""
         v = self.vocab
-        return sample(self.search_decoder(features.device), features, v.bos_id, v.eos_id, v.pad_id,
+        return sample(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
                       max_len=max_len, n=n, temperature=temperature, top_p=top_p,
                       banned_ids=(v.bos_id, v.unk_id), generator=generator)
 
