@@ -345,7 +345,9 @@ def test_feedback_store_keeps_every_acknowledged_row_across_a_server_kill(tmp_pa
     lost = (captions - stored_captions, feedback - stored_feedback)
     count("failures", len(lost[0]) + len(lost[1]))
     assert lost == (set(), set()), f"acknowledged but lost: {lost}"
-    assert len(stored_feedback) == len(feedback) + 1
+    # Stored but never acknowledged: at most the one feedback request each client had in flight
+    # when the server died (its row committed, its reply lost), plus none of anyone else's.
+    assert len(feedback) + 1 <= len(stored_feedback) <= len(feedback) + 1 + len(threads)
     assert key not in log.read_text()  # keys are never logged, not even at a crash
 
 
