@@ -23,7 +23,8 @@ from pathlib import Path
 
 from captioner.checkpoint import load_checkpoint
 from captioner.evaluate import evaluate
-from readme_blocks import replace_block
+from captioner.model import CaptionModel
+from readme_blocks import missing_block, replace_block
 
 MIN_GAIN = 0.010  # dev CIDEr-D the mirror views must add for the default to use them
 SPLITS = ("dev", "test")
@@ -56,8 +57,9 @@ def readme_block(result: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def score(checkpoint: str, views: bool, split: str, search: dict, args: argparse.Namespace) -> tuple[dict, dict]:
-    model, _ = load_checkpoint(checkpoint)
+def score(model: CaptionModel, views: bool, split: str, search: dict,
+          args: argparse.Namespace) -> tuple[dict, dict]:
+    """One setting's toolkit scores on `split` and its captions ({image: caption})."""
     model.mirror_views = views
     cfg = model.search_config(args.beam_size, 25, 1, search["best_length_penalty"], search["best_no_repeat_ngram"])
     out = Path(args.captions_dir) / f"captions-{split}-{'on' if views else 'off'}.json"
@@ -89,11 +91,14 @@ def main(argv=None) -> dict:
         return result
     if args.checkpoint is None or args.search is None:
         p.error("--checkpoint and --search are needed to score (or --readme-only)")
+    if args.readme and missing_block("mirror-views"):  # say so now, not after the scoring
+        p.error(missing_block("mirror-views"))
     search = json.loads(Path(args.search).read_text())
+    model, _ = load_checkpoint(args.checkpoint)
     result = {"checkpoint": args.checkpoint, "beam_size": args.beam_size,
               "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"]}
     for split in SPLITS:
-        (off, caps_off), (on, caps_on) = (score(args.checkpoint, v, split, search, args) for v in (False, True))
+        (off, caps_off), (on, caps_on) = (score(model, v, split, search, args) for v in (False, True))
         changed = sum(caps_off[k] != caps_on[k] for k in caps_off)
         result[split] = {"off": off, "on": on, "gain": {k: round(on[k] - off[k], 4) for k in off},
                          "captions_changed": changed, "captions": len(caps_off)}

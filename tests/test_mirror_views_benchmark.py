@@ -1,6 +1,8 @@
 """benchmarks/mirror_views.py: both settings scored on dev and test, and the rule applied to dev."""
 import json
 
+import pytest
+
 from conftest import REPO, load_benchmark
 
 bench = load_benchmark("mirror_views")
@@ -41,3 +43,10 @@ def test_readme_quotes_the_results_file():
     assert block.strip() == bench.readme_block(result, source).strip(), \
         "run: python benchmarks/mirror_views.py --readme-only"
     assert result["rule"] == bench.verdict(result["dev"]["off"], result["dev"]["on"])
+
+
+def test_readme_without_the_block_is_refused_before_anything_is_scored(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "missing_block", lambda name: f"README.md has no <!-- {name}:start --> block")
+    with pytest.raises(SystemExit):  # not the missing checkpoint's error: nothing was loaded yet
+        bench.main(["--checkpoint", str(tmp_path / "none.pt"), "--search", str(tmp_path / "none.json"), "--readme"])
+    assert "README.md has no <!-- mirror-views:start --> block" in capsys.readouterr().err
