@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     rows["beam3_decode_batch32_ms_per_image"] = round(t / len(batch), 2)
     result = {"model": cap.info["path"].replace(str(REPO) + "/", ""),
               "model_mb": round(Path(cap.info["path"]).stat().st_size / 1e6, 1), "photos": [ph.name for ph in photos],
-              "precision": cap.precision, "mirror_views": cap.model.mirror_views, "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "machine": platform.machine(), **rows}
+              "precision": cap.precision, "mirror_views": cap.model.mirror_views, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(), **rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -39,7 +39,8 @@ def test_scores_both_settings_on_both_splits(tiny_data, tmp_path):
 def test_readme_quotes_the_results_file():
     source = "benchmarks/results/tuned-mirror/mirror_views.json"
     result = json.loads((REPO / source).read_text())
-    block = (REPO / "README.md").read_text().split("<!-- mirror-views:start -->")[1].split("<!-- mirror-views:end -->")[0]
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- mirror-views:start -->")[1].split("<!-- mirror-views:end -->")[0]
     assert block.strip() == bench.readme_block(result, source).strip(), \
         "run: python benchmarks/mirror_views.py --readme-only"
     assert result["rule"] == bench.verdict(result["dev"]["off"], result["dev"]["on"])

