@@ -330,6 +330,16 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .compare import compare_files, format_comparison
+
+    comparison = compare_files(args.a, args.b, args.resamples, args.seed, args.confidence)
+    print(json.dumps(asdict(comparison)) if args.json else format_comparison(comparison))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune
 
@@ -434,6 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     _search_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="is b better than a? a paired bootstrap over two evaluate captions files")
+    p.add_argument("a", help="captions file of the baseline (captioner evaluate --captions-out)")
+    p.add_argument("b", help="captions file of the candidate, on the same split")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--json", action="store_true", help="the comparison as one JSON object")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write a model-only checkpoint (optionally fp16) for shipping")
     p.add_argument("checkpoint")
