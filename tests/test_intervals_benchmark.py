@@ -1,0 +1,45 @@
+"""benchmarks/intervals.py: paired bootstrap intervals for named pairs of captions files."""
+import json
+
+import pytest
+from test_compare import _split, _write
+
+from conftest import REPO, load_benchmark
+
+bench = load_benchmark("intervals")
+
+
+def test_writes_each_pair_and_the_readme_block(tmp_path):
+    refs, weak, strong = _split()
+    a, b = _write(tmp_path / "a.json", refs, weak), _write(tmp_path / "b.json", refs, strong)
+    out = tmp_path / "intervals.json"
+    result = bench.main(["--pair", "weak → strong", "test", str(a), str(b), "--pair", "same", "dev", str(a), str(a),
+                         "--resamples", "200", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # intervals: tuples there, lists here
+    assert [p["label"] for p in result["pairs"]] == ["weak → strong", "same"]
+    strong_cider = next(m for m in result["pairs"][0]["metrics"] if m["metric"] == "CIDEr")
+    assert strong_cider["diff_interval"][0] > 0 and strong_cider["b_better"] == 1.0
+    block = bench.readme_block(result, "x.json").splitlines()
+    rows = [r for r in block if r.startswith("| weak") or r.startswith("| same")]
+    assert len(rows) == 4  # BLEU-4 and CIDEr-D for each pair
+    assert "| same | dev | CIDEr-D |" in block[5] and "| +0.000 | [+0.000, +0.000] | 0% of draws |" in block[5]
+    assert "200 draws (seed 0)" in block[-1] and "source: `x.json`" in block[-1]
+
+
+def test_needs_a_pair_and_refuses_a_readme_without_the_block_first(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([])
+    assert "at least one --pair" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "missing_block", lambda name: f"README.md has no <!-- {name}:start --> block")
+    with pytest.raises(SystemExit):  # not the missing file's error: nothing was read yet
+        bench.main(["--pair", "x", "test", str(tmp_path / "none.json"), str(tmp_path / "none.json"), "--readme"])
+    assert "README.md has no <!-- intervals:start --> block" in capsys.readouterr().err
+
+
+def test_readme_quotes_the_results_file():
+    source = "benchmarks/results/intervals.json"
+    result = json.loads((REPO / source).read_text())
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- intervals:start -->")[1].split("<!-- intervals:end -->")[0]
+    assert block.strip() == bench.readme_block(result, source).strip(), \
+        "run: python benchmarks/intervals.py --readme-only"
