@@ -293,7 +293,8 @@ def test_models_listing_and_docs(served):
     assert all(len(v["version"]) == 12 for v in models["variants"])
     # how each variant captions: the candidate is the default reading mirror images too
     assert [v["mirror_views"] for v in models["variants"]] == [False, True]
-    assert all(v["precision"] in ("fp32", "bf16") for v in models["variants"])
+    assert all(v["precision"] in ("fp32", "bf16") and v["encoder_precision"] in ("fp32", "bf16")
+               for v in models["variants"])
     assert "swagger" in client.get("/docs").text.lower()
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/captions"]["post"]["requestBody"]["content"]

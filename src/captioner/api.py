@@ -14,7 +14,7 @@ from .encoders import Encoder, build_encoder, preprocess
 from .errors import OptionError
 from .images import ImageInput, ImageLimits
 from .model import CaptionModel
-from .precision import bf16_linears, resolve_precision
+from .precision import bf16_linears, encoder_autocast, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
 MAX_BEAM_SIZE = 64
@@ -46,12 +46,13 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
                  limits: ImageLimits | None = None, precision: str | None = "fp32",
-                 mirror_views: bool | None = None):
+                 mirror_views: bool | None = None, encoder_precision: str | None = "fp32"):
         """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
         `captioner.precision`), or None/"auto" for the model's own (`model.precision`, as
-        exported) where the CPU does bf16 natively. `mirror_views`: read each photo's mirror
-        image too (`CaptionModel.mirror_views`), or None for the model's own. The model is
-        changed in place."""
+        exported) where the CPU does bf16 natively; `encoder_precision` likewise for the frozen
+        encoder (`model.encoder_precision`, `precision.encoder_autocast`). `mirror_views`: read
+        each photo's mirror image too (`CaptionModel.mirror_views`), or None for the model's
+        own. The model is changed in place."""
         self.model = model.eval().to(device)
         if mirror_views is not None:
             self.model.mirror_views = bool(mirror_views)
@@ -59,6 +60,7 @@ class Captioner:
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
         self.precision = resolve_precision(precision, model.precision, self.device)
+        self.encoder_precision = resolve_precision(encoder_precision, model.encoder_precision, self.device)
         if self.precision == "bf16":
             bf16_linears(self.model.decoder)
         self._encoder: Encoder | None = None
@@ -66,11 +68,11 @@ class Captioner:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
              limits: ImageLimits | None = None, precision: str | None = "auto",
-             mirror_views: bool | None = None) -> "Captioner":
+             mirror_views: bool | None = None, encoder_precision: str | None = "auto") -> "Captioner":
         path = Path(path) if path is not None else default_model_path()
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits, precision, mirror_views)
+        return cls(model, info, device, limits, precision, mirror_views, encoder_precision)
 
     @property
     def encoder(self) -> Encoder:
@@ -123,9 +125,10 @@ class Captioner:
         return torch.cat([photos, mirrors], 1)
 
     def _encode(self, batch: torch.Tensor, chunk: int) -> torch.Tensor:
-        if chunk <= 0 or batch.size(0) <= chunk:
-            return self.encoder(batch)
-        return torch.cat([self.encoder(part) for part in batch.split(chunk)])
+        parts = [batch] if chunk <= 0 or batch.size(0) <= chunk else batch.split(chunk)
+        with encoder_autocast(self.encoder_precision, self.device):
+            feats = [self.encoder(part) for part in parts]
+        return (feats[0] if len(feats) == 1 else torch.cat(feats)).float()  # (B, N, C)
 
     @torch.no_grad()
     def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:

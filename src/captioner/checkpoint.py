@@ -77,7 +77,8 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
         "decoder_state": state,
         "metrics": dict(metrics or {}),
         "decode": {"length_penalty": float(model.length_penalty), "no_repeat_ngram": int(model.no_repeat_ngram),
-                   "precision": str(model.precision), "mirror_views": bool(model.mirror_views)},
+                   "precision": str(model.precision), "encoder_precision": str(model.encoder_precision),
+                   "mirror_views": bool(model.mirror_views)},
         **(extra or {}),
     }
 
@@ -138,8 +139,10 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
         model.length_penalty = float(decode.get("length_penalty", 1.0))
         model.no_repeat_ngram = int(decode.get("no_repeat_ngram", 0))
         model.precision = str(decode.get("precision", "fp32"))
-        if model.precision not in PRECISIONS:
-            raise ValueError(f"decode precision must be {' or '.join(PRECISIONS)}, not {model.precision!r}")
+        model.encoder_precision = str(decode.get("encoder_precision", "fp32"))
+        for field in ("precision", "encoder_precision"):
+            if getattr(model, field) not in PRECISIONS:
+                raise ValueError(f"decode {field} must be {' or '.join(PRECISIONS)}, not {getattr(model, field)!r}")
         model.mirror_views = decode.get("mirror_views", False)
         if not isinstance(model.mirror_views, bool):
             raise ValueError(f"decode mirror_views must be true or false, not {model.mirror_views!r}")

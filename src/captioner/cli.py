@@ -54,6 +54,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="decoder weights in matrix products: auto (default) = the model's own, bf16 only "
                         "on a CPU with native bfloat16")
+    p.add_argument("--encoder-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the frozen encoder's convolutions: auto (default) = the model's own, bf16 only "
+                        "on a CPU with native bfloat16")
     p.add_argument("--mirror-views", choices=("auto", "on", "off"), default="auto",
                    help="also read each photo's mirror image and caption with both views (test-time "
                         "augmentation; twice the work per photo): auto (default) = the model's own")
@@ -88,7 +91,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
-    captioner = Captioner.load(args.model, precision=args.precision, mirror_views=_mirror_views(args))
+    captioner = Captioner.load(args.model, precision=args.precision, mirror_views=_mirror_views(args),
+                               encoder_precision=args.encoder_precision)
     # options are checked before any photo is read: a bad one fails at once, not after a batch
     captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
     failed = 0
@@ -138,7 +142,7 @@ def _caption_to_file(args: argparse.Namespace) -> int:
         return 2
     env = setup(args.device)
     captioner = Captioner.load(args.model, device=env.device, precision=args.precision,
-                               mirror_views=_mirror_views(args))
+                               mirror_views=_mirror_views(args), encoder_precision=args.encoder_precision)
     search = dict(beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
                   length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
     result = caption_collection(captioner, photos, args.out, batch_size=args.batch_size, workers=args.workers,
@@ -217,19 +221,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision,
-                               mirror_views=_mirror_views(args))
+                               mirror_views=_mirror_views(args), encoder_precision=args.encoder_precision)
     search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
                                            args.no_repeat_ngram)
     out = args.captions_out or f"captions-{args.split}.json"
     scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
                              cache_dir=args.cache_dir, captions_out=out, progress=not args.json,
                              data_format=args.format, image_root=args.image_root or "",
-                             device=str(captioner.device))
+                             device=str(captioner.device), encoder_precision=captioner.encoder_precision)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
           f"length penalty {search.length_penalty}, no-repeat n-gram {search.no_repeat_ngram}, "
-          f"precision {captioner.precision}, mirror views {'on' if captioner.model.mirror_views else 'off'}")
+          f"precision {captioner.precision}, encoder precision {captioner.encoder_precision}, "
+          f"mirror views {'on' if captioner.model.mirror_views else 'off'}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     print(f"captions written to {out}")
@@ -248,6 +253,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.no_repeat_ngram = args.no_repeat_ngram
     if args.precision is not None:
         model.precision = args.precision
+    if args.encoder_precision is not None:
+        model.encoder_precision = args.encoder_precision
     if args.mirror_views is not None:
         model.mirror_views = args.mirror_views == "on"
     metrics = dict(ckpt.get("metrics", {}))
@@ -463,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the decoder precision to caption with where the CPU has native bf16 (see README)")
+    p.add_argument("--encoder-precision", choices=("fp32", "bf16"), default=None,
+                   help="the frozen encoder's precision to caption with where the CPU has native bf16")
     p.add_argument("--mirror-views", choices=("on", "off"), default=None,
                    help="whether the model reads each photo's mirror image too (see README)")
     p.set_defaults(func=cmd_export)

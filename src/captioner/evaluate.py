@@ -44,9 +44,11 @@ def decode_records(model: CaptionModel, cache: FeatureCache, records: list[Image
 def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,
              layout: str = "auto", cache_dir: str | Path = "~/.cache/captioner", seed: int = 0,
              captions_out: str | Path | None = None, progress: bool = True, data_format: str = "auto",
-             image_root: str = "", device: str = "cpu") -> tuple[dict[str, float], list[str]]:
+             image_root: str = "", device: str = "cpu", encoder_precision: str = "fp32"
+             ) -> tuple[dict[str, float], list[str]]:
     """Decode every image of `split` ("all" for every image) of a dataset in any format
-    `load_dataset` reads, and score it; returns (toolkit scores, notes)."""
+    `load_dataset` reads, and score it; returns (toolkit scores, notes). `encoder_precision` is
+    the precision the photos are encoded in (a Captioner's resolved `encoder_precision`)."""
     search = search or SearchConfig()
     dataset = load_dataset(data, data_format, layout=layout, seed=seed, image_root=image_root)
     records = dataset.split(split)
@@ -56,7 +58,7 @@ def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search:
     def cache(mirror: bool) -> FeatureCache:
         return build_cache(dataset.image_dir, [r.image for r in records], model.encoder_cfg,
                            Path(cache_dir).expanduser(), tag=dataset.name, progress=progress,
-                           env=DistEnv(device=device), mirror=mirror)
+                           env=DistEnv(device=device), mirror=mirror, precision=encoder_precision)
 
     preds = decode_records(model, cache(False), records, search, progress=progress,
                            mirror=cache(True) if model.mirror_views else None)

@@ -81,6 +81,7 @@ class CaptionModel(nn.Module):
         self.length_penalty = 1.0
         self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
         self.precision = "fp32"  # decoder precision it was scored with: fp32, or bf16 (captioner.precision)
+        self.encoder_precision = "fp32"  # the frozen encoder's, likewise (precision.encoder_autocast)
         # Read each photo and its mirror image, captioning with both views' mean word distribution
         # (decoders.MirrorViews): features are then (B, 2N, C), the photo's regions, then the mirror's.
         self.mirror_views = False
