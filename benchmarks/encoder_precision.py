@@ -1,0 +1,166 @@
+"""What a bfloat16 frozen encoder costs in quality (`encoder_precision`): score one checkpoint with
+its encoder in fp32 and in bf16, with the same search and the same toolkit as `captioner
+evaluate`, on dev (which decides) and test (shown for reference).
+
+    python benchmarks/encoder_precision.py --checkpoint runs/tuned-mirror/best.pt \
+        --search benchmarks/results/tuned-mirror/length_penalty.json [--data ../shared/data/flickr8k] \
+        [--cache-dir DIR] [--captions-dir runs/encoder_precision] \
+        [--out benchmarks/results/tuned-mirror/encoder_precision.json] [--readme]
+    python benchmarks/encoder_precision.py --readme-only [--out ...] [--speed-dir DIR]
+
+`--search` is the dev-tuned search of the checkpoint's recipe (`tune_length_penalty.py`'s file).
+The rule, fixed before the first measurement (commit f0a7cd4): the default's encoder runs in
+bf16 only if, on dev, the 95% paired-bootstrap interval of (bf16 - fp32) (`captioner compare`,
+1000 draws, seed 0) has its lower end above -`CIDER_MARGIN` for CIDEr-D and above
+-`BLEU_MARGIN` for BLEU-4: no worse than fp32 beyond those margins. Writes both settings' scores
+per split, the intervals, how many captions changed and the rule's verdict; `--readme` (or
+`--readme-only`, from the results file alone) writes the README's `encoder-precision` block,
+with what each setting costs from the timing files in `--speed-dir`: `latency.py
+--encoder-precision P --out DIR/latency-default-encoder-P-ROUND.json` and `serve_load.py --model
+<the default exported with encoder precision P> --out DIR/serve_load-P.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from captioner.checkpoint import load_checkpoint
+from captioner.compare import compare_files
+from captioner.evaluate import evaluate
+from captioner.precision import native_bf16
+from readme_blocks import missing_block, replace_block
+
+CIDER_MARGIN, BLEU_MARGIN = 0.010, 0.005  # how much worse than fp32 bf16 may be, at most, on dev
+SPLITS = ("dev", "test")
+PRECISIONS = ("fp32", "bf16")
+BLOCK = "encoder-precision"
+REPO = Path(__file__).resolve().parents[1]
+SPEED_DIR = REPO / "benchmarks" / "results" / "encoder-precision"
+
+
+def shown(path: Path) -> str:
+    """A path as the README names it: from the repository's root where it lies inside."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def speed_lines(folder: Path) -> list[str]:
+    """The timing files' figures per setting, as table rows (none where the folder lacks them)."""
+    rows = []
+    for setting in PRECISIONS:
+        latency = [json.loads(f.read_text()) for f in sorted(folder.glob(f"latency-default-encoder-{setting}-*.json"))]
+        load_file = folder / f"serve_load-{setting}.json"
+        if not latency or not load_file.is_file():
+            continue
+        load = json.loads(load_file.read_text())["summary"]
+        ratio = load["batched"]["throughput_rps"] / load["one_at_a_time"]["throughput_rps"]
+        rows.append(f"| {setting} | {', '.join(str(d['caption_beam3_ms']) for d in latency)} | "
+                    f"{', '.join(str(d['encoder_batch8_ms_per_image']) for d in latency)} | "
+                    f"{load['batched']['throughput_rps']} / {load['one_at_a_time']['throughput_rps']} | {ratio:.2f}x |")
+    if not rows:
+        return []
+    return ["", "| encoder | one photo, beam 3 (ms, each round) | encoder per photo in batches of 8 (ms, each round) "
+            "| `captioner serve`: batched / one at a time (requests/s) | throughput ratio |",
+            "|---|---|---|---|---|", *rows, "",
+            f"The default's own weights, timed on one machine (`{shown(folder)}/`: `latency.py` alternating the settings "
+            "for two rounds, then `serve_load.py` for each)."]
+
+
+def verdict(dev_intervals: dict) -> dict:
+    """The rule on dev's intervals of (bf16 - fp32), {metric: (low, high)}."""
+    cider_low, bleu_low = dev_intervals["CIDEr"][0], dev_intervals["Bleu_4"][0]
+    adopt = cider_low > -CIDER_MARGIN and bleu_low > -BLEU_MARGIN
+    return {"dev_cider_low": round(cider_low, 4), "dev_bleu4_low": round(bleu_low, 4),
+            "cider_margin": CIDER_MARGIN, "bleu4_margin": BLEU_MARGIN, "adopt": bool(adopt)}
+
+
+def readme_block(result: dict, source: str, speed_dir: Path | None = None) -> str:
+    """The README's quote of a results file: both settings on both splits, the intervals and the rule."""
+    lines = ["| encoder | dev BLEU-4 | dev CIDEr-D | test BLEU-4 | test METEOR | test ROUGE-L | test CIDEr-D |",
+             "|---|---|---|---|---|---|---|"]
+    for setting in PRECISIONS:
+        dev, test = result["dev"][setting], result["test"][setting]
+        lines.append(f"| {setting} | {dev['Bleu_4']:.3f} | {dev['CIDEr']:.3f} | {test['Bleu_4']:.3f} | "
+                     f"{test['METEOR']:.3f} | {test['ROUGE_L']:.3f} | {test['CIDEr']:.3f} |")
+    rule = result["rule"]
+
+    def gap(split: str, metric: str) -> str:
+        low, high = result[split]["interval"][metric]
+        return f"{split} {metric.replace('Bleu_4', 'BLEU-4').replace('CIDEr', 'CIDEr-D')} [{low:+.3f}, {high:+.3f}]"
+
+    changed = ", ".join(f"{result[s]['captions_changed']} of {result[s]['captions']} {s} captions" for s in SPLITS)
+    intervals = "; ".join(gap(s, m) for s in SPLITS for m in ("CIDEr", "Bleu_4"))
+    lines += ["", f"`{result['checkpoint']}`, beam {result['beam_size']}, length penalty {result['length_penalty']}, "
+              f"no-repeat n-gram {result['no_repeat_ngram']} for both; bf16 changed {changed}. 95% intervals of "
+              f"bf16 − fp32 ({result['resamples']} paired draws over photos): {intervals}. The rule asks dev's lower "
+              f"ends to stay above −{rule['cider_margin']:.3f} (CIDEr-D) and −{rule['bleu4_margin']:.3f} (BLEU-4); "
+              f"they are {rule['dev_cider_low']:+.4f} and {rule['dev_bleu4_low']:+.4f}: "
+              f"**{'adopted' if rule['adopt'] else 'not adopted'}**. Source: `{source}`."]
+    if speed_dir is not None:
+        lines += speed_lines(speed_dir)
+    return "\n".join(lines) + "\n"
+
+
+def score(model, setting: str, split: str, search: dict, args: argparse.Namespace) -> tuple[dict, Path]:
+    """One setting's toolkit scores on `split`, and its captions file."""
+    cfg = model.search_config(args.beam_size, 25, 1, search["best_length_penalty"], search["best_no_repeat_ngram"])
+    out = Path(args.captions_dir) / f"captions-{split}-{setting}.json"
+    scores, notes = evaluate(model, args.data, split, cfg, cache_dir=args.cache_dir, captions_out=out,
+                             progress=False, encoder_precision=setting)
+    for note in notes:
+        print(f"note: {note}")
+    return {k: round(v, 4) for k, v in scores.items()}, out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--search", default=None, help="tune_length_penalty.py's results file for this recipe")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--cache-dir", default="~/.cache/captioner")
+    p.add_argument("--captions-dir", default="runs/encoder_precision",
+                   help="where each setting's captions go (with the references: keep them out of the repo)")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--out", default="benchmarks/results/tuned-mirror/encoder_precision.json")
+    p.add_argument("--readme", action="store_true", help=f"also rewrite the README's {BLOCK} block")
+    p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; no run")
+    p.add_argument("--speed-dir", type=Path, default=SPEED_DIR, help="the timing files the block quotes")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.readme_only:
+        result = json.loads(out.read_text())
+        replace_block(BLOCK, readme_block(result, args.out, args.speed_dir))
+        return result
+    if args.checkpoint is None or args.search is None:
+        p.error("--checkpoint and --search are needed to score (or --readme-only)")
+    if args.readme and missing_block(BLOCK):  # say so now, not after the scoring
+        p.error(missing_block(BLOCK))
+    search = json.loads(Path(args.search).read_text())
+    model, _ = load_checkpoint(args.checkpoint)
+    result = {"checkpoint": args.checkpoint, "beam_size": args.beam_size, "native_bf16": native_bf16(),
+              "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"],
+              "resamples": args.resamples}
+    for split in SPLITS:
+        (fp32, fp32_file), (bf16, bf16_file) = (score(model, s, split, search, args) for s in PRECISIONS)
+        comparison = compare_files(fp32_file, bf16_file, args.resamples, seed=0)
+        caps = [{row["image"]: row["caption"] for row in json.loads(f.read_text())} for f in (fp32_file, bf16_file)]
+        result[split] = {"fp32": fp32, "bf16": bf16, "captions": len(caps[0]),
+                         "captions_changed": sum(caps[0][k] != caps[1][k] for k in caps[0]),
+                         "interval": {m.metric: [round(x, 4) for x in m.diff_interval] for m in comparison.metrics},
+                         "comparison": [asdict(m) for m in comparison.metrics]}
+        print(json.dumps({split: result[split]["interval"], "captions_changed": result[split]["captions_changed"]}),
+              flush=True)
+    result["rule"] = verdict(result["dev"]["interval"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["rule"]))
+    if args.readme:
+        replace_block(BLOCK, readme_block(result, args.out, args.speed_dir))
+    return result
+
+
+if __name__ == "__main__":
+    main()
