@@ -21,19 +21,16 @@ with what each setting costs from the timing files in `--speed-dir`: `latency.py
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from captioner.checkpoint import load_checkpoint
 from captioner.compare import compare_files
-from captioner.evaluate import evaluate
 from captioner.precision import native_bf16
 from readme_blocks import missing_block, replace_block
+from setting_runs import SPLITS, captions, load_run, parser, score_split
 
 CIDER_MARGIN, BLEU_MARGIN = 0.010, 0.005  # how much worse than fp32 bf16 may be, at most, on dev
-SPLITS = ("dev", "test")
 PRECISIONS = ("fp32", "bf16")
 BLOCK = "encoder-precision"
 REPO = Path(__file__).resolve().parents[1]
@@ -103,30 +100,9 @@ def readme_block(result: dict, source: str, speed_dir: Path | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def score(model, setting: str, split: str, search: dict, args: argparse.Namespace) -> tuple[dict, Path]:
-    """One setting's toolkit scores on `split`, and its captions file."""
-    cfg = model.search_config(args.beam_size, 25, 1, search["best_length_penalty"], search["best_no_repeat_ngram"])
-    out = Path(args.captions_dir) / f"captions-{split}-{setting}.json"
-    scores, notes = evaluate(model, args.data, split, cfg, cache_dir=args.cache_dir, captions_out=out,
-                             progress=False, encoder_precision=setting)
-    for note in notes:
-        print(f"note: {note}")
-    return {k: round(v, 4) for k, v in scores.items()}, out
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--search", default=None, help="tune_length_penalty.py's results file for this recipe")
-    p.add_argument("--data", default="../shared/data/flickr8k")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--cache-dir", default="~/.cache/captioner")
-    p.add_argument("--captions-dir", default="runs/encoder_precision",
-                   help="where each setting's captions go (with the references: keep them out of the repo)")
+    p = parser(__doc__, BLOCK, "runs/encoder_precision", "benchmarks/results/tuned-mirror/encoder_precision.json")
     p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--out", default="benchmarks/results/tuned-mirror/encoder_precision.json")
-    p.add_argument("--readme", action="store_true", help=f"also rewrite the README's {BLOCK} block")
-    p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; no run")
     p.add_argument("--speed-dir", type=Path, default=SPEED_DIR, help="the timing files the block quotes")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -134,19 +110,15 @@ def main(argv=None) -> dict:
         result = json.loads(out.read_text())
         replace_block(BLOCK, readme_block(result, args.out, args.speed_dir))
         return result
-    if args.checkpoint is None or args.search is None:
-        p.error("--checkpoint and --search are needed to score (or --readme-only)")
     if args.readme and missing_block(BLOCK):  # say so now, not after the scoring
         p.error(missing_block(BLOCK))
-    search = json.loads(Path(args.search).read_text())
-    model, _ = load_checkpoint(args.checkpoint)
-    result = {"checkpoint": args.checkpoint, "beam_size": args.beam_size, "native_bf16": native_bf16(),
-              "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"],
-              "resamples": args.resamples}
+    model, search, result = load_run(p, args)
+    result.update(native_bf16=native_bf16(), resamples=args.resamples)
     for split in SPLITS:
-        (fp32, fp32_file), (bf16, bf16_file) = (score(model, s, split, search, args) for s in PRECISIONS)
+        (fp32, fp32_file), (bf16, bf16_file) = (score_split(model, split, s, search, args, encoder_precision=s)
+                                                for s in PRECISIONS)
         comparison = compare_files(fp32_file, bf16_file, args.resamples, seed=0)
-        caps = [{row["image"]: row["caption"] for row in json.loads(f.read_text())} for f in (fp32_file, bf16_file)]
+        caps = [captions(f) for f in (fp32_file, bf16_file)]
         result[split] = {"fp32": fp32, "bf16": bf16, "captions": len(caps[0]),
                          "captions_changed": sum(caps[0][k] != caps[1][k] for k in caps[0]),
                          "interval": {m.metric: [round(x, 4) for x in m.diff_interval] for m in comparison.metrics},

@@ -17,17 +17,14 @@ rule's verdict; `--readme` (or `--readme-only`, from the results file alone) wri
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from captioner.checkpoint import load_checkpoint
-from captioner.evaluate import evaluate
-from captioner.model import CaptionModel
 from readme_blocks import missing_block, replace_block
+from setting_runs import SPLITS, captions, load_run, parser, score_split
 
 MIN_GAIN = 0.010  # dev CIDEr-D the mirror views must add for the default to use them
-SPLITS = ("dev", "test")
+BLOCK = "mirror-views"
 
 
 def verdict(dev_off: dict, dev_on: dict) -> dict:
@@ -57,48 +54,24 @@ def readme_block(result: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def score(model: CaptionModel, views: bool, split: str, search: dict,
-          args: argparse.Namespace) -> tuple[dict, dict]:
-    """One setting's toolkit scores on `split` and its captions ({image: caption})."""
-    model.mirror_views = views
-    cfg = model.search_config(args.beam_size, 25, 1, search["best_length_penalty"], search["best_no_repeat_ngram"])
-    out = Path(args.captions_dir) / f"captions-{split}-{'on' if views else 'off'}.json"
-    scores, notes = evaluate(model, args.data, split, cfg, cache_dir=args.cache_dir, captions_out=out,
-                             progress=False)
-    for note in notes:
-        print(f"note: {note}")
-    captions = {row["image"]: row["caption"] for row in json.loads(out.read_text())}
-    return {k: round(v, 4) for k, v in scores.items()}, captions
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--search", default=None, help="tune_length_penalty.py's results file for this recipe")
-    p.add_argument("--data", default="../shared/data/flickr8k")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--cache-dir", default="~/.cache/captioner")
-    p.add_argument("--captions-dir", default="runs/mirror_views",
-                   help="where each setting's captions go (with the references: keep them out of the repo)")
-    p.add_argument("--out", default="benchmarks/results/tuned-mirror/mirror_views.json")
-    p.add_argument("--readme", action="store_true", help="also rewrite the README's mirror-views block")
-    p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; no run")
+    p = parser(__doc__, BLOCK, "runs/mirror_views", "benchmarks/results/tuned-mirror/mirror_views.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.readme_only:
         result = json.loads(out.read_text())
-        replace_block("mirror-views", readme_block(result, args.out))
+        replace_block(BLOCK, readme_block(result, args.out))
         return result
-    if args.checkpoint is None or args.search is None:
-        p.error("--checkpoint and --search are needed to score (or --readme-only)")
-    if args.readme and missing_block("mirror-views"):  # say so now, not after the scoring
-        p.error(missing_block("mirror-views"))
-    search = json.loads(Path(args.search).read_text())
-    model, _ = load_checkpoint(args.checkpoint)
-    result = {"checkpoint": args.checkpoint, "beam_size": args.beam_size,
-              "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"]}
+    if args.readme and missing_block(BLOCK):  # say so now, not after the scoring
+        p.error(missing_block(BLOCK))
+    model, search, result = load_run(p, args)
     for split in SPLITS:
-        (off, caps_off), (on, caps_on) = (score(model, v, split, search, args) for v in (False, True))
+        scored = []
+        for views in (False, True):
+            model.mirror_views = views
+            scored.append(score_split(model, split, "on" if views else "off", search, args))
+        (off, off_file), (on, on_file) = scored
+        caps_off, caps_on = captions(off_file), captions(on_file)
         changed = sum(caps_off[k] != caps_on[k] for k in caps_off)
         result[split] = {"off": off, "on": on, "gain": {k: round(on[k] - off[k], 4) for k in off},
                          "captions_changed": changed, "captions": len(caps_off)}
@@ -108,7 +81,7 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["rule"]))
     if args.readme:
-        replace_block("mirror-views", readme_block(result, args.out))
+        replace_block(BLOCK, readme_block(result, args.out))
     return result
 
 
