@@ -125,11 +125,14 @@ def shipped_text(weights: Path) -> str:
     """The shipped file's line: its size, and the decoding settings its test scores were measured with."""
     decode = read_checkpoint(weights)["decode"]
     precision, views = decode.get("precision", "fp32"), decode.get("mirror_views", False)
+    encoder = decode.get("encoder_precision", "fp32")
     how = f"decoder precision {precision}" + (" where the CPU has native bfloat16 (float32 elsewhere)"
                                               if precision == "bf16" else "")
+    if encoder == "bf16":
+        how += " and encoder precision bf16 there too (`--encoder-precision`)"
     if views:
         how += " and mirror views (each photo read as taken and as its mirror image, `--mirror-views`)"
-    measured = "; the test scores were measured so" if precision == "bf16" or views else ""
+    measured = "; the test scores were measured so" if "bf16" in (precision, encoder) or views else ""
     return (f"- Shipped weights: `{weights.relative_to(REPO)}`, {weights.stat().st_size / 1e6:.1f} MB (fp16), "
             f"captioning with {how}{measured}.\n")
 

@@ -172,14 +172,16 @@ def test_model_card_says_which_decoding_settings_the_shipped_file_was_scored_wit
     assert card.shipped_text(weights) in (REPO / "README.md").read_text()  # the line as shipped
     from captioner.checkpoint import read_checkpoint, write_checkpoint
     monkeypatch.setattr(card, "REPO", tmp_path)
-    for precision, views in (("fp32", False), ("fp32", True), ("bf16", True)):
+    for precision, views, encoder in (("fp32", False, "fp32"), ("fp32", True, "fp32"), ("bf16", True, "fp32"),
+                                      ("fp32", False, "bf16")):
         ckpt = read_checkpoint(weights)
-        ckpt["decode"].update(precision=precision, mirror_views=views)
+        ckpt["decode"].update(precision=precision, mirror_views=views, encoder_precision=encoder)
         write_checkpoint(ckpt, tmp_path / "default.pt")
         line = card.shipped_text(tmp_path / "default.pt")
         assert ("native bfloat16" in line) == (precision == "bf16")
         assert ("mirror views" in line) == views
-        assert ("the test scores were measured so" in line) == (precision == "bf16" or views)
+        assert ("encoder precision bf16" in line) == (encoder == "bf16")
+        assert ("the test scores were measured so" in line) == ("bf16" in (precision, encoder) or views)
     sys.modules.pop("model_card", None)
 
 
