@@ -22,10 +22,13 @@ from captioner.checkpoint import load_checkpoint
 from captioner.evaluate import evaluate
 
 
-def score(path: str, stage: str, args: argparse.Namespace) -> dict:
+def score(path: str, args: argparse.Namespace, stage: str = "") -> dict:
+    """`path` scored on `args.split` with the plain beam; with `args.captions_dir` (ablation.py and
+    learning_curve.py call this without one), the captions are kept as captions-SPLIT-STAGE.json."""
     model, ckpt = load_checkpoint(path)
     search = model.search_config(args.beam_size, 25, 1, 1.0, 0)
-    captions_out = Path(args.captions_dir) / f"captions-{args.split}-{stage}.json" if args.captions_dir else None
+    captions_dir = getattr(args, "captions_dir", None)
+    captions_out = Path(captions_dir) / f"captions-{args.split}-{stage}.json" if captions_dir and stage else None
     scores, notes = evaluate(model, args.data, args.split, search, cache_dir=args.cache_dir, progress=False,
                              captions_out=captions_out)
     for note in notes:
@@ -45,7 +48,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/scst_gain.json")
     p.add_argument("--captions-dir", default=None, help="also write each model's captions here (not in the repo)")
     args = p.parse_args(argv)
-    xe, scst = score(args.xe, "xe", args), score(args.scst, "scst", args)
+    xe, scst = score(args.xe, args, "xe"), score(args.scst, args, "scst")
     gain = {k: round(scst[args.split][k] - xe[args.split][k], 4) for k in xe[args.split]}
     result = {"split": args.split, "beam_size": args.beam_size, "cross_entropy": xe, "scst": scst, "gain": gain}
     out = Path(args.out)

@@ -43,3 +43,15 @@ def test_readme_quotes_the_results_file():
     block = readme.split("<!-- intervals:start -->")[1].split("<!-- intervals:end -->")[0]
     assert block.strip() == bench.readme_block(result, source).strip(), \
         "run: python benchmarks/intervals.py --readme-only"
+
+
+def test_scst_gain_keeps_both_ends_captions_for_compare(tiny_data, tmp_path):
+    gain = load_benchmark("scst_gain")
+    default = str(REPO / "src/captioner/weights/default.pt")
+    caps = tmp_path / "caps"
+    result = gain.main(["--xe", default, "--scst", default, "--data", str(tiny_data), "--beam-size", "2",
+                        "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "gain.json"),
+                        "--captions-dir", str(caps)])
+    assert sorted(p.name for p in caps.iterdir()) == ["captions-test-scst.json", "captions-test-xe.json"]
+    assert len(json.loads((caps / "captions-test-xe.json").read_text())) == 6
+    assert result["gain"]["CIDEr"] == 0  # the same model at both ends
