@@ -61,7 +61,8 @@ def speed_lines(folder: Path) -> list[str]:
     return ["", "| encoder | one photo, beam 3 (ms, each round) | encoder per photo in batches of 8 (ms, each round) "
             "| `captioner serve`: batched / one at a time (requests/s) | throughput ratio |",
             "|---|---|---|---|---|", *rows, "",
-            f"The default's own weights, timed on one machine (`{shown(folder)}/`: `latency.py` alternating the settings "
+            f"The default's own weights, timed on one machine (`{shown(folder)}/`: "
+            "`latency.py` alternating the settings "
             "for two rounds, then `serve_load.py` for each)."]
 
 

@@ -1,7 +1,8 @@
 """How much of a score difference is the test set's sampling noise: paired bootstrap intervals.
 
     python benchmarks/intervals.py \
-        --pair "mirror views off → on" dev runs/mirror_views/captions-dev-off.json runs/mirror_views/captions-dev-on.json \
+        --pair "mirror views off → on" dev runs/mirror_views/captions-dev-off.json \
+               runs/mirror_views/captions-dev-on.json \
         --pair ... [--resamples 1000] [--seed 0] [--out benchmarks/results/intervals.json] [--readme]
     python benchmarks/intervals.py --readme-only
 
