@@ -55,3 +55,13 @@ def test_scst_gain_keeps_both_ends_captions_for_compare(tiny_data, tmp_path):
     assert sorted(p.name for p in caps.iterdir()) == ["captions-test-scst.json", "captions-test-xe.json"]
     assert len(json.loads((caps / "captions-test-xe.json").read_text())) == 6
     assert result["gain"]["CIDEr"] == 0  # the same model at both ends
+
+
+def test_the_script_refuses_to_start_without_the_mirror_views_captions(tmp_path):
+    import subprocess
+
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "intervals.sh")], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert "runs/mirror_views/captions-dev-off.json missing: run benchmarks/mirror_views.py first" in done.stderr
+    assert not (tmp_path / "runs" / "intervals").exists()  # nothing scored before the check
