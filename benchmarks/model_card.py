@@ -137,6 +137,37 @@ def shipped_text(weights: Path) -> str:
             f"captioning with {how}{measured}.\n")
 
 
+def interval_text(scores: dict, intervals_file: Path) -> str:
+    """The shipped model's own test intervals from `benchmarks/intervals.py`'s file, where it holds
+    the default's test captions and they score as the card's test scores do to the three decimals
+    shown (else nothing). The file's captions are the shipped fp16 file's, as `captioner evaluate`
+    captioned them on the machine that wrote it, so its scores are quoted with the interval."""
+    if not intervals_file.is_file():
+        return ""
+    for pair in json.loads(intervals_file.read_text())["pairs"]:
+        if pair["split"] != "test" or not pair["b"].endswith("default/captions-test.json"):
+            continue
+        by_metric = {m["metric"]: m for m in pair["metrics"]}
+        if any(abs(by_metric[k]["b"] - scores[k]) > 1e-3 for k in ("CIDEr", "Bleu_4")):
+            print(f"warning: {intervals_file} holds other test captions than the shipped model's; no interval quoted")
+            return ""
+        (c_low, c_high), (b_low, b_high) = by_metric["CIDEr"]["b_interval"], by_metric["Bleu_4"]["b_interval"]
+        return (f"- 95% bootstrap interval over the test photos (`captioner compare` on the shipped file's test "
+                f"captions as `benchmarks/intervals.sh` had `captioner evaluate` make them, scoring CIDEr-D "
+                f"{by_metric['CIDEr']['b']:.4f} and BLEU-4 {by_metric['Bleu_4']['b']:.4f}, the table's to three "
+                f"decimals; `{intervals_file.relative_to(REPO)}`): CIDEr-D "
+                f"{c_low:.3f}–{c_high:.3f}, BLEU-4 {b_low:.3f}–{b_high:.3f}. It covers which photos the test split "
+                f"holds, not a second training's spread.\n")
+    return ""
+
+
+def keep(source: Path, target: Path) -> None:
+    """Copy a run's file beside the README, unless it is that copy already (the card rebuilt from
+    `benchmarks/results/default`)."""
+    if not (target.exists() and source.resolve() == target.resolve()):
+        shutil.copyfile(source, target)
+
+
 def main(run: Path) -> None:
     timing = json.loads((run / "timing.json").read_text())
     scores = json.loads((run / "test_scores.json").read_text())
@@ -164,6 +195,7 @@ def main(run: Path) -> None:
                   f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
                   f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
                   f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
+    facts += interval_text(scores, REPO / "benchmarks" / "results" / "intervals.json")
     facts += shipped_text(weights)
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
@@ -218,14 +250,14 @@ train split, scores well below its full run on test, as each halving before did 
     results_dir.mkdir(parents=True, exist_ok=True)
     for name, target in (("timing.json", "retrain_timing.json"), ("test_scores.json", "test_scores.json"),
                          ("length_penalty.json", "length_penalty.json")):
-        shutil.copyfile(run / name, results_dir / target)
+        keep(run / name, results_dir / target)
     # ... and as a run folder of its own, a row of benchmarks/recipe_runs.py's table
     (results_dir / "default").mkdir(exist_ok=True)
     for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
-        shutil.copyfile(run / name, results_dir / "default" / name)
+        keep(run / name, results_dir / "default" / name)
     for extra in (gain_file, latency_file, REPO / "benchmarks" / "results" / "latency-fp32.json"):
         if extra.is_file():
-            shutil.copyfile(extra, results_dir / "default" / extra.name)
+            keep(extra, results_dir / "default" / extra.name)
     replace_block("results", block)
     print(block)
 

@@ -201,3 +201,21 @@ def test_rerun_of_a_recipe_matches_its_first_run():
     for name in ("test_scores.json", "length_penalty.json"):
         assert read(first, name) == read(rerun, name), name
     assert read(first, "scst_gain.json")["gain"] == read(rerun, "scst_gain.json")["gain"]
+
+
+def test_model_card_quotes_the_shipped_models_test_interval_only_for_its_own_captions(tmp_path, monkeypatch):
+    card = load_benchmark("model_card")
+    scores = {"CIDEr": 0.6316, "Bleu_4": 0.2476}
+    pair = {"label": "x", "split": "test", "a": "a.json", "b": "runs/intervals/default/captions-test.json",
+            "metrics": [{"metric": "CIDEr", "b": 0.6322, "b_interval": [0.595, 0.671]},
+                        {"metric": "Bleu_4", "b": 0.2483, "b_interval": [0.235, 0.263]}]}
+    intervals = tmp_path / "intervals.json"
+    monkeypatch.setattr(card, "REPO", tmp_path)  # the file's name is quoted from the repository's root
+    intervals.write_text(json.dumps({"pairs": [pair]}))
+    line = card.interval_text(scores, intervals)
+    assert "CIDEr-D 0.595–0.671, BLEU-4 0.235–0.263" in line and "scoring CIDEr-D 0.6322" in line
+    assert card.interval_text({"CIDEr": 0.6400, "Bleu_4": 0.2476}, intervals) == ""  # another model's captions
+    intervals.write_text(json.dumps({"pairs": [{**pair, "split": "dev"}]}))
+    assert card.interval_text(scores, intervals) == ""
+    assert card.interval_text(scores, tmp_path / "none.json") == ""
+    sys.modules.pop("model_card", None)
