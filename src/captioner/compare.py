@@ -149,16 +149,19 @@ def photo_stats(caption_sets: list[dict[str, str]], references: dict[str, list[s
 
 
 def corpus_scores(stats: PhotoStats, draws: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores of the photos drawn, one per row of `draws` (R, N) of row indices."""
-    totals = stats.bleu[draws].sum(axis=1)  # (R, 2 + 2 * 4)
+    """Scores of the photos drawn, one per row of `draws` (R, K) of row indices."""
+    # how often each draw holds each photo: sums over the draws become one matrix product, with
+    # no (R, K, columns) copy of the statistics (which a 5000-photo split would make large)
+    counts = np.stack([np.bincount(d, minlength=len(stats.images)) for d in draws]).astype(float)  # (R, N)
+    totals = counts @ stats.bleu  # (R, 2 + 2 * 4)
     testlen, reflen = totals[:, 0], totals[:, 1]
     guess, correct = totals[:, 2:2 + _NGRAMS], totals[:, 2 + _NGRAMS:]
     ratio = (testlen + _TINY) / (reflen + _SMALL)
     brevity = np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
     log_precision = np.cumsum(np.log((correct + _TINY) / (guess + _SMALL)), axis=1)  # (R, 4)
     scores = {f"Bleu_{k + 1}": np.exp(log_precision[:, k] / (k + 1)) * brevity for k in range(_NGRAMS)}
-    scores["ROUGE_L"] = stats.rouge[draws].mean(axis=1)
-    scores["CIDEr"] = stats.cider[draws].mean(axis=1)
+    scores["ROUGE_L"] = counts @ stats.rouge / draws.shape[1]
+    scores["CIDEr"] = counts @ stats.cider / draws.shape[1]
     return scores
 
 
@@ -188,7 +191,7 @@ def compare_files(a_path: str | Path, b_path: str | Path, resamples: int = 1000,
                   confidence: float = 0.95) -> Comparison:
     """Read two captions files of one split and compare them by a paired bootstrap."""
     if resamples < 100:
-        raise OptionError(f"--resamples must be at least 100 for a 95% interval, not {resamples}")
+        raise OptionError(f"--resamples must be at least 100 draws for an interval, not {resamples}")
     if not 0.5 <= confidence < 1:
         raise OptionError(f"--confidence must be in [0.5, 1), not {confidence}")
     a, b = read_caption_set(a_path), read_caption_set(b_path)
