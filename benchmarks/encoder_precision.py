@@ -43,27 +43,43 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def stages(load: dict, mode: str) -> str:
+    """A load test's encoder and search time per photo in `mode`, at the thread count its summary
+    shows (the mean over that count's rounds)."""
+    runs = load["runs"][f"{mode}@{load['summary'][mode]['server_threads']}"]
+    encode, search = (sum(r[f"{s}_ms_per_photo"] for r in runs) / len(runs) for s in ("encode", "search"))
+    return f"{encode:.1f} + {search:.1f}"
+
+
 def speed_lines(folder: Path) -> list[str]:
-    """The timing files' figures per setting, as table rows (none where the folder lacks them)."""
-    rows = []
+    """The timing files' figures as two tables: one photo and a batch of 8 per setting
+    (`latency-default-encoder-SETTING-ROUND.json`), and each load test of `captioner serve` in the
+    order they ran (`serve_load-ROUND-SETTING.json`); none where the folder lacks them."""
+    latency_rows, load_rows = [], []
     for setting in PRECISIONS:
         latency = [json.loads(f.read_text()) for f in sorted(folder.glob(f"latency-default-encoder-{setting}-*.json"))]
-        load_file = folder / f"serve_load-{setting}.json"
-        if not latency or not load_file.is_file():
-            continue
-        load = json.loads(load_file.read_text())["summary"]
-        ratio = load["batched"]["throughput_rps"] / load["one_at_a_time"]["throughput_rps"]
-        rows.append(f"| {setting} | {', '.join(str(d['caption_beam3_ms']) for d in latency)} | "
-                    f"{', '.join(str(d['encoder_batch8_ms_per_image']) for d in latency)} | "
-                    f"{load['batched']['throughput_rps']} / {load['one_at_a_time']['throughput_rps']} | {ratio:.2f}x |")
-    if not rows:
-        return []
-    return ["", "| encoder | one photo, beam 3 (ms, each round) | encoder per photo in batches of 8 (ms, each round) "
-            "| `captioner serve`: batched / one at a time (requests/s) | throughput ratio |",
-            "|---|---|---|---|---|", *rows, "",
-            f"The default's own weights, timed on one machine (`{shown(folder)}/`: "
-            "`latency.py` alternating the settings "
-            "for two rounds, then `serve_load.py` for each)."]
+        if latency:
+            latency_rows.append(f"| {setting} | {', '.join(str(d['caption_beam3_ms']) for d in latency)} | "
+                                f"{', '.join(str(d['encoder_batch8_ms_per_image']) for d in latency)} |")
+    for path in sorted(folder.glob("serve_load-*-*.json")):
+        load = json.loads(path.read_text())
+        batched, single = load["summary"]["batched"], load["summary"]["one_at_a_time"]
+        load_rows.append(f"| {path.stem.rsplit('-', 1)[1]} | {path.name} | {stages(load, 'batched')} | "
+                         f"{stages(load, 'one_at_a_time')} | {batched['throughput_rps']} / {single['throughput_rps']} | "
+                         f"{batched['throughput_rps'] / single['throughput_rps']:.2f}x |")
+    lines = []
+    if latency_rows:
+        lines += ["", "| encoder | one photo, beam 3 (ms, each round) | encoder per photo in batches of 8 (ms, each round) |",
+                  "|---|---|---|", *latency_rows]
+    if load_rows:
+        lines += ["", "| encoder | `captioner serve` load test | batched: encoder + search per photo (ms) "
+                  "| one at a time: encoder + search per photo (ms) | batched / one at a time (requests/s) "
+                  "| throughput ratio |", "|---|---|---|---|---|---|", *load_rows]
+    if lines:
+        lines += ["", f"The default's own weights, timed on one machine (`{shown(folder)}/`): `latency.py` alternating "
+                  "the settings for two rounds; `serve_load.py` (each mode at its best thread count, the time per "
+                  "photo from the server's counters) for each setting in turn."]
+    return lines
 
 
 def verdict(dev_intervals: dict) -> dict:

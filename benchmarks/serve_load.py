@@ -8,8 +8,12 @@ serving one photo at a time (max_batch 1), same model, same torch threads, and r
 threads against each for a bounded time and a bounded number of requests: each client posts
 the example photos in turn (multipart upload, beam 3) and waits for the answer. Rounds
 alternate the two modes, so drift in the machine's load hits both. Reports requests, failures,
-throughput and p50/p99 latency per mode, and the throughput ratio. The server serves the
-shipped default model, or `--model PATH` (any exported checkpoint) as its one variant.
+throughput and p50/p99 latency per mode, and the throughput ratio, with where the time went
+per photo (from the server's /healthz counters): the model's (`model_ms_per_photo`), split into
+its encoder passes and searches (`encode_ms_per_photo`, `search_ms_per_photo`), and the request
+threads' photo decoding (`decode_ms_per_photo`), which runs beside the model on the same cores.
+The server serves the shipped default model, or `--model PATH` (any exported checkpoint) as its
+one variant.
 """
 from __future__ import annotations
 
@@ -201,18 +205,31 @@ def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Pa
         result["model_busy_fraction"] = round((after["model_busy_s"] - before["model_busy_s"]) / result["seconds"], 3)
         result["model_ms_per_photo"] = round(1000 * (after["model_busy_s"] - before["model_busy_s"])
                                              / max(after["images"] - before["images"], 1), 1)
+        # the model's time split into encoder passes and searches, and the request threads' photo
+        # decoding (which runs beside the model on the same cores)
+        photos = max(after["images"] - before["images"], 1)
+        for stage in STAGES[1:3]:
+            result[f"{stage}_ms_per_photo"] = round(1000 * (after[f"{stage}_s"] - before[f"{stage}_s"]) / photos, 1)
+        result["decode_ms_per_photo"] = round(1000 * (after["decode_s"] - before["decode_s"])
+                                              / max(after["photos_decoded"] - before["photos_decoded"], 1), 1)
         return result
     finally:
         server.stop()
 
 
+STAGES = ("model", "encode", "search", "decode")  # the model's time, its two parts, and the request threads'
+
+
 def summarise(runs: list[dict]) -> dict:
     ok, secs = sum(r["ok"] for r in runs), sum(r["seconds"] for r in runs)
-    return {"throughput_rps": round(ok / secs, 2), "requests": sum(r["requests"] for r in runs),
-            "failed": sum(r["failed"] for r in runs),
-            "latency_ms_p50": round(statistics.median(r["latency_ms"]["p50"] for r in runs), 1),
-            "latency_ms_p99": round(max(r["latency_ms"]["p99"] for r in runs), 1),
-            "mean_batch": round(statistics.fmean(r["mean_batch"] for r in runs), 2)}
+    summary = {"throughput_rps": round(ok / secs, 2), "requests": sum(r["requests"] for r in runs),
+               "failed": sum(r["failed"] for r in runs),
+               "latency_ms_p50": round(statistics.median(r["latency_ms"]["p50"] for r in runs), 1),
+               "latency_ms_p99": round(max(r["latency_ms"]["p99"] for r in runs), 1),
+               "mean_batch": round(statistics.fmean(r["mean_batch"] for r in runs), 2)}
+    for stage in STAGES:  # where the time went, per photo (the mean over the rounds)
+        summary[f"{stage}_ms_per_photo"] = round(statistics.fmean(r[f"{stage}_ms_per_photo"] for r in runs), 1)
+    return summary
 
 
 README = REPO / "README.md"

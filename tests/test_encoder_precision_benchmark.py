@@ -43,14 +43,20 @@ def test_the_block_quotes_each_settings_timing_files(tmp_path):
         for i in (1, 2):
             (tmp_path / f"latency-default-encoder-{setting}-{i}.json").write_text(
                 json.dumps({"caption_beam3_ms": 40.0 + i, "encoder_batch8_ms_per_image": ms + i}))
-        (tmp_path / f"serve_load-{setting}.json").write_text(json.dumps({"summary": {
-            "batched": {"throughput_rps": 30.0 if setting == "fp32" else 33.0},
-            "one_at_a_time": {"throughput_rps": 20.0}}}))
+    for i, (setting, rps) in enumerate((("fp32", 30.0), ("bf16", 33.0)), start=1):
+        run = {"encode_ms_per_photo": 11.0 if setting == "bf16" else 17.0, "search_ms_per_photo": 10.0}
+        slow = {**run, "encode_ms_per_photo": 99.0}  # at a thread count the summary does not show
+        (tmp_path / f"serve_load-{i}-{setting}.json").write_text(json.dumps({
+            "summary": {"batched": {"throughput_rps": rps, "server_threads": 2},
+                        "one_at_a_time": {"throughput_rps": 20.0, "server_threads": 1}},
+            "runs": {"batched@2": [run, {**run, "search_ms_per_photo": 11.0}], "batched@1": [slow],
+                     "one_at_a_time@1": [{**run, "search_ms_per_photo": 27.0}], "one_at_a_time@2": [slow]}}))
     lines = bench.speed_lines(tmp_path)
-    assert "| fp32 | 41.0, 42.0 | 14.0, 15.0 | 30.0 / 20.0 | 1.50x |" in lines
-    assert "| bf16 | 41.0, 42.0 | 8.5, 9.5 | 33.0 / 20.0 | 1.65x |" in lines
-    (tmp_path / "serve_load-bf16.json").unlink()  # a setting without its load test is left out
-    assert not any(line.startswith("| bf16") for line in bench.speed_lines(tmp_path))
+    assert "| fp32 | 41.0, 42.0 | 14.0, 15.0 |" in lines and "| bf16 | 41.0, 42.0 | 8.5, 9.5 |" in lines
+    assert "| fp32 | serve_load-1-fp32.json | 17.0 + 10.5 | 17.0 + 27.0 | 30.0 / 20.0 | 1.50x |" in lines
+    assert "| bf16 | serve_load-2-bf16.json | 11.0 + 10.5 | 11.0 + 27.0 | 33.0 / 20.0 | 1.65x |" in lines
+    assert lines.index("| fp32 | serve_load-1-fp32.json | 17.0 + 10.5 | 17.0 + 27.0 | 30.0 / 20.0 | 1.50x |") < \
+        lines.index("| bf16 | serve_load-2-bf16.json | 11.0 + 10.5 | 11.0 + 27.0 | 33.0 / 20.0 | 1.65x |")  # as they ran
     assert bench.speed_lines(tmp_path / "none") == []
 
 

@@ -283,6 +283,12 @@ def test_concurrent_requests_share_model_calls(served):
     assert after["images"] - before["images"] == 8
     assert calls < 8, (before, after)  # some photos shared a model call
     assert after["largest_batch"] > 1
+    # where the time went: the model's encoder passes and searches fit inside its busy time,
+    # and each of the 8 photos was decoded by a request thread
+    spent = {k: after[k] - before[k] for k in ("encode_s", "search_s", "decode_s", "model_busy_s")}
+    assert spent["encode_s"] > 0 and spent["search_s"] > 0 and spent["decode_s"] > 0, spent
+    assert spent["encode_s"] + spent["search_s"] <= spent["model_busy_s"] + 2e-3, spent  # each rounded to 1 ms
+    assert after["photos_decoded"] - before["photos_decoded"] == 8
 
 
 def test_models_listing_and_docs(served):

@@ -194,15 +194,21 @@ class MicroBatcher:
             self.largest = max(self.largest, len(jobs))
 
 
-def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int) -> None:
-    """One encoder pass per variant, then one batched search per (variant, options) group."""
+def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int,
+                 stage_s: dict[str, float] | None = None) -> None:
+    """One encoder pass per variant, then one batched search per (variant, options) group;
+    the seconds each takes are added to `stage_s["encode"]` and `stage_s["search"]`."""
+    stage_s = {"encode": 0.0, "search": 0.0} if stage_s is None else stage_s
     by_variant: dict[str, list[Job]] = {}
     for job in jobs:
         by_variant.setdefault(job.variant, []).append(job)
     for name, group in by_variant.items():
         captioner = models[name].captioner
         try:
+            t0 = time.perf_counter()
             feats = captioner.encode_pixels(torch.stack([j.pixels for j in group]), chunk=encode_chunk)  # (B, N, C)
+            t1 = time.perf_counter()
+            stage_s["encode"] += t1 - t0
             by_options: dict[tuple[int, int, int], list[int]] = {}
             for i, job in enumerate(group):
                 by_options.setdefault(job.options, []).append(i)
@@ -210,6 +216,7 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
                 caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best)
                 for i, cap in zip(rows, caps):
                     group[i].future.set_result(cap)
+            stage_s["search"] += time.perf_counter() - t1
         except Exception as e:
             for job in group:
                 if not job.future.done():
@@ -348,7 +355,12 @@ class Service:
         self.formats = cfg.image_limits().formats
         # photos decoded at once: a 40 MP photo takes ~120 MB while it is decoded
         self.decoding = threading.BoundedSemaphore(cfg.decode_workers)
-        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk),
+        # where the time goes: the batcher's encoder passes and searches (its thread alone adds to
+        # them), and the request threads' photo decoding (under a lock: many threads add to it)
+        self.stage_s = {"encode": 0.0, "search": 0.0, "decode": 0.0}
+        self.decoded = 0  # photos decoded and preprocessed by the request threads
+        self._timing_lock = threading.Lock()
+        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk, self.stage_s),
                                     cfg.max_batch, cfg.max_wait_ms / 1000)
 
     def client(self, request: Request) -> str:
@@ -400,6 +412,7 @@ class Service:
         def prepare() -> list[torch.Tensor]:
             if not self.decoding.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
                 raise self.timed_out()
+            t0 = time.perf_counter()
             try:
                 out = []
                 for data, name in zip(photos, names):
@@ -410,6 +423,9 @@ class Service:
                 return out
             finally:
                 self.decoding.release()
+                with self._timing_lock:
+                    self.stage_s["decode"] += time.perf_counter() - t0
+                    self.decoded += len(photos)
 
         pixels = await self.within(run_in_threadpool(prepare), deadline)
         options = (opts.beam_size, opts.max_len, opts.n_best)
@@ -503,10 +519,13 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        """Liveness, with the batcher's counters."""
-        b = svc.batcher
+        """Liveness, with the batcher's counters and where the time went: the model's encoder
+        passes and searches, and the request threads' photo decoding."""
+        b, t = svc.batcher, svc.stage_s
         return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
-                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending()}
+                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending(),
+                "encode_s": round(t["encode"], 3), "search_s": round(t["search"], 3),
+                "decode_s": round(t["decode"], 3), "photos_decoded": svc.decoded}
 
     @app.get("/v1/models", responses=error_docs(401, 503))
     async def list_models(request: Request) -> dict:
