@@ -65,11 +65,13 @@ def speed_lines(folder: Path) -> list[str]:
         load = json.loads(path.read_text())
         batched, single = load["summary"]["batched"], load["summary"]["one_at_a_time"]
         load_rows.append(f"| {path.stem.rsplit('-', 1)[1]} | {path.name} | {stages(load, 'batched')} | "
-                         f"{stages(load, 'one_at_a_time')} | {batched['throughput_rps']} / {single['throughput_rps']} | "
+                         f"{stages(load, 'one_at_a_time')} | "
+                         f"{batched['throughput_rps']} / {single['throughput_rps']} | "
                          f"{batched['throughput_rps'] / single['throughput_rps']:.2f}x |")
     lines = []
     if latency_rows:
-        lines += ["", "| encoder | one photo, beam 3 (ms, each round) | encoder per photo in batches of 8 (ms, each round) |",
+        lines += ["", "| encoder | one photo, beam 3 (ms, each round) "
+                  "| encoder per photo in batches of 8 (ms, each round) |",
                   "|---|---|---|", *latency_rows]
     if load_rows:
         lines += ["", "| encoder | `captioner serve` load test | batched: encoder + search per photo (ms) "
