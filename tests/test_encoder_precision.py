@@ -87,3 +87,21 @@ def test_cli_exports_the_setting_and_evaluate_and_caption_follow_it(tiny_data, t
     assert sorted(p.name.endswith("-bf16") for p in cache.iterdir()) == [False, True]
     assert main(["caption", str(PHOTOS[0]), "--model", str(out), "--encoder-precision", "bf16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["caption"]
+
+
+def test_evaluate_encodes_as_the_model_was_exported_unless_told_otherwise(tiny_data, tmp_path, monkeypatch):
+    # like its mirror_views, a model's encoder precision holds for library callers of evaluate too
+    from captioner.decode import SearchConfig
+    from captioner.evaluate import evaluate
+
+    model, _ = load_checkpoint(DEFAULT)
+    model.encoder_precision = "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    search = SearchConfig(beam_size=1, max_len=5)
+    evaluate(model, tiny_data, "test", search, cache_dir=tmp_path / "own", progress=False)
+    assert [p.name.endswith("-bf16") for p in (tmp_path / "own").iterdir()] == [True]
+    evaluate(model, tiny_data, "test", search, cache_dir=tmp_path / "asked", progress=False, encoder_precision="fp32")
+    assert [p.name.endswith("-bf16") for p in (tmp_path / "asked").iterdir()] == [False]
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)  # no native bf16: fp32, as the Captioner does
+    evaluate(model, tiny_data, "test", search, cache_dir=tmp_path / "plain", progress=False)
+    assert [p.name.endswith("-bf16") for p in (tmp_path / "plain").iterdir()] == [False]

@@ -15,6 +15,7 @@ from .distributed import DistEnv
 from .features import FeatureCache, build_cache
 from .metrics import METRIC_NAMES, score_captions
 from .model import CaptionModel
+from .precision import resolve_precision
 
 
 @torch.no_grad()
@@ -44,11 +45,13 @@ def decode_records(model: CaptionModel, cache: FeatureCache, records: list[Image
 def evaluate(model: CaptionModel, data: str | Path, split: str = "test", search: SearchConfig | None = None,
              layout: str = "auto", cache_dir: str | Path = "~/.cache/captioner", seed: int = 0,
              captions_out: str | Path | None = None, progress: bool = True, data_format: str = "auto",
-             image_root: str = "", device: str = "cpu", encoder_precision: str = "fp32"
+             image_root: str = "", device: str = "cpu", encoder_precision: str | None = None
              ) -> tuple[dict[str, float], list[str]]:
     """Decode every image of `split` ("all" for every image) of a dataset in any format
     `load_dataset` reads, and score it; returns (toolkit scores, notes). `encoder_precision` is
-    the precision the photos are encoded in (a Captioner's resolved `encoder_precision`)."""
+    the precision the photos are encoded in: "fp32", "bf16", or None for the model's own where
+    the device does bf16 natively (as `Captioner` resolves it), like its `mirror_views`."""
+    encoder_precision = resolve_precision(encoder_precision, model.encoder_precision, device)
     search = search or SearchConfig()
     dataset = load_dataset(data, data_format, layout=layout, seed=seed, image_root=image_root)
     records = dataset.split(split)

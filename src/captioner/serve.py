@@ -358,7 +358,7 @@ class Service:
         # where the time goes: the batcher's encoder passes and searches (its thread alone adds to
         # them), and the request threads' photo decoding (under a lock: many threads add to it)
         self.stage_s = {"encode": 0.0, "search": 0.0, "decode": 0.0}
-        self.decoded = 0  # photos decoded and preprocessed by the request threads
+        self.decoded = 0  # photos the request threads decoded (a request's photos after one that fails count too)
         self._timing_lock = threading.Lock()
         self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk, self.stage_s),
                                     cfg.max_batch, cfg.max_wait_ms / 1000)
