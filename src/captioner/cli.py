@@ -1,5 +1,5 @@
-"""`captioner` command line: caption, prepare, train, evaluate, export, models, serve, app,
-ab-report, finetune."""
+"""`captioner` command line: caption, prepare, train, evaluate, compare, export, ensemble, average,
+models, serve, app, ab-report, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -277,6 +277,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from .average import average_checkpoint
+    from .checkpoint import write_checkpoint
+
+    write_checkpoint(average_checkpoint(args.checkpoints), args.out)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): the mean of {len(args.checkpoints)} "
+          f"checkpoints' weights; score it on dev (captioner evaluate --split dev) before shipping it")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .model import get_model_config, list_models
 
@@ -481,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
     p.add_argument("--name", default="", help="the model's name (default ensemble-of-N)")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("average", help="average checkpoints of one model (e.g. a run's epochs) into one")
+    p.add_argument("checkpoints", nargs="+", help="two or more checkpoints of the same model")
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("models", help="list the registered model configs")
     p.set_defaults(func=cmd_models)
