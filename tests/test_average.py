@@ -108,3 +108,27 @@ def test_cli_writes_a_checkpoint_that_loads_and_names_a_bad_file(epochs, tmp_pat
     assert main(["average", str(epochs[0]), str(broken), "--out", str(tmp_path / "x.pt")]) != 0
     assert "broken.pt" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()  # nothing half-written
+
+
+def test_keep_epochs_keeps_each_epochs_weights_and_averaging_them_captions(tiny_data, tiny_model_file, tmp_path):
+    from test_train_smoke import tiny_config
+
+    from captioner.api import Captioner
+    from captioner.train import train
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, tiny_model_file, epochs=2, scst_epochs=1, keep_epochs=True))
+    kept = [out / "epochs" / f"epoch-{n}.pt" for n in (1, 2, 3)]
+    assert all(p.is_file() for p in kept)
+    last, best = read_checkpoint(out / "last.pt"), read_checkpoint(out / "best.pt")
+    states = [read_checkpoint(p)["decoder_state"] for p in kept]
+    for k, v in last["decoder_state"].items():  # the last epoch's file holds what last.pt holds
+        assert torch.equal(states[-1][k], v)
+    best_epoch = best["metrics"]["epoch"]
+    for k, v in best["decoder_state"].items():  # and best.pt is one of the kept epochs
+        assert torch.equal(states[best_epoch - 1][k], v)
+    assert not torch.equal(states[0]["out.weight"], states[1]["out.weight"])
+    avg = tmp_path / "avg.pt"
+    assert main(["average", *map(str, kept[1:]), "--out", str(avg)]) == 0
+    cap = Captioner.load(avg).caption(sorted((tiny_data / "Images").iterdir())[0], beam_size=2, max_len=6)
+    assert cap.words

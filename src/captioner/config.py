@@ -68,6 +68,7 @@ class TrainConfig:
     amp: str = "auto"  # bfloat16 autocast while training: auto (where the CPU does bf16 natively), on, off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # progress bars
+    keep_epochs: bool = False  # also keep each epoch's weights, as epochs/epoch-N.pt (for captioner average)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +77,7 @@ class TrainConfig:
 # TrainConfig fields that say where a run reads and writes, or how it reports and uses the
 # machine, not what it learns: two runs that differ only in these train the same model.
 NOT_LEARNED = frozenset({"data", "data_format", "layout", "image_root", "out", "cache_dir", "progress", "threads",
-                         "device", "feature_batch_size", "feature_workers"})
+                         "device", "feature_batch_size", "feature_workers", "keep_epochs"})
 
 
 def _coerce(field_type: Any, raw: str, key: str) -> Any:

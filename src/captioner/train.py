@@ -692,6 +692,10 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
         with average.applied() if average is not None else nullcontext():
             save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
                             extra={"train_config": cfg.to_dict()})
+    if cfg.keep_epochs:  # the weights best.pt would hold, had this epoch been the best
+        with average.applied() if average is not None else nullcontext():
+            save_checkpoint(out / "epochs" / f"epoch-{record['epoch']}.pt", model,
+                            metrics={"dev": dev, "epoch": record["epoch"]}, extra={"train_config": cfg.to_dict()})
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
     raw = f" (raw weights: CIDEr {record['dev_raw']['CIDEr']:.4f})" if "dev_raw" in record else ""

@@ -1,0 +1,146 @@
+"""What averaging the self-critical stage's epoch weights adds (`captioner average`): score a run's
+best.pt and the mean of its SCST epochs' end-of-epoch weights over a few spans, with the run's
+dev-tuned search and the same toolkit as `captioner evaluate`, on dev (which decides) and test
+(shown for reference), with `captioner compare`'s paired bootstrap beside each difference.
+
+    python benchmarks/scst_average.py --run runs/tm --search runs/tm/length_penalty.json \
+        [--epochs-dir RUN/epochs] [--cache-dir RUN/cache] [--data ../shared/data/flickr8k] \
+        [--out benchmarks/results/tuned-mirror/scst_average.json] [--readme]
+    python benchmarks/scst_average.py --readme-only [--out ...]
+
+The run must have kept each epoch's weights as `epoch-N.pt` (`--set keep_epochs=true`). The
+rule, fixed before the first measurement (commit 11b9416): the default averages its SCST weights
+only if the mean of the first three SCST epochs (the three a refit runs) beats best.pt on dev
+CIDEr-D by more than `MIN_GAIN` and does not lower dev BLEU-4. The other spans are reported and
+do not decide. Writes every model's scores per split, each span's difference from best.pt with
+its 95% interval, and the verdict; `--readme` (or `--readme-only`) writes the README's
+`scst-average` block from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from captioner.average import average_checkpoint
+from captioner.checkpoint import load_checkpoint, write_checkpoint
+from captioner.compare import compare_files
+from readme_blocks import missing_block, replace_block
+from recipe_runs import read_history
+from setting_runs import SPLITS, score_split
+
+MIN_GAIN = 0.010  # dev CIDEr-D the average must add over best.pt (the project's margin for mirror views)
+BLOCK = "scst-average"
+SHOWN = {"Bleu_4": "BLEU-4", "CIDEr": "CIDEr-D"}
+
+
+def spans(scst_epochs: list[int]) -> dict[str, list[int]]:
+    """The averages scored: the deciding one first (the first three SCST epochs, what a refit with
+    three SCST epochs would average), then every SCST epoch and the last three."""
+    if len(scst_epochs) < 3:
+        raise SystemExit(f"the run has {len(scst_epochs)} SCST epochs; the rule averages the first three")
+    out = {}
+    for span in (scst_epochs[:3], scst_epochs, scst_epochs[-3:]):
+        out.setdefault(f"{span[0]}-{span[-1]}", span)
+    return out
+
+
+def verdict(dev_best: dict, dev_avg: dict, span: str) -> dict:
+    gain = dev_avg["CIDEr"] - dev_best["CIDEr"]
+    adopt = gain > MIN_GAIN and dev_avg["Bleu_4"] >= dev_best["Bleu_4"]
+    return {"span": span, "dev_cider_gain": round(gain, 4), "min_gain": MIN_GAIN, "adopt": bool(adopt)}
+
+
+def interval(a: Path, b: Path) -> dict:
+    """b - a for BLEU-4 and CIDEr-D with its 95% interval (paired bootstrap, 1000 draws, seed 0)."""
+    c = compare_files(a, b)
+    return {m.metric: {"diff": round(m.b - m.a, 4), "interval": [round(x, 4) for x in m.diff_interval]}
+            for m in c.metrics if m.metric in SHOWN}
+
+
+def readme_block(result: dict, source: str) -> str:
+    lines = ["| weights | dev BLEU-4 | dev CIDEr-D | dev CIDEr-D − best.pt (95% interval) | test BLEU-4 | "
+             "test CIDEr-D | test CIDEr-D − best.pt (95% interval) |",
+             "|---|---|---|---|---|---|---|"]
+    best = result["models"]["best"]
+    lines.append(f"| best.pt (epoch {result['best_epoch']}, best dev) | {best['dev']['Bleu_4']:.3f} | "
+                 f"{best['dev']['CIDEr']:.3f} | – | {best['test']['Bleu_4']:.3f} | {best['test']['CIDEr']:.3f} | – |")
+    for span in result["spans"]:
+        m = result["models"][span]
+        cells = [f"{m['vs_best'][s]['CIDEr']['diff']:+.3f} [{m['vs_best'][s]['CIDEr']['interval'][0]:+.3f}, "
+                 f"{m['vs_best'][s]['CIDEr']['interval'][1]:+.3f}]" for s in SPLITS]
+        lines.append(f"| mean of epochs {span} | {m['dev']['Bleu_4']:.3f} | {m['dev']['CIDEr']:.3f} | {cells[0]} | "
+                     f"{m['test']['Bleu_4']:.3f} | {m['test']['CIDEr']:.3f} | {cells[1]} |")
+    rule = result["rule"]
+    lines += ["", f"Run `{result['run']}`, beam {result['beam_size']}, length penalty {result['length_penalty']}, "
+              f"no-repeat n-gram {result['no_repeat_ngram']} for every row; intervals from `captioner compare` "
+              f"(1000 draws, seed 0). Deciding span {rule['span']}: dev CIDEr-D gain "
+              f"**{rule['dev_cider_gain']:+.3f}** (the rule asks for more than {rule['min_gain']:.3f} and no lower "
+              f"dev BLEU-4): **{'adopted' if rule['adopt'] else 'not adopted'}**. Source: `{source}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="the training run's folder (metrics.jsonl, best.pt)")
+    p.add_argument("--search", default=None, help="tune_length_penalty.py's results file for the run")
+    p.add_argument("--epochs-dir", default=None, help="where its epoch-N.pt files are (default RUN/epochs)")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default RUN/cache)")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--captions-dir", default=None,
+                   help="averaged checkpoints and captions (with the references: keep them out of the repo; "
+                        "default RUN/scst-average)")
+    p.add_argument("--out", default="benchmarks/results/tuned-mirror/scst_average.json")
+    p.add_argument("--readme", action="store_true", help=f"also rewrite the README's {BLOCK} block")
+    p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; no run")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.readme_only:
+        result = json.loads(out.read_text())
+        replace_block(BLOCK, readme_block(result, args.out))
+        return result
+    if args.run is None or args.search is None:
+        p.error("--run and --search are needed to score (or --readme-only)")
+    if args.readme and missing_block(BLOCK):
+        p.error(missing_block(BLOCK))
+    run = Path(args.run)
+    epochs_dir = Path(args.epochs_dir or run / "epochs")
+    args.cache_dir = args.cache_dir or str(run / "cache")
+    args.captions_dir = args.captions_dir or str(run / "scst-average")
+    history = read_history(run)
+    scst = [h["epoch"] for h in history if h["phase"] == "scst"]
+    chosen = spans(scst)
+    missing = [str(epochs_dir / f"epoch-{n}.pt") for n in scst if not (epochs_dir / f"epoch-{n}.pt").is_file()]
+    if missing:
+        p.error(f"no weights kept for SCST epoch(s): {', '.join(missing)} (train with --set keep_epochs=true)")
+    search = json.loads(Path(args.search).read_text())
+    best_model, best_ckpt = load_checkpoint(run / "best.pt")
+    result = {"run": str(run), "beam_size": args.beam_size, "length_penalty": search["best_length_penalty"],
+              "no_repeat_ngram": search["best_no_repeat_ngram"], "best_epoch": best_ckpt["metrics"].get("epoch"),
+              "scst_epochs": scst, "spans": list(chosen), "models": {}}
+    files = {}
+    scored = {"best": best_model}
+    for span, numbers in chosen.items():
+        path = Path(args.captions_dir) / f"average-{span}.pt"
+        write_checkpoint(average_checkpoint([epochs_dir / f"epoch-{n}.pt" for n in numbers]), path)
+        scored[span] = load_checkpoint(path)[0]
+    for name, model in scored.items():
+        result["models"][name] = {}
+        for split in SPLITS:
+            result["models"][name][split], files[name, split] = score_split(model, split, name, search, args)
+        print(json.dumps({name: result["models"][name]}), flush=True)
+    for span in chosen:
+        result["models"][span]["vs_best"] = {s: interval(files["best", s], files[span, s]) for s in SPLITS}
+    first = next(iter(chosen))
+    result["rule"] = verdict(result["models"]["best"]["dev"], result["models"][first]["dev"], first)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["rule"]))
+    if args.readme:
+        replace_block(BLOCK, readme_block(result, args.out))
+    return result
+
+
+if __name__ == "__main__":
+    main()

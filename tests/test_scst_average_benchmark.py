@@ -1,0 +1,74 @@
+"""benchmarks/scst_average.py: best.pt and the means of a run's SCST epoch weights scored on dev
+and test, with paired intervals, and the rule applied to dev."""
+import json
+
+import pytest
+
+from conftest import REPO, load_benchmark
+
+bench = load_benchmark("scst_average")
+
+
+def test_the_rule_needs_a_dev_cider_gain_above_the_margin_and_no_bleu_loss():
+    best = {"CIDEr": 0.600, "Bleu_4": 0.230}
+    assert bench.verdict(best, {"CIDEr": 0.615, "Bleu_4": 0.231}, "11-13")["adopt"]
+    assert not bench.verdict(best, {"CIDEr": 0.605, "Bleu_4": 0.240}, "11-13")["adopt"]  # within the margin
+    assert not bench.verdict(best, {"CIDEr": 0.630, "Bleu_4": 0.229}, "11-13")["adopt"]  # BLEU-4 fell
+    assert bench.verdict(best, {"CIDEr": 0.615, "Bleu_4": 0.231}, "11-13")["dev_cider_gain"] == 0.015
+
+
+def test_the_deciding_span_is_the_first_three_scst_epochs():
+    assert bench.spans([11, 12, 13, 14]) == {"11-13": [11, 12, 13], "11-14": [11, 12, 13, 14],
+                                             "12-14": [12, 13, 14]}
+    assert bench.spans([3, 4, 5]) == {"3-5": [3, 4, 5]}
+    with pytest.raises(SystemExit, match="first three"):
+        bench.spans([3, 4])
+
+
+def test_scores_best_and_the_averages_on_both_splits(tiny_data, tiny_model_file, tmp_path):
+    from test_train_smoke import tiny_config
+
+    from captioner.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, tiny_model_file, epochs=1, scst_epochs=3, scst_lr=0.01, keep_epochs=True))
+    search = tmp_path / "search.json"
+    search.write_text(json.dumps({"best_length_penalty": 1.0, "best_no_repeat_ngram": 3}))
+    out = tmp_path / "avg.json"
+    result = bench.main(["--run", str(run), "--search", str(search), "--data", str(tiny_data), "--beam-size", "2",
+                         "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["scst_epochs"] == [2, 3, 4] and result["spans"] == ["2-4"]
+    assert (run / "scst-average" / "average-2-4.pt").is_file()
+    for split in ("dev", "test"):
+        vs = result["models"]["2-4"]["vs_best"][split]["CIDEr"]
+        diff = result["models"]["2-4"][split]["CIDEr"] - result["models"]["best"][split]["CIDEr"]
+        assert vs["diff"] == pytest.approx(diff, abs=2e-4)  # compare's whole-split scores are evaluate's
+        assert vs["interval"][0] <= vs["diff"] <= vs["interval"][1]
+    assert result["rule"] == bench.verdict(result["models"]["best"]["dev"], result["models"]["2-4"]["dev"], "2-4")
+    block = bench.readme_block(result, "x.json").splitlines()
+    assert block[2].startswith(f"| best.pt (epoch {result['best_epoch']}, best dev) |")
+    assert block[3].startswith("| mean of epochs 2-4 |")
+    assert ("**adopted**" in block[-1]) == result["rule"]["adopt"] and "Source: `x.json`" in block[-1]
+
+
+def test_a_run_without_kept_epochs_is_refused_naming_the_files(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": n, "phase": p}) + "\n"
+                                               for n, p in ((1, "xe"), (2, "scst"), (3, "scst"), (4, "scst"))))
+    with pytest.raises(SystemExit):
+        bench.main(["--run", str(run), "--search", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert "epoch-2.pt" in err and "keep_epochs=true" in err
+
+
+def test_readme_quotes_the_results_file():
+    source = "benchmarks/results/tuned-mirror/scst_average.json"
+    result = json.loads((REPO / source).read_text())
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- scst-average:start -->")[1].split("<!-- scst-average:end -->")[0]
+    assert block.strip() == bench.readme_block(result, source).strip(), \
+        "run: python benchmarks/scst_average.py --readme-only"
+    first = result["spans"][0]
+    assert result["rule"] == bench.verdict(result["models"]["best"]["dev"], result["models"][first]["dev"], first)
