@@ -6,7 +6,8 @@ dev-tuned search and the same toolkit as `captioner evaluate`, on dev (which dec
     python benchmarks/scst_average.py --run runs/tm --search runs/tm/length_penalty.json \
         [--epochs-dir RUN/epochs] [--cache-dir RUN/cache] [--data ../shared/data/flickr8k] \
         [--out benchmarks/results/tuned-mirror/scst_average.json] [--readme]
-    python benchmarks/scst_average.py --readme-only [--out ...]
+    python benchmarks/scst_average.py --readme-only [--out ...] [--block NAME]
+    python benchmarks/scst_average.py --pool A.json B.json [--out POOLED.json] [--readme]
 
 The run must have kept each epoch's weights as `epoch-N.pt` (`--set keep_epochs=true`). The
 rule, fixed before the first measurement (commit 11b9416): the default averages its SCST weights
@@ -14,7 +15,10 @@ only if the mean of the first three SCST epochs (the three a refit runs) beats b
 CIDEr-D by more than `MIN_GAIN` and does not lower dev BLEU-4. The other spans are reported and
 do not decide. Writes every model's scores per split, each span's difference from best.pt with
 its 95% interval, and the verdict; `--readme` (or `--readme-only`) writes the README's
-`scst-average` block from it.
+`scst-average` block (or `--block NAME`) from it. `--pool` applies the second rule (commit
+bb24ac3) to the results files of several trajectories: the mean of their deciding spans' dev
+CIDEr-D gains must be above `MIN_GAIN`, and no trajectory's average may lower dev BLEU-4; it
+writes the verdict and the README's `scst-average-pooled` block.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from setting_runs import SPLITS, score_split
 
 MIN_GAIN = 0.010  # dev CIDEr-D the average must add over best.pt (the project's margin for mirror views)
 BLOCK = "scst-average"
+POOLED_BLOCK = "scst-average-pooled"
 SHOWN = {"Bleu_4": "BLEU-4", "CIDEr": "CIDEr-D"}
 
 
@@ -49,6 +54,24 @@ def verdict(dev_best: dict, dev_avg: dict, span: str) -> dict:
     gain = dev_avg["CIDEr"] - dev_best["CIDEr"]
     adopt = gain > MIN_GAIN and dev_avg["Bleu_4"] >= dev_best["Bleu_4"]
     return {"span": span, "dev_cider_gain": round(gain, 4), "min_gain": MIN_GAIN, "adopt": bool(adopt)}
+
+
+def pooled_verdict(results: list[dict]) -> dict:
+    """The second rule, on the evidence of several trajectories' results files."""
+    gains = [r["rule"]["dev_cider_gain"] for r in results]
+    bleu_kept = [r["models"][r["rule"]["span"]]["dev"]["Bleu_4"] >= r["models"]["best"]["dev"]["Bleu_4"]
+                 for r in results]
+    mean = sum(gains) / len(gains)
+    return {"runs": [r["run"] for r in results], "dev_cider_gains": gains, "mean_dev_cider_gain": round(mean, 4),
+            "min_gain": MIN_GAIN, "adopt": bool(mean > MIN_GAIN and all(bleu_kept))}
+
+
+def pooled_block(pooled: dict, source: str) -> str:
+    gains = ", ".join(f"`{run}` {gain:+.4f}" for run, gain in zip(pooled["runs"], pooled["dev_cider_gains"]))
+    return (f"Both trajectories together (the rule of commit bb24ac3): deciding spans' dev CIDEr-D gains {gains}; "
+            f"mean **{pooled['mean_dev_cider_gain']:+.4f}** (the rule asks for more than {pooled['min_gain']:.3f} "
+            f"and no lower dev BLEU-4 in either): **{'adopted' if pooled['adopt'] else 'not adopted'}**. "
+            f"Source: `{source}`.\n")
 
 
 def interval(a: Path, b: Path) -> dict:
@@ -94,16 +117,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/tuned-mirror/scst_average.json")
     p.add_argument("--readme", action="store_true", help=f"also rewrite the README's {BLOCK} block")
     p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; no run")
+    p.add_argument("--block", default=BLOCK, help="the README block to write (one per trajectory)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="RESULTS",
+                   help="apply the pooled rule to these results files; writes --out and, with --readme, "
+                        f"the {POOLED_BLOCK} block")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.pool:
+        pooled = pooled_verdict([json.loads(Path(f).read_text()) for f in args.pool])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(pooled, indent=2) + "\n")
+        print(json.dumps(pooled))
+        if args.readme:
+            replace_block(POOLED_BLOCK, pooled_block(pooled, args.out))
+        return pooled
     if args.readme_only:
         result = json.loads(out.read_text())
-        replace_block(BLOCK, readme_block(result, args.out))
+        replace_block(args.block, readme_block(result, args.out))
         return result
     if args.run is None or args.search is None:
         p.error("--run and --search are needed to score (or --readme-only)")
-    if args.readme and missing_block(BLOCK):
-        p.error(missing_block(BLOCK))
+    if args.readme and missing_block(args.block):
+        p.error(missing_block(args.block))
     run = Path(args.run)
     epochs_dir = Path(args.epochs_dir or run / "epochs")
     args.cache_dir = args.cache_dir or str(run / "cache")
@@ -138,7 +173,7 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["rule"]))
     if args.readme:
-        replace_block(BLOCK, readme_block(result, args.out))
+        replace_block(args.block, readme_block(result, args.out))
     return result
 
 

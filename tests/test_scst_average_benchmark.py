@@ -17,6 +17,23 @@ def test_the_rule_needs_a_dev_cider_gain_above_the_margin_and_no_bleu_loss():
     assert bench.verdict(best, {"CIDEr": 0.615, "Bleu_4": 0.231}, "11-13")["dev_cider_gain"] == 0.015
 
 
+def trajectory(run: str, best: dict, avg: dict) -> dict:
+    return {"run": run, "models": {"best": {"dev": best}, "11-13": {"dev": avg}},
+            "rule": bench.verdict(best, avg, "11-13")}
+
+
+def test_the_pooled_rule_takes_the_mean_gain_and_no_bleu_loss_in_any_trajectory():
+    best = {"CIDEr": 0.600, "Bleu_4": 0.230}
+    near = trajectory("a", best, {"CIDEr": 0.6093, "Bleu_4": 0.232})  # alone, below the margin
+    pooled = bench.pooled_verdict([near, trajectory("b", best, {"CIDEr": 0.612, "Bleu_4": 0.231})])
+    assert pooled["adopt"] and pooled["mean_dev_cider_gain"] == pytest.approx(0.01065, abs=1e-4)
+    assert pooled["runs"] == ["a", "b"] and pooled["dev_cider_gains"] == [0.0093, 0.012]
+    assert not bench.pooled_verdict([near, trajectory("b", best, {"CIDEr": 0.6105, "Bleu_4": 0.231})])["adopt"]
+    assert not bench.pooled_verdict([near, trajectory("b", best, {"CIDEr": 0.640, "Bleu_4": 0.229})])["adopt"]
+    line = bench.pooled_block(pooled, "p.json")
+    assert "`a` +0.0093, `b` +0.0120" in line and "**adopted**" in line and "Source: `p.json`" in line
+
+
 def test_the_deciding_span_is_the_first_three_scst_epochs():
     assert bench.spans([11, 12, 13, 14]) == {"11-13": [11, 12, 13], "11-14": [11, 12, 13, 14],
                                              "12-14": [12, 13, 14]}
@@ -72,3 +89,18 @@ def test_readme_quotes_the_results_file():
         "run: python benchmarks/scst_average.py --readme-only"
     first = result["spans"][0]
     assert result["rule"] == bench.verdict(result["models"]["best"]["dev"], result["models"][first]["dev"], first)
+
+
+def test_readme_quotes_the_second_trajectory_and_the_pooled_verdict():
+    readme = (REPO / "README.md").read_text()
+    source = "benchmarks/results/tuned-mirror/scst_average-seed1.json"
+    second = json.loads((REPO / source).read_text())
+    block = readme.split("<!-- scst-average-seed1:start -->")[1].split("<!-- scst-average-seed1:end -->")[0]
+    assert block.strip() == bench.readme_block(second, source).strip(), \
+        f"run: python benchmarks/scst_average.py --readme-only --out {source} --block scst-average-seed1"
+    first = json.loads((REPO / "benchmarks/results/tuned-mirror/scst_average.json").read_text())
+    pooled_source = "benchmarks/results/tuned-mirror/scst_average-pooled.json"
+    pooled = json.loads((REPO / pooled_source).read_text())
+    assert pooled == bench.pooled_verdict([first, second])
+    block = readme.split("<!-- scst-average-pooled:start -->")[1].split("<!-- scst-average-pooled:end -->")[0]
+    assert block.strip() == bench.pooled_block(pooled, pooled_source).strip()
