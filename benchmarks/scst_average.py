@@ -87,7 +87,8 @@ def readme_block(result: dict, source: str) -> str:
              "|---|---|---|---|---|---|---|"]
     best = result["models"]["best"]
     lines.append(f"| best.pt (epoch {result['best_epoch']}, best dev) | {best['dev']['Bleu_4']:.3f} | "
-                 f"{best['dev']['CIDEr']:.3f} | – | {best['test']['Bleu_4']:.3f} | {best['test']['CIDEr']:.3f} | – |")
+                 f"{best['dev']['CIDEr']:.3f} | – | {best['test']['Bleu_4']:.3f} | "
+                 f"{best['test']['CIDEr']:.3f} | – |")
     for span in result["spans"]:
         m = result["models"][span]
         cells = [f"{m['vs_best'][s]['CIDEr']['diff']:+.3f} [{m['vs_best'][s]['CIDEr']['interval'][0]:+.3f}, "

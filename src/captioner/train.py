@@ -18,7 +18,7 @@ from tqdm import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_dict, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .data import CaptionDataset, DataOptions, ImageRecord, load_dataset
 from .decode import SearchConfig
@@ -688,14 +688,13 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
         return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if improved:
-        with average.applied() if average is not None else nullcontext():
-            save_checkpoint(out / "best.pt", model, metrics={"dev": dev, "epoch": record["epoch"]},
-                            extra={"train_config": cfg.to_dict()})
-    if cfg.keep_epochs:  # the weights best.pt would hold, had this epoch been the best
-        with average.applied() if average is not None else nullcontext():
-            save_checkpoint(out / "epochs" / f"epoch-{record['epoch']}.pt", model,
-                            metrics={"dev": dev, "epoch": record["epoch"]}, extra={"train_config": cfg.to_dict()})
+    if improved or cfg.keep_epochs:  # a kept epoch holds what best.pt would, had that epoch been the best
+        with average.applied() if average is not None else nullcontext():  # written inside: the dict shares the weights
+            ckpt = checkpoint_dict(model, metrics={"dev": dev, "epoch": record["epoch"]},
+                                   extra={"train_config": cfg.to_dict()})
+            for path in ([out / "best.pt"] if improved else []) + \
+                    ([out / "epochs" / f"epoch-{record['epoch']}.pt"] if cfg.keep_epochs else []):
+                write_checkpoint(ckpt, path)
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
     raw = f" (raw weights: CIDEr {record['dev_raw']['CIDEr']:.4f})" if "dev_raw" in record else ""
