@@ -95,6 +95,12 @@ def test_same_run_compares_weights_and_scores_but_not_timings(tmp_path):
                             str(tmp_path / "z")])
     assert not report["same"] and report["weights"]["differ"] == ["b"]
     assert report["runs"]["epochs_differ"] == [2] and not report["runs"]["test_scores_equal"]
+    report = same_run.main(["--epochs-only", str(tmp_path / "x"), str(tmp_path / "y")])  # timings differ only
+    assert report["same"] and report["epochs"] == [2, 2] and "weights" not in report
+    report = same_run.main(["--epochs-only", str(tmp_path / "x"), str(tmp_path / "z")])
+    assert not report["same"] and report["epochs_differ"] == [2]
+    with pytest.raises(SystemExit):
+        same_run.main([str(tmp_path / "a.pt")])  # one model file and no --epochs-only
     torch.save({"weights": state}, tmp_path / "foreign.pt")
     with pytest.raises(SystemExit, match="foreign.pt: not a captioner model file"):
         same_run.main([str(tmp_path / "a.pt"), str(tmp_path / "foreign.pt")])
