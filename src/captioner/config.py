@@ -59,6 +59,10 @@ class TrainConfig:
     scst_sampler: str = "multinomial"  # how captions are drawn: multinomial sampling, or the beam's top k
     scst_dropout: bool = False  # keep dropout on while sampling and in the gradient pass
     scst_max_len: int = 16  # words sampled at most (longer Flickr8k references are rare)
+    # Self-critical trajectories averaged into one model (a "soup"): 1 = one trajectory, its best
+    # epoch kept (its last in a refit); N > 1 = N trajectories of scst_epochs each from the same
+    # cross-entropy weights (seeds seed, seed + 1, ...), best.pt the mean of all their epochs' weights
+    scst_soup: int = 1
     init_checkpoint: str = ""  # start from this checkpoint (model, vocab, weights), e.g. SCST only
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images
@@ -139,6 +143,12 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
         raise ConfigError(f"field crop_scale: must be above 0 and at most 1, not {cfg.crop_scale!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"field ema_decay: must be at least 0 and below 1, not {cfg.ema_decay!r}")
+    if cfg.scst_soup < 1:
+        raise ConfigError(f"field scst_soup: must be at least 1, not {cfg.scst_soup!r}")
+    if cfg.scst_soup > 1 and cfg.scst_epochs < 1:
+        raise ConfigError(f"field scst_soup: {cfg.scst_soup} trajectories need scst_epochs of at least 1")
+    if cfg.scst_soup > 1 and cfg.ema_decay:
+        raise ConfigError("field scst_soup: a soup averages kept epochs; use it without ema_decay")
     return cfg
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .average import average_checkpoint
 from .checkpoint import checkpoint_dict, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .data import CaptionDataset, DataOptions, ImageRecord, load_dataset
@@ -649,9 +650,51 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv) -> dict:
     if progress.stale >= cfg.patience and not cfg.scst_epochs:
         log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
     barrier(env)  # rank 0 has written its last files before any process returns
+    if cfg.scst_soup > 1:
+        progress.best = _soup(model, cfg, out, prepared.cache, dev_recs, env)
     minutes = (time.time() - started) / 60
     log.info("done in %.1f min; best dev CIDEr %.4f -> %s", minutes, progress.best, best_path)
     return {"best_dev_CIDEr": progress.best, "best_checkpoint": str(best_path), "minutes": minutes}
+
+
+def soup_members(cfg: TrainConfig, out: Path) -> list[Path]:
+    """The epoch files a soup of `cfg.scst_soup` trajectories averages: the run's own SCST epochs,
+    then those of each further trajectory, a run of its own in `out/scst-K` (K = 2, 3, ...)."""
+    scst = range(1, cfg.scst_epochs + 1)
+    return ([out / "epochs" / f"epoch-{cfg.epochs + n}.pt" for n in scst] +
+            [out / f"scst-{k}" / "epochs" / f"epoch-{n}.pt" for k in range(2, cfg.scst_soup + 1) for n in scst])
+
+
+def _soup(model: CaptionModel, cfg: TrainConfig, out: Path, cache: FeatureCache, dev_recs: list[ImageRecord],
+          env: DistEnv) -> float:
+    """After the run's own trajectory: train the others from the same cross-entropy weights
+    (`best-xe.pt`), each with the next seed, then keep the mean of every trajectory's epoch
+    weights as best.pt, scored on dev (`soup.json`). A trajectory already finished, as on
+    --resume, is not trained again. Returns the soup's dev CIDEr-D."""
+    start = out / "best-xe.pt"
+    if not start.is_file():
+        raise ConfigError(f"scst_soup: {start} is missing, so the other trajectories cannot start where this "
+                          f"one did (the run's cross-entropy weights)")
+    for k in range(2, cfg.scst_soup + 1):
+        sub = out / f"scst-{k}"
+        log.info("scst soup: trajectory %d of %d (seed %d) in %s", k, cfg.scst_soup, cfg.seed + k - 1, sub)
+        train(replace(cfg, out=str(sub), epochs=0, scst_soup=1, seed=cfg.seed + k - 1, init_checkpoint=str(start),
+                      keep_epochs=True), resume=(sub / "last.pt").is_file())
+    members = soup_members(cfg, out)
+    missing = [str(p) for p in members if not p.is_file()]
+    if missing:
+        raise ConfigError(f"scst_soup: epoch weights missing: {', '.join(missing)}")
+    soup = average_checkpoint(members)
+    model.decoder.load_state_dict(soup["decoder_state"])
+    dev = validate(model, cache, dev_recs, cfg, env)
+    names = [str(p.relative_to(out)) for p in members]
+    if env.is_main:
+        write_checkpoint({**soup, "metrics": {"dev": dev, "soup_of": names}}, out / "best.pt")
+        atomic_write_text(out / "soup.json", json.dumps({"members": names, "dev": dev}, indent=2) + "\n")
+    log.info("scst soup of %d epochs (%d trajectories): dev BLEU-4 %.4f CIDEr %.4f -> %s", len(members),
+             cfg.scst_soup, dev["Bleu_4"], dev["CIDEr"], out / "best.pt")
+    barrier(env)
+    return dev["CIDEr"]
 
 
 def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
@@ -688,12 +731,14 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
         return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if improved or cfg.keep_epochs:  # a kept epoch holds what best.pt would, had that epoch been the best
+    # A kept epoch holds what best.pt would, had that epoch been the best; a soup keeps its SCST epochs.
+    keep = cfg.keep_epochs or (cfg.scst_soup > 1 and record["phase"] == "scst")
+    if improved or keep:
         with average.applied() if average is not None else nullcontext():  # written inside: the dict shares the weights
             ckpt = checkpoint_dict(model, metrics={"dev": dev, "epoch": record["epoch"]},
                                    extra={"train_config": cfg.to_dict()})
             for path in ([out / "best.pt"] if improved else []) + \
-                    ([out / "epochs" / f"epoch-{record['epoch']}.pt"] if cfg.keep_epochs else []):
+                    ([out / "epochs" / f"epoch-{record['epoch']}.pt"] if keep else []):
                 write_checkpoint(ckpt, path)
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
