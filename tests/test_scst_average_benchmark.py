@@ -104,3 +104,67 @@ def test_readme_quotes_the_second_trajectory_and_the_pooled_verdict():
     assert pooled == bench.pooled_verdict([first, second])
     block = readme.split("<!-- scst-average-pooled:start -->")[1].split("<!-- scst-average-pooled:end -->")[0]
     assert block.strip() == bench.pooled_block(pooled, pooled_source).strip()
+
+
+def test_the_soup_rule_needs_the_margin_over_every_best_and_no_bleu_loss():
+    bests = [{"CIDEr": 0.591, "Bleu_4": 0.237}, {"CIDEr": 0.595, "Bleu_4": 0.234}]
+    rule = bench.soup_verdict(bests, {"CIDEr": 0.6055, "Bleu_4": 0.240})
+    assert rule["adopt"] and rule["dev_cider_gains"] == [0.0145, 0.0105]
+    assert not bench.soup_verdict(bests, {"CIDEr": 0.604, "Bleu_4": 0.240})["adopt"]  # 0.009 over the second
+    assert not bench.soup_verdict(bests, {"CIDEr": 0.630, "Bleu_4": 0.236})["adopt"]  # BLEU-4 below the first's
+    assert bench.soups([[11, 12, 13, 14], [1, 2, 3, 4]]) == {
+        "first 3 of each": [0, 1, 2], "all of each": [0, 1, 2, 3], "first 2 of each": [0, 1]}
+    with pytest.raises(SystemExit, match="first three"):
+        bench.soups([[11, 12, 13], [1, 2]])
+
+
+def test_scores_a_soup_of_two_trajectories_against_each_best(tiny_data, tiny_model_file, tmp_path):
+    from test_train_smoke import tiny_config
+
+    from captioner.average import average_checkpoint
+    from captioner.checkpoint import read_checkpoint
+    from captioner.train import train
+
+    run, second = tmp_path / "run", tmp_path / "second"
+    cfg = tiny_config(tiny_data, run, tiny_model_file, epochs=1, scst_epochs=3, scst_lr=0.01, keep_epochs=True)
+    train(cfg)
+    train(tiny_config(tiny_data, second, tiny_model_file, epochs=0, scst_epochs=3, scst_lr=0.01, keep_epochs=True,
+                      seed=1, init_checkpoint=run / "best-xe.pt", cache_dir=run / "cache"))
+    search = tmp_path / "search.json"
+    search.write_text(json.dumps({"best_length_penalty": 1.0, "best_no_repeat_ngram": 3}))
+    out = tmp_path / "soup.json"
+    result = bench.main(["--soup", str(run), str(second), "--search", str(search), "--data", str(tiny_data),
+                         "--beam-size", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["soups"]["first 3 of each"] == [[2, 3, 4], [1, 2, 3]]
+    soup = read_checkpoint(run / "scst-soup" / "soup-first-3-of-each.pt")["decoder_state"]
+    mean = average_checkpoint([run / "epochs" / f"epoch-{n}.pt" for n in (2, 3, 4)] +
+                              [second / "epochs" / f"epoch-{n}.pt" for n in (1, 2, 3)])["decoder_state"]
+    assert all(torch_equal(soup[k], v) for k, v in mean.items())
+    for split in ("dev", "test"):
+        for i, vs in enumerate(result["models"]["first 3 of each"]["vs_best"][split]):
+            diff = result["models"]["first 3 of each"][split]["CIDEr"] - result["models"][f"best {i}"][split]["CIDEr"]
+            assert vs["CIDEr"]["diff"] == pytest.approx(diff, abs=2e-4)
+    assert result["rule"] == bench.soup_verdict([result["models"][f"best {i}"]["dev"] for i in (0, 1)],
+                                                result["models"]["first 3 of each"]["dev"])
+    block = bench.soup_block(result, "s.json").splitlines()
+    assert block[2].startswith(f"| `{run}` best.pt (epoch {result['best_epochs'][0]}) |")
+    assert block[4].startswith("| soup of SCST epochs 2, 3, 4; 1, 2, 3 (first 3 of each) |")
+    assert ("**adopted**" in block[-1]) == result["rule"]["adopt"] and "Source: `s.json`" in block[-1]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_readme_quotes_the_soup_and_its_verdict():
+    source = "benchmarks/results/tuned-mirror/scst_soup.json"
+    result = json.loads((REPO / source).read_text())
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- scst-soup:start -->")[1].split("<!-- scst-soup:end -->")[0]
+    assert block.strip() == bench.soup_block(result, source).strip(), \
+        f"run: python benchmarks/scst_average.py --readme-only --out {source} --block scst-soup"
+    assert result["rule"] == bench.soup_verdict([result["models"][f"best {i}"]["dev"] for i in (0, 1)],
+                                                result["models"]["first 3 of each"]["dev"])
