@@ -41,10 +41,24 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return head + body
 
 
-def epochs_text(history: list[dict]) -> str:
+def epochs_text(history: list[dict], config: dict | None = None) -> str:
     xe = sum(1 for h in history if h.get("phase", "xe") == "xe")
     scst = sum(1 for h in history if h.get("phase") == "scst")
+    soup = (config or {}).get("scst_soup", 1)
+    if scst and soup > 1:
+        return f"{xe} cross-entropy epochs + {soup} self-critical trajectories of {scst} epochs"
     return f"{xe} cross-entropy epochs" + (f" + {scst} self-critical epochs" if scst else "")
+
+
+def soup_text(config: dict, history: list[dict]) -> str:
+    """What a soup (`scst_soup` > 1) keeps, or nothing for one trajectory."""
+    soup = config.get("scst_soup", 1)
+    if soup < 2:
+        return ""
+    scst = sum(1 for h in history if h.get("phase") == "scst")
+    seeds = ", ".join(str(config["seed"] + k) for k in range(soup))
+    return (f"; {soup} such trajectories from the same cross-entropy weights (seeds {seeds}), the weights kept "
+            f"the mean of their {soup * scst} epochs' weights (`scst_soup` {soup})")
 
 
 def precision_text(latency: dict) -> str:
@@ -97,7 +111,9 @@ def how_kept(config: dict, history: list[dict], lp: dict) -> str:
     search was tuned on dev for the train-only run it refits (its `length_penalty.json` says which)."""
     search = f"Beam length penalty {lp['best_length_penalty']} and no-repeat n-gram {lp.get('best_no_repeat_ngram', 0)}"
     if config.get("train_on_dev"):
-        return (f"a refit on the train and dev photos, each stage's last epoch kept). {search}, chosen on dev "
+        kept = ("the last cross-entropy epoch, then the mean of every self-critical epoch's weights"
+                if config.get("scst_soup", 1) > 1 else "each stage's last epoch")
+        return (f"a refit on the train and dev photos, {kept} kept). {search}, chosen on dev "
                 f"for the train-only run it refits (`{lp.get('taken_from', '?')}`).\n")
     best = max(history, key=lambda h: h["dev"]["CIDEr"])
     return f"best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch {best['epoch']}). {search}, chosen on dev.\n"
@@ -112,6 +128,7 @@ def recipe_text(config: dict, history: list[dict]) -> str:
     if scst:
         recipe += (f", then {len(scst)} self-critical (SCST) epochs on CIDEr-D with the {config['scst_baseline']} "
                    f"baseline ({config['scst_samples']} samples per photo, Adam lr {config['scst_lr']})")
+        recipe += soup_text(config, history)
     if config.get("mirror_prob", 0) > 0:
         recipe += (f"; in every epoch of both stages each training photo is seen as its mirror image (its captions' "
                    f"left and right swapped) with probability {config['mirror_prob']}")
@@ -182,7 +199,7 @@ def main(run: Path) -> None:
     kept = how_kept(config, history, lp)
     facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on this {timing['cpus']}-core CPU "
              f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training: "
-             f"{epochs_text(history)}; {kept}")
+             f"{epochs_text(history, config)}; {kept}")
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms)"
@@ -207,7 +224,9 @@ def main(run: Path) -> None:
                      "settings were\nchosen on dev with train-only runs before the refit; the published "
                      "models quoted below\ntrained on the 6000 alone. It is")
         command = f"SEARCH_FROM={lp.get('taken_from', '?')} bash benchmarks/retrain_default.sh"
-        kept_text = "Dev is part of the training set, so each stage keeps its last epoch."
+        kept_text = ("Dev is part of the training set, so each stage keeps its last epoch" +
+                     (" (the self-critical stage, the mean of its trajectories' epochs)." if
+                      config.get("scst_soup", 1) > 1 else "."))
         refit_note = ", which also says what the dev photos added here"
     else:
         data_text = (f"{photos} training photos with\n5 captions each, model selected on the 1000 dev photos by "
@@ -255,6 +274,12 @@ train split, scores well below its full run on test, as each halving before did 
     (results_dir / "default").mkdir(exist_ok=True)
     for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
         keep(run / name, results_dir / "default" / name)
+    if config.get("scst_soup", 1) > 1:  # the soup's members and dev scores, and each further trajectory's log
+        keep(run / "soup.json", results_dir / "default" / "soup.json")
+        for k in range(2, config["scst_soup"] + 1):
+            (results_dir / "default" / f"scst-{k}").mkdir(exist_ok=True)
+            for name in ("config.json", "metrics.jsonl"):
+                keep(run / f"scst-{k}" / name, results_dir / "default" / f"scst-{k}" / name)
     for extra in (gain_file, latency_file, REPO / "benchmarks" / "results" / "latency-fp32.json"):
         if extra.is_file():
             keep(extra, results_dir / "default" / extra.name)

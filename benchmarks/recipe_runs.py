@@ -137,6 +137,8 @@ def load_run(folder: Path) -> dict | None:
            "test": json.loads((folder / "test_scores.json").read_text()),
            "length_penalty": search["best_length_penalty"], "no_repeat_ngram": search["best_no_repeat_ngram"],
            "train_minutes_logged": logged_minutes(history)}
+    if cfg.get("scst_soup", 1) > 1:  # SCST trajectories averaged: say how many, beside the run's own
+        run["epochs"] = f"{run['xe_epochs']}+{cfg['scst_soup']}×{run['scst_epochs']} (soup)"
     if cfg.get("train_on_dev"):  # a refit has trained on dev: its dev scores judge nothing
         run["dev_cider"] = "– (refit: dev trained on)"
     if (folder / "timing.json").is_file():

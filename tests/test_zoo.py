@@ -117,6 +117,11 @@ def test_recipe_runs_table_is_read_from_the_run_files(tmp_path):
     refit_line = runs.markdown([runs.load_run(run)]).splitlines()[-1]
     assert "| 1+1 | – (refit: dev trained on) | 0.210 |" in refit_line and "(epoch" not in refit_line
 
+    # a soup of SCST trajectories says how many, beside the run's own SCST epochs
+    (run / "config.json").write_text(json.dumps({"model": "show-tell", "train_on_dev": True, "scst_soup": 2}))
+    soup_line = runs.markdown([runs.load_run(run)]).splitlines()[-1]
+    assert "| 1+2×1 (soup) | – (refit: dev trained on) |" in soup_line
+
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- runs:start -->\nold\n<!-- runs:end -->\nrest\n")
     runs.write_readme(runs.markdown([row]), readme)
@@ -150,6 +155,22 @@ def test_model_card_says_how_a_refit_kept_its_epoch_and_search():
     refit = card.how_kept({"train_on_dev": True}, history, {**lp, "taken_from": "x/length_penalty.json"})
     assert "best dev" not in refit and "each stage's last epoch kept" in refit
     assert "chosen on dev for the train-only run it refits (`x/length_penalty.json`)" in refit
+    soup = card.how_kept({"train_on_dev": True, "scst_soup": 2}, history, {**lp, "taken_from": "x.json"})
+    assert "the last cross-entropy epoch, then the mean of every self-critical epoch's weights kept" in soup
+    sys.modules.pop("model_card", None)
+
+
+def test_model_card_says_what_a_soup_averages():
+    card = load_benchmark("model_card")
+    history = [{"epoch": n, "phase": p} for n, p in ((1, "xe"), (2, "xe"), (3, "scst"), (4, "scst"), (5, "scst"))]
+    config = {"seed": 0, "scst_soup": 2, "batch_size": 50, "lr": 0.001, "label_smoothing": 0.0,
+              "scst_baseline": "mean", "scst_samples": 5, "scst_lr": 0.0001}
+    assert card.epochs_text(history, config) == "2 cross-entropy epochs + 2 self-critical trajectories of 3 epochs"
+    assert card.epochs_text(history, {**config, "scst_soup": 1}) == "2 cross-entropy epochs + 3 self-critical epochs"
+    recipe = card.recipe_text(config, history)
+    assert "2 such trajectories from the same cross-entropy weights (seeds 0, 1)" in recipe
+    assert "the mean of their 6 epochs' weights (`scst_soup` 2)" in recipe
+    assert "trajectories" not in card.recipe_text({**config, "scst_soup": 1}, history)
     sys.modules.pop("model_card", None)
 
 
