@@ -178,6 +178,19 @@ def interval_text(scores: dict, intervals_file: Path) -> str:
     return ""
 
 
+def cpu_text(lscpu: Path) -> str:
+    """A sentence naming the CPU (name, family, model) from a run's saved `lscpu` output, or
+    nothing where the run has none: minutes compare only on the same CPU model."""
+    if not lscpu.is_file():
+        return ""
+    fields = dict(line.split(":", 1) for line in lscpu.read_text().splitlines() if ":" in line)
+    get = lambda key: fields.get(key, "").strip()  # noqa: E731
+    name = get("Model name") or "unknown CPU"
+    family = f", family {get('CPU family')} model {get('Model')}" if get("CPU family") else ""
+    return (f" The minutes are this CPU's: {name}{family} (`benchmarks/results/default/lscpu.txt`); they "
+            f"compare only with runs on the same CPU model.")
+
+
 def keep(source: Path, target: Path) -> None:
     """Copy a run's file beside the README, unless it is that copy already (the card rebuilt from
     `benchmarks/results/default`)."""
@@ -197,9 +210,10 @@ def main(run: Path) -> None:
     lp = json.loads((run / "length_penalty.json").read_text())
     refit = bool(config.get("train_on_dev"))
     kept = how_kept(config, history, lp)
-    facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on this {timing['cpus']}-core CPU "
+    facts = (f"- Retraining from scratch: **{timing['retrain_minutes']} min** on a {timing['cpus']}-core CPU "
              f"machine ({timing['prepare_minutes']} min feature extraction + {timing['train_minutes']} min training: "
              f"{epochs_text(history, config)}; {kept}")
+    facts = facts.rstrip("\n") + cpu_text(run / "lscpu.txt") + "\n"
     if latency:
         facts += (f"- Captioning one photo, model loaded, beam 3: **{latency['caption_beam3_ms']} ms** median "
                   f"(greedy {latency['caption_beam1_ms']} ms; encoder alone {latency['encoder_only_ms']} ms)"
@@ -274,6 +288,8 @@ train split, scores well below its full run on test, as each halving before did 
     (results_dir / "default").mkdir(exist_ok=True)
     for name in ("config.json", "metrics.jsonl", "test_scores.json", "length_penalty.json", "timing.json"):
         keep(run / name, results_dir / "default" / name)
+    if (run / "lscpu.txt").is_file():
+        keep(run / "lscpu.txt", results_dir / "default" / "lscpu.txt")
     if config.get("scst_soup", 1) > 1:  # the soup's members and dev scores, and each further trajectory's log
         keep(run / "soup.json", results_dir / "default" / "soup.json")
         for k in range(2, config["scst_soup"] + 1):

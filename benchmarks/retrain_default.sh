@@ -5,7 +5,7 @@
 # CONFIG=configs/flickr8k-transformer.json EXPORT_TO=runs/transformer/model-fp16.pt bash ... runs another
 # recipe the same way without replacing the shipped model. The default recipe is a refit on
 # train + dev, so it runs as SEARCH_FROM=benchmarks/results/tuned-mirror/length_penalty.json bash ...
-# Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here),
+# Writes RUN_DIR/timing.json (retrain minutes = prepare + train, measured here), RUN_DIR/lscpu.txt,
 # RUN_DIR/length_penalty.json, RUN_DIR/test_scores.json, RUN_DIR/captions-test.json, and the
 # shipped model src/captioner/weights/default.pt (fp16, with its test scores inside).
 set -euo pipefail
@@ -19,6 +19,8 @@ source "$(dirname "$0")/search_from.sh"
 check_mirror_views
 check_search_from "$CONFIG"
 mkdir -p "$RUN"
+# the CPU the minutes are measured on (they compare only on the same CPU model)
+lscpu > "$RUN/lscpu.txt" 2>/dev/null || true
 rm -rf "$CACHE"
 now() { date +%s.%N; }
 timing() {  # timing.json from the stage boundaries seen so far
