@@ -5,6 +5,8 @@
                runs/mirror_views/captions-dev-on.json \
         --pair ... [--resamples 1000] [--seed 0] [--out benchmarks/results/intervals.json] [--readme]
     python benchmarks/intervals.py --readme-only
+    python benchmarks/intervals.py --pair ... --out benchmarks/results/intervals-default.json \
+        --block intervals-default --readme     # another set of pairs, in a README block of its own
 
 Each `--pair LABEL SPLIT A B` compares two captions files of one split (as `captioner evaluate
 --captions-out` writes them; they hold the dataset's references, so they stay out of the repo)
@@ -54,18 +56,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--out", default="benchmarks/results/intervals.json")
-    p.add_argument("--readme", action="store_true", help=f"also rewrite the README's {BLOCK} block")
+    p.add_argument("--readme", action="store_true", help="also rewrite the README's block (--block)")
     p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; nothing scored")
+    p.add_argument("--block", default=BLOCK, help=f"the README block written (default {BLOCK})")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.readme_only:
         result = json.loads(out.read_text())
-        replace_block(BLOCK, readme_block(result, args.out))
+        replace_block(args.block, readme_block(result, args.out))
         return result
     if not args.pair:
         p.error("give at least one --pair LABEL SPLIT A B (or --readme-only)")
-    if args.readme and missing_block(BLOCK):  # say so now, not after the scoring
-        p.error(missing_block(BLOCK))
+    if args.readme and missing_block(args.block):  # say so now, not after the scoring
+        p.error(missing_block(args.block))
     result = {"resamples": args.resamples, "seed": args.seed, "confidence": args.confidence, "pairs": []}
     for label, split, a, b in args.pair:
         comparison = compare_files(a, b, args.resamples, args.seed, args.confidence)
@@ -77,7 +80,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.readme:
-        replace_block(BLOCK, readme_block(result, args.out))
+        replace_block(args.block, readme_block(result, args.out))
     return result
 
 

@@ -154,7 +154,7 @@ def shipped_text(weights: Path) -> str:
             f"captioning with {how}{measured}.\n")
 
 
-def interval_text(scores: dict, intervals_file: Path) -> str:
+def interval_text(scores: dict, intervals_file: Path, script: str = "intervals.sh") -> str:
     """The shipped model's own test intervals from `benchmarks/intervals.py`'s file, where it holds
     the default's test captions and they score as the card's test scores do to the three decimals
     shown (else nothing). The file's captions are the shipped fp16 file's, as `captioner evaluate`
@@ -170,7 +170,7 @@ def interval_text(scores: dict, intervals_file: Path) -> str:
             return ""
         (c_low, c_high), (b_low, b_high) = by_metric["CIDEr"]["b_interval"], by_metric["Bleu_4"]["b_interval"]
         return (f"- 95% bootstrap interval over the test photos (`captioner compare` on the shipped file's test "
-                f"captions as `benchmarks/intervals.sh` had `captioner evaluate` make them, scoring CIDEr-D "
+                f"captions as `benchmarks/{script}` had `captioner evaluate` make them, scoring CIDEr-D "
                 f"{by_metric['CIDEr']['b']:.4f} and BLEU-4 {by_metric['Bleu_4']['b']:.4f}, the table's to three "
                 f"decimals; `{intervals_file.relative_to(REPO)}`): CIDEr-D "
                 f"{c_low:.3f}–{c_high:.3f}, BLEU-4 {b_low:.3f}–{b_high:.3f}. It covers which photos the test split "
@@ -226,7 +226,9 @@ def main(run: Path) -> None:
                   f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
                   f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
                   f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
-    facts += interval_text(scores, REPO / "benchmarks" / "results" / "intervals.json")
+    # the default's own table first (benchmarks/intervals_default.sh), else the older one's (intervals.sh)
+    facts += (interval_text(scores, REPO / "benchmarks" / "results" / "intervals-default.json", "intervals_default.sh")
+              or interval_text(scores, REPO / "benchmarks" / "results" / "intervals.json"))
     facts += shipped_text(weights)
     block = results + "\n" + facts
     model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())

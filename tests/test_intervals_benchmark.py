@@ -34,15 +34,20 @@ def test_needs_a_pair_and_refuses_a_readme_without_the_block_first(monkeypatch, 
     with pytest.raises(SystemExit):  # not the missing file's error: nothing was read yet
         bench.main(["--pair", "x", "test", str(tmp_path / "none.json"), str(tmp_path / "none.json"), "--readme"])
     assert "README.md has no <!-- intervals:start --> block" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a block of its own is checked by its own name
+        bench.main(["--pair", "x", "test", str(tmp_path / "none.json"), str(tmp_path / "none.json"), "--readme",
+                    "--block", "intervals-default"])
+    assert "README.md has no <!-- intervals-default:start --> block" in capsys.readouterr().err
 
 
-def test_readme_quotes_the_results_file():
-    source = "benchmarks/results/intervals.json"
+@pytest.mark.parametrize("name, source", [("intervals", "benchmarks/results/intervals.json"),
+                                          ("intervals-default", "benchmarks/results/intervals-default.json")])
+def test_readme_quotes_the_results_file(name, source):
     result = json.loads((REPO / source).read_text())
     readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- intervals:start -->")[1].split("<!-- intervals:end -->")[0]
+    block = readme.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
     assert block.strip() == bench.readme_block(result, source).strip(), \
-        "run: python benchmarks/intervals.py --readme-only"
+        f"run: python benchmarks/intervals.py --out {source} --block {name} --readme-only"
 
 
 def test_scst_gain_keeps_both_ends_captions_for_compare(tiny_data, tmp_path):

@@ -244,6 +244,8 @@ def test_model_card_quotes_the_shipped_models_test_interval_only_for_its_own_cap
     intervals.write_text(json.dumps({"pairs": [pair]}))
     line = card.interval_text(scores, intervals)
     assert "CIDEr-D 0.595–0.671, BLEU-4 0.235–0.263" in line and "scoring CIDEr-D 0.6322" in line
+    assert "`benchmarks/intervals.sh`" in line
+    assert "`benchmarks/intervals_default.sh`" in card.interval_text(scores, intervals, "intervals_default.sh")
     assert card.interval_text({"CIDEr": 0.6400, "Bleu_4": 0.2476}, intervals) == ""  # another model's captions
     intervals.write_text(json.dumps({"pairs": [{**pair, "split": "dev"}]}))
     assert card.interval_text(scores, intervals) == ""
