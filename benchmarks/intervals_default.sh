@@ -3,21 +3,20 @@
 # self-critical soup added over its cross-entropy start, and how it compares with the default
 # before it (`refit-one-trajectory`, read from git at PREVIOUS), on the same test photos.
 #   bash benchmarks/intervals_default.sh [DATA_DIR] [RUN_DIR]
-# RUN_DIR is the default's retrain run (its best-xe.pt, best.pt and feature cache). Writes the
-# captions files under runs/intervals-default (they hold the references: never in the repo), then
+# RUN_DIR is the default's retrain run (its best-xe.pt, best.pt, feature cache and shipped file's test
+# captions). Writes the other captions files under runs/intervals-default (they hold the references: never in the repo), then
 # benchmarks/results/intervals-default.json and the README block.
 set -euo pipefail
 DATA=${1:-../shared/data/flickr8k}
 RUN=${2:-runs/default}
 PREVIOUS=${PREVIOUS:-12b86ef}  # the last commit whose shipped default.pt was refit-one-trajectory
 OUT=runs/intervals-default
-for f in "$RUN/best-xe.pt" "$RUN/best.pt" "$RUN/cache"; do
+# captions-test.json is the shipped file's, as ship_default.sh had `captioner evaluate` write it
+for f in "$RUN/best-xe.pt" "$RUN/best.pt" "$RUN/cache" "$RUN/captions-test.json"; do
   [ -e "$f" ] || { echo "error: $f missing: give the default's retrain run (README, Results)" >&2; exit 2; }
 done
 mkdir -p "$OUT"
 git show "$PREVIOUS:src/captioner/weights/default.pt" > "$OUT/refit-one-trajectory.pt"
-captioner evaluate --data "$DATA" --split test --cache-dir "$RUN/cache" \
-  --captions-out "$OUT/default/captions-test.json" --json
 captioner evaluate --data "$DATA" --split test --cache-dir "$RUN/cache" --checkpoint "$OUT/refit-one-trajectory.pt" \
   --captions-out "$OUT/refit-one-trajectory/captions-test.json" --json
 python3 benchmarks/scst_gain.py --xe "$RUN/best-xe.pt" --scst "$RUN/best.pt" --data "$DATA" --cache-dir "$RUN/cache" \
@@ -26,4 +25,4 @@ python3 benchmarks/intervals.py --out benchmarks/results/intervals-default.json 
   --pair "cross-entropy → SCST soup (the default's run, plain beam)" test "$OUT/scst/captions-test-xe.json" \
          "$OUT/scst/captions-test-scst.json" \
   --pair "refit-one-trajectory (previous default) → the default" test \
-         "$OUT/refit-one-trajectory/captions-test.json" "$OUT/default/captions-test.json"
+         "$OUT/refit-one-trajectory/captions-test.json" "$RUN/captions-test.json"

@@ -184,9 +184,9 @@ def cpu_text(lscpu: Path) -> str:
     if not lscpu.is_file():
         return ""
     fields = dict(line.split(":", 1) for line in lscpu.read_text().splitlines() if ":" in line)
-    get = lambda key: fields.get(key, "").strip()  # noqa: E731
-    name = get("Model name") or "unknown CPU"
-    family = f", family {get('CPU family')} model {get('Model')}" if get("CPU family") else ""
+    fields = {key: value.strip() for key, value in fields.items()}
+    name = fields.get("Model name") or "unknown CPU"
+    family = f", family {fields['CPU family']} model {fields.get('Model', '?')}" if fields.get("CPU family") else ""
     return (f" The minutes are this CPU's: {name}{family} (`benchmarks/results/default/lscpu.txt`); they "
             f"compare only with runs on the same CPU model.")
 
