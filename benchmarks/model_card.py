@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from readme_blocks import replace_block
+from stage_minutes import cpu
 
 from captioner.checkpoint import read_checkpoint
 from captioner.encoders import get_encoder_config
@@ -183,11 +184,7 @@ def cpu_text(lscpu: Path) -> str:
     nothing where the run has none: minutes compare only on the same CPU model."""
     if not lscpu.is_file():
         return ""
-    fields = dict(line.split(":", 1) for line in lscpu.read_text().splitlines() if ":" in line)
-    fields = {key: value.strip() for key, value in fields.items()}
-    name = fields.get("Model name") or "unknown CPU"
-    family = f", family {fields['CPU family']} model {fields.get('Model', '?')}" if fields.get("CPU family") else ""
-    return (f" The minutes are this CPU's: {name}{family} (`benchmarks/results/default/lscpu.txt`); they "
+    return (f" The minutes are this CPU's: {cpu(lscpu)} (`benchmarks/results/default/lscpu.txt`); they "
             f"compare only with runs on the same CPU model.")
 
 

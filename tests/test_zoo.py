@@ -164,7 +164,7 @@ def test_model_card_names_the_cpu_its_minutes_were_measured_on(tmp_path):
     card = load_benchmark("model_card")
     (tmp_path / "lscpu.txt").write_text("Architecture: x86_64\nModel name:   AMD EPYC\nCPU family:  25\nModel:  17\n")
     text = card.cpu_text(tmp_path / "lscpu.txt")
-    assert text.startswith(" The minutes are this CPU's: AMD EPYC, family 25 model 17 (") and text.endswith(".")
+    assert text.startswith(" The minutes are this CPU's: AMD EPYC (family 25, model 17) (") and text.endswith(".")
     assert card.cpu_text(tmp_path / "missing.txt") == ""
     sys.modules.pop("model_card", None)
 
