@@ -31,8 +31,8 @@ from readme_blocks import missing_block, replace_block
 from recipe_runs import differences, load_rows, logged_minutes, read_history, recipe_of, save_rows
 from scst_gain import score
 
-from captioner.config import NOT_LEARNED, load_train_config
-from captioner.train import train
+from captioner.training.config import NOT_LEARNED, load_train_config
+from captioner.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ablation.json"

@@ -25,8 +25,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from captioner.compare import compare_files
-from captioner.precision import native_bf16
+from captioner.evaluation.compare import compare_files
+from captioner.inference.precision import native_bf16
 from readme_blocks import missing_block, replace_block
 from setting_runs import SPLITS, captions, load_run, parser, score_split
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from captioner.compare import compare_files
+from captioner.evaluation.compare import compare_files
 from readme_blocks import missing_block, replace_block
 
 BLOCK = "intervals"

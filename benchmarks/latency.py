@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from captioner.api import Captioner
-from captioner.decode import SearchConfig
-from captioner.encoders import preprocess
+from captioner.inference.api import Captioner
+from captioner.inference.decode import SearchConfig
+from captioner.models.encoders import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 

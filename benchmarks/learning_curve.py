@@ -33,9 +33,9 @@ from readme_blocks import missing_block, replace_block
 from recipe_runs import differences, load_rows, logged_minutes, read_history, recipe_of, save_rows
 from scst_gain import score
 
-from captioner.config import NOT_LEARNED, TrainConfig, load_train_config
-from captioner.data import load_dataset
-from captioner.train import data_options, train
+from captioner.training.config import NOT_LEARNED, TrainConfig, load_train_config
+from captioner.data.datasets import load_dataset
+from captioner.training.train import data_options, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "learning_curve.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 from readme_blocks import replace_block
 from stage_minutes import cpu
 
-from captioner.checkpoint import read_checkpoint
-from captioner.encoders import get_encoder_config
+from captioner.models.checkpoint import read_checkpoint
+from captioner.models.encoders import get_encoder_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
@@ -81,7 +81,7 @@ def backbone_name(cfg) -> str:
 
 def tuned_text(cfg) -> str:
     """What a tuned top trains, counted from the backbone itself."""
-    from captioner.encoders import TunedTop
+    from captioner.models.encoders import TunedTop
 
     top = TunedTop(cfg)
     weights = sum(p.numel() for p in top.parameters())

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from readme_blocks import replace_block
 
-from captioner.config import load_train_config
-from captioner.model import get_model_config
+from captioner.training.config import load_train_config
+from captioner.models.model import get_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

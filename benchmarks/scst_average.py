@@ -31,9 +31,9 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.average import average_checkpoint
-from captioner.checkpoint import load_checkpoint, write_checkpoint
-from captioner.compare import compare_files
+from captioner.models.average import average_checkpoint
+from captioner.models.checkpoint import load_checkpoint, write_checkpoint
+from captioner.evaluation.compare import compare_files
 from readme_blocks import missing_block, replace_block
 from recipe_runs import read_history
 from setting_runs import SPLITS, score_split

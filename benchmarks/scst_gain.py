@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.checkpoint import load_checkpoint
-from captioner.evaluate import evaluate
+from captioner.models.checkpoint import load_checkpoint
+from captioner.evaluation.evaluate import evaluate
 
 
 def score(path: str, args: argparse.Namespace, stage: str = "") -> dict:

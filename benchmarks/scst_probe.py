@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from captioner.checkpoint import load_checkpoint
-from captioner.config import TrainConfig
-from captioner.decode import SearchConfig
-from captioner.evaluate import decode_records
-from captioner.metrics import score_captions
-from captioner.scst import reward_scorer, scst_loss
-from captioner.train import TrainingSet, autocast, prepare
+from captioner.models.checkpoint import load_checkpoint
+from captioner.training.config import TrainConfig
+from captioner.inference.decode import SearchConfig
+from captioner.evaluation.evaluate import decode_records
+from captioner.evaluation.metrics import score_captions
+from captioner.training.scst import reward_scorer, scst_loss
+from captioner.training.train import TrainingSet, autocast, prepare
 
 
 def main(argv=None) -> list[dict]:

@@ -8,9 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.checkpoint import load_checkpoint
-from captioner.evaluate import evaluate
-from captioner.model import CaptionModel
+from captioner.models.checkpoint import load_checkpoint
+from captioner.evaluation.evaluate import evaluate
+from captioner.models.model import CaptionModel
 
 SPLITS = ("dev", "test")  # dev decides, test is shown for reference
 

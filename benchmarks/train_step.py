@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from captioner.decoders import build_decoder
-from captioner.encoders import ENCODERS, TunedTop
-from captioner.model import get_model_config, list_models
+from captioner.models.decoders import build_decoder
+from captioner.models.encoders import ENCODERS, TunedTop
+from captioner.models.model import get_model_config, list_models
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from captioner.checkpoint import load_checkpoint
-from captioner.data import load_flickr8k
-from captioner.decode import SearchConfig
-from captioner.features import build_cache
-from captioner.metrics import score_captions
-from captioner.evaluate import decode_records
+from captioner.models.checkpoint import load_checkpoint
+from captioner.data.datasets import load_flickr8k
+from captioner.inference.decode import SearchConfig
+from captioner.data.features import build_cache
+from captioner.evaluation.metrics import score_captions
+from captioner.evaluation.evaluate import decode_records
 
 PENALTIES = (0.0, 0.25, 0.5, 0.75, 1.0)
 NO_REPEAT = (0, 3)  # no-repeat-trigram blocking off / on

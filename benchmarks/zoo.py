@@ -29,11 +29,11 @@ from latency import median_ms
 from model_card import REFERENCE, table
 from readme_blocks import replace_block
 
-from captioner.api import Captioner
-from captioner.config import NOT_LEARNED, load_train_config
-from captioner.evaluate import evaluate
-from captioner.model import list_models
-from captioner.train import prepare, train
+from captioner.inference.api import Captioner
+from captioner.training.config import NOT_LEARNED, load_train_config
+from captioner.evaluation.evaluate import evaluate
+from captioner.models.model import list_models
+from captioner.training.train import prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "zoo.json"

@@ -25,9 +25,9 @@ def free_port() -> int:
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A tiny random soft-attention model (real encoder config): captions are nonsense but
     every code path of serving runs, fast."""
-    from captioner.checkpoint import save_checkpoint
-    from captioner.model import CaptionModel, ModelConfig
-    from captioner.vocab import Vocab
+    from captioner.models.checkpoint import save_checkpoint
+    from captioner.models.model import CaptionModel, ModelConfig
+    from captioner.data.vocab import Vocab
 
     torch.manual_seed(seed)
     vocab = Vocab.build(["a red square on a table", "a blue circle near a dog", "two people walk"], min_count=1)

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from captioner.ab import (Experiment, Variant, assign, betainc, build_report, experiment_from_dict,
+from captioner.service.ab import (Experiment, Variant, assign, betainc, build_report, experiment_from_dict,
                           rating_stats, resolve_checkpoint, t_cdf, t_ppf, welch_test)
 from captioner.cli import main
-from captioner.config import load_serve_config
+from captioner.service.config import load_serve_config
 from captioner.errors import ConfigError
-from captioner.feedback import FeedbackStore, Served
+from captioner.service.feedback import FeedbackStore, Served
 
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
 

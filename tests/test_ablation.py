@@ -53,8 +53,8 @@ def test_each_variant_changes_one_setting_and_scst_starts_from_its_best_weights(
 
 
 def test_a_recipe_run_stands_for_the_cross_entropy_stage_only_if_it_learned_it_the_same_way(ablation):
-    from captioner.config import load_train_config
-    from captioner.train import train
+    from captioner.training.config import load_train_config
+    from captioner.training.train import train
 
     module, args, tmp = ablation
     full = tmp / "full"
@@ -107,7 +107,7 @@ def test_a_results_file_of_another_recipe_is_refused_before_anything_trains(abla
 def test_readme_ablation_block_matches_its_results_file_and_kept_runs():
     """The block is its results file's, and each variant's kept stages (benchmarks/results/
     ablation/<variant>/{xe,scst}/config.json) are the rows' recipe with that variant's overrides."""
-    from captioner.config import NOT_LEARNED, load_train_config
+    from captioner.training.config import NOT_LEARNED, load_train_config
 
     module = load_benchmark("ablation")
     recipe_runs = load_benchmark("recipe_runs")

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from captioner.average import average_checkpoint
-from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
+from captioner.models.average import average_checkpoint
+from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
 from captioner.cli import main
-from captioner.decode import SearchConfig, beam_search
-from captioner.ensemble import ensemble_checkpoint
+from captioner.inference.decode import SearchConfig, beam_search
+from captioner.models.ensemble import ensemble_checkpoint
 from captioner.errors import CheckpointError, ConfigError
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import TINY_MODEL
 
@@ -113,8 +113,8 @@ def test_cli_writes_a_checkpoint_that_loads_and_names_a_bad_file(epochs, tmp_pat
 def test_keep_epochs_keeps_each_epochs_weights_and_averaging_them_captions(tiny_data, tiny_model_file, tmp_path):
     from test_train_smoke import tiny_config
 
-    from captioner.api import Captioner
-    from captioner.train import train
+    from captioner.inference.api import Captioner
+    from captioner.training.train import train
 
     out = tmp_path / "run"
     train(tiny_config(tiny_data, out, tiny_model_file, epochs=2, scst_epochs=1, keep_epochs=True))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captioner import bulk
+from captioner.inference import bulk
 from captioner.cli import main
 
 from builders import photos

@@ -3,11 +3,11 @@ import pickle
 import pytest
 import torch
 
-from captioner.checkpoint import FORMAT_VERSION, checkpoint_dict, load_checkpoint, save_checkpoint
-from captioner.decode import SearchConfig
+from captioner.models.checkpoint import FORMAT_VERSION, checkpoint_dict, load_checkpoint, save_checkpoint
+from captioner.inference.decode import SearchConfig
 from captioner.errors import CheckpointError
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import TINY_MODEL
 

@@ -1,7 +1,7 @@
 """The reward scorer computes the toolkit's CIDEr-D."""
 import pytest
 
-from captioner.cider import CiderD, corpus_cider
+from captioner.evaluation.cider import CiderD, corpus_cider
 
 REFS = {
     "a": ["a dog runs through the snow", "a brown dog running in snow", "the dog plays in the white snow"],

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from captioner.cli import main
-from captioner.compare import BOOTSTRAP_METRICS, compare_files, corpus_scores, paired_bootstrap, photo_stats
-from captioner.metrics import score_captions
+from captioner.evaluation.compare import BOOTSTRAP_METRICS, compare_files, corpus_scores, paired_bootstrap, photo_stats
+from captioner.evaluation.metrics import score_captions
 
 SUBJECTS = ["a dog", "two children", "a man", "a woman", "a brown dog", "three people", "a girl", "a boy"]
 ACTIONS = ["runs", "plays", "jumps", "sits", "walks", "swims", "climbs", "rides a bike"]

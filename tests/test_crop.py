@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.config import load_train_config
-from captioner.data import ImageRecord
-from captioner.encoders import get_encoder_config
+from captioner.training.config import load_train_config
+from captioner.data.datasets import ImageRecord
+from captioner.models.encoders import get_encoder_config
 from captioner.errors import ConfigError
-from captioner.features import FeatureCache
-from captioner.train import TrainingSet, crop_regions, train
-from captioner.vocab import Vocab
+from captioner.data.features import FeatureCache
+from captioner.training.train import TrainingSet, crop_regions, train
+from captioner.data.vocab import Vocab
 
 from test_train_smoke import tiny_config, train_killed_after
 

@@ -1,6 +1,6 @@
 import pytest
 
-from captioner.data import load_flickr8k, read_captions_csv, read_token_file, seeded_split
+from captioner.data.datasets import load_flickr8k, read_captions_csv, read_token_file, seeded_split
 from captioner.errors import DataError
 
 from conftest import FLICKR8K, make_flickr_like, needs_flickr8k

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captioner.data import detect_format, load_dataset, save_prepared
+from captioner.data.datasets import detect_format, load_dataset, save_prepared
 from captioner.errors import DataError
 
 from builders import captions_for, make_coco, make_flickr30k, make_karpathy, make_manifest

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.decode import SearchConfig, beam_search
-from captioner.decoders import build_decoder
+from captioner.inference.decode import SearchConfig, beam_search
+from captioner.models.decoders import build_decoder
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -108,7 +108,7 @@ def test_no_repeat_ngram_blocks_loops():
 
 
 def test_sampling_at_temperature_zero_is_greedy_search():
-    from captioner.decode import sample
+    from captioner.inference.decode import sample
 
     dec = TableDecoder(TABLE, 8)
     feats = torch.zeros(2, 4, 2)
@@ -120,7 +120,7 @@ def test_sampling_at_temperature_zero_is_greedy_search():
 
 
 def test_samples_follow_the_model_and_end_with_eos_then_pad():
-    from captioner.decode import sample
+    from captioner.inference.decode import sample
 
     dec = TableDecoder(TABLE, 8)
     gen = torch.Generator().manual_seed(0)
@@ -137,7 +137,7 @@ def test_samples_follow_the_model_and_end_with_eos_then_pad():
 
 
 def test_nucleus_sampling_keeps_only_the_top_mass():
-    from captioner.decode import sample
+    from captioner.inference.decode import sample
 
     dec = TableDecoder(TABLE, 8)
     gen = torch.Generator().manual_seed(0)

@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.decoders import DECODERS, MirrorViews, WithTunedTop, build_decoder
-from captioner.encoders import HEAD_DIM, TunedTop, get_encoder_config
+from captioner.models.decoders import DECODERS, MirrorViews, WithTunedTop, build_decoder
+from captioner.models.encoders import HEAD_DIM, TunedTop, get_encoder_config
 from captioner.errors import ConfigError
-from captioner.model import get_model_config, list_models
+from captioner.models.model import get_model_config, list_models
 
 SMALL = {
     "soft-attention-lstm": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "region_dim": 20},

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from captioner import precision
-from captioner.api import Captioner
-from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
+from captioner.inference import precision
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
 from captioner.cli import main
 from captioner.errors import CheckpointError
-from captioner.features import build_cache
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.data.features import build_cache
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import REPO, TINY_MODEL
 
@@ -91,8 +91,8 @@ def test_cli_exports_the_setting_and_evaluate_and_caption_follow_it(tiny_data, t
 
 def test_evaluate_encodes_as_the_model_was_exported_unless_told_otherwise(tiny_data, tmp_path, monkeypatch):
     # like its mirror_views, a model's encoder precision holds for library callers of evaluate too
-    from captioner.decode import SearchConfig
-    from captioner.evaluate import evaluate
+    from captioner.inference.decode import SearchConfig
+    from captioner.evaluation.evaluate import evaluate
 
     model, _ = load_checkpoint(DEFAULT)
     model.encoder_precision = "bf16"

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint
+from captioner.models.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint
 from captioner.cli import main
-from captioner.decode import SearchConfig, beam_search
-from captioner.decoders import build_decoder
-from captioner.ensemble import ensemble_checkpoint
+from captioner.inference.decode import SearchConfig, beam_search
+from captioner.models.decoders import build_decoder
+from captioner.models.ensemble import ensemble_checkpoint
 from captioner.errors import CheckpointError, ConfigError
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import TINY_MODEL
 

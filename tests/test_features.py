@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import features
-from captioner.encoders import get_encoder_config, load_image, preprocess
+from captioner.data import features
+from captioner.models.encoders import get_encoder_config, load_image, preprocess
 from captioner.errors import ImageError
 
 from conftest import make_photo
@@ -69,7 +69,7 @@ def test_cache_key_changes_with_preprocessing():
 
 
 def test_features_match_a_fresh_encoder_pass(photos, tmp_path):
-    from captioner.encoders import build_encoder
+    from captioner.models.encoders import build_encoder
 
     d, names = photos
     cfg = get_encoder_config("efficientnet-lite0")
@@ -106,7 +106,7 @@ def test_alpha_and_grayscale_become_rgb(tmp_path):
 
 
 def test_combined_encoder_puts_its_parts_side_by_side(photos, tmp_path):
-    from captioner.encoders import CombinedEncoder, EncoderConfig, build_encoder
+    from captioner.models.encoders import CombinedEncoder, EncoderConfig, build_encoder
 
     d, names = photos
     cfg = get_encoder_config("efficientnet-lite0+lite2")
@@ -134,7 +134,7 @@ def test_combined_encoder_puts_its_parts_side_by_side(photos, tmp_path):
 
 
 def test_a_combined_encoder_refuses_parts_that_normalise_differently():
-    from captioner.encoders import EncoderConfig, build_encoder
+    from captioner.models.encoders import EncoderConfig, build_encoder
 
     bad = EncoderConfig("lite0-twice", 224, mean=0.0, std=255.0, feature_dim=2560,
                         parts=("efficientnet-lite0", "efficientnet-lite0"))

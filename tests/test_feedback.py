@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from captioner.feedback import FeedbackError, FeedbackStore, Served
+from captioner.service.feedback import FeedbackError, FeedbackStore, Served
 
 WRITER = """
 import sys
-from captioner.feedback import FeedbackStore, Served
+from captioner.service.feedback import FeedbackStore, Served
 store = FeedbackStore(sys.argv[1])
 for i in range(40):
     cid = store.record_caption(Served("api", f"p{sys.argv[2]}", "exp", "v", True, "m", "1", "c", -1.0, {},

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from captioner import precision
-from captioner.api import Captioner
-from captioner.checkpoint import read_checkpoint
+from captioner.inference import precision
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import read_checkpoint
 from captioner.cli import main
-from captioner.feedback import FeedbackStore, Served
-from captioner.train import train
+from captioner.service.feedback import FeedbackStore, Served
+from captioner.training.train import train
 
 from test_train_smoke import tiny_config
 

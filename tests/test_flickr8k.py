@@ -1,12 +1,12 @@
 """Checks on the real Flickr8k copy; skipped where it is absent."""
 import pytest
 
-from captioner.api import Captioner
-from captioner.data import load_flickr8k
-from captioner.decode import SearchConfig
-from captioner.features import build_cache
-from captioner.metrics import score_captions
-from captioner.evaluate import decode_records
+from captioner.inference.api import Captioner
+from captioner.data.datasets import load_flickr8k
+from captioner.inference.decode import SearchConfig
+from captioner.data.features import build_cache
+from captioner.evaluation.metrics import score_captions
+from captioner.evaluation.evaluate import decode_records
 
 from conftest import FLICKR8K, needs_flickr8k
 

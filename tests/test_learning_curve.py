@@ -140,7 +140,7 @@ def test_readme_learning_curve_blocks_match_their_results_files_and_kept_runs():
     stem>/nN/config.json) trained the recipe the rows name on N photos, nothing else changed."""
     module = load_benchmark("learning_curve")
     recipe_runs = load_benchmark("recipe_runs")
-    from captioner.config import load_train_config
+    from captioner.training.config import load_train_config
 
     readme = (REPO / "README.md").read_text()
     for block, results in (("learning-curve", "learning_curve.json"),

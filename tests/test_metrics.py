@@ -1,7 +1,7 @@
 import pytest
 
-from captioner import metrics
-from captioner.metrics import METRIC_NAMES, score_captions
+from captioner.evaluation import metrics
+from captioner.evaluation.metrics import METRIC_NAMES, score_captions
 
 REFS = {
     "a.jpg": ["a dog runs through the snow .", "A brown dog running in snow", "dog in the snow",

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import features
-from captioner.config import load_train_config
-from captioner.data import ImageRecord
-from captioner.encoders import build_encoder, get_encoder_config, preprocess
+from captioner.data import features
+from captioner.training.config import load_train_config
+from captioner.data.datasets import ImageRecord
+from captioner.models.encoders import build_encoder, get_encoder_config, preprocess
 from captioner.errors import ConfigError
-from captioner.features import FeatureCache
-from captioner.scst import _words
-from captioner.train import TrainingSet, train
-from captioner.vocab import Vocab
+from captioner.data.features import FeatureCache
+from captioner.training.scst import _words
+from captioner.training.train import TrainingSet, train
+from captioner.data.vocab import Vocab
 
 from conftest import make_photo
 from test_train_smoke import tiny_config

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from captioner.api import Captioner
-from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
 from captioner.cli import main
-from captioner.decode import SearchConfig, beam_search
-from captioner.decoders import MirrorViews, build_decoder
+from captioner.inference.decode import SearchConfig, beam_search
+from captioner.models.decoders import MirrorViews, build_decoder
 from captioner.errors import CheckpointError
-from captioner.evaluate import decode_records
-from captioner.features import FeatureCache
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.evaluation.evaluate import decode_records
+from captioner.data.features import FeatureCache
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import REPO, TINY_MODEL
 

@@ -3,14 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from captioner import precision
-from captioner.api import Captioner
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.inference import precision
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
-from captioner.decoders import build_decoder
-from captioner.model import CaptionModel, ModelConfig
-from captioner.precision import Bf16Linear, bf16_linears, resolve_precision
-from captioner.vocab import Vocab
+from captioner.models.decoders import build_decoder
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.inference.precision import Bf16Linear, bf16_linears, resolve_precision
+from captioner.data.vocab import Vocab
 
 from conftest import TINY_MODEL
 from test_decoders import SMALL

@@ -2,7 +2,7 @@
 import re
 import shlex
 
-from captioner.api import Captioner
+from captioner.inference.api import Captioner
 from captioner.cli import main
 
 from conftest import REPO
@@ -48,8 +48,8 @@ def test_default_model_card_quotes_measured_results():
 def test_results_block_quotes_the_shipped_weights_own_test_scores():
     """After a new default is shipped, the README and model card must be regenerated from it:
     the measured row carries the test scores `captioner export --metrics` stored in the weights."""
-    from captioner.checkpoint import read_checkpoint
-    from captioner.metrics import METRIC_NAMES
+    from captioner.models.checkpoint import read_checkpoint
+    from captioner.evaluation.metrics import METRIC_NAMES
 
     test = read_checkpoint(REPO / "src" / "captioner" / "weights" / "default.pt")["metrics"]["test"]
     block = README.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import captioner.train as T
-from captioner.checkpoint import read_checkpoint
+import captioner.training.train as T
+from captioner.models.checkpoint import read_checkpoint
 
 from test_train_smoke import tiny_config
 
@@ -74,7 +74,7 @@ def test_a_refit_vocabulary_holds_words_only_dev_captions_use(tiny_data, tiny_mo
 
 
 def test_train_on_dev_is_a_config_switch():
-    from captioner.config import load_train_config
+    from captioner.training.config import load_train_config
     assert load_train_config(None, []).train_on_dev is False
     assert load_train_config(None, ["train_on_dev=true"]).train_on_dev is True
 

@@ -24,13 +24,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from captioner.checkpoint import (FORMAT_VERSION, checkpoint_dict, content_checksum, load_checkpoint,
+from captioner.models.checkpoint import (FORMAT_VERSION, checkpoint_dict, content_checksum, load_checkpoint,
                                   read_checkpoint, save_checkpoint)
 from captioner.cli import main
 from captioner.errors import CheckpointError, ImageError
 from captioner.files import remove_stale_temps
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocab
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import Vocab
 
 from conftest import REPO, TINY_MODEL, make_photo
 from reliability import count
@@ -105,7 +105,7 @@ def test_training_killed_at_random_points_resumes_to_the_same_result(tiny_data, 
 
 WRITER = """
 import sys, torch
-from captioner.checkpoint import write_checkpoint
+from captioner.models.checkpoint import write_checkpoint
 path, i = sys.argv[1], int(sys.argv[2])
 def ckpt(i):
     return {"format": "captioner-checkpoint", "format_version": 1, "model": {}, "encoder": {}, "vocab": {},
@@ -238,8 +238,8 @@ def test_nothing_is_ever_unpickled():
 # --- the feature cache ----------------------------------------------------------------------------
 
 def test_the_feature_cache_is_never_left_half_built(tmp_path, monkeypatch):
-    from captioner import features
-    from captioner.encoders import get_encoder_config
+    from captioner.data import features
+    from captioner.models.encoders import get_encoder_config
 
     d = tmp_path / "img"
     d.mkdir()

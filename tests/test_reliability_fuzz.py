@@ -15,15 +15,16 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from captioner.ab import experiment_from_dict, resolve_checkpoint
-from captioner.api import Captioner
-from captioner.config import load_serve_config, load_train_config
-from captioner.data import read_captions_csv, read_split_file, read_token_file
-from captioner.decode import SearchConfig, beam_search, sample
+from captioner.service.ab import experiment_from_dict, resolve_checkpoint
+from captioner.inference.api import Captioner
+from captioner.training.config import load_train_config
+from captioner.service.config import load_serve_config
+from captioner.data.datasets import read_captions_csv, read_split_file, read_token_file
+from captioner.inference.decode import SearchConfig, beam_search, sample
 from captioner.errors import ConfigError, DataError, ImageError, OptionError
-from captioner.images import load_image
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import SPECIALS, UNK, Vocab, tokenize
+from captioner.data.images import load_image
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.data.vocab import SPECIALS, UNK, Vocab, tokenize
 
 from conftest import TINY_MODEL
 from corpus import corpus
@@ -130,7 +131,7 @@ caption_bytes = (st.binary(max_size=300) | st.text(max_size=200).map(lambda t: t
 def test_every_dataset_format_takes_any_bytes_without_crashing(fmt, raw, strict):
     """Whatever a dataset's caption file holds, loading it gives a dataset or a DataError
     naming the file; never another exception."""
-    from captioner.data import load_dataset
+    from captioner.data.datasets import load_dataset
 
     count("inputs")
     root = scratch()
@@ -333,7 +334,7 @@ def test_training_overrides_apply_or_name_the_field(overrides):
 @given(st.text(max_size=200) | st.binary(max_size=150).map(lambda b: "data:image/png;base64," + b.hex()))
 def test_base64_photos_decode_or_get_422(text):
     pytest.importorskip("fastapi")
-    from captioner.serve import ApiError, decode_base64
+    from captioner.service.serve import ApiError, decode_base64
 
     count("inputs")
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from captioner.cli import main
 from captioner.errors import ImageError
-from captioner.images import ImageLimits, load_image
+from captioner.data.images import ImageLimits, load_image
 
 from corpus import ANY_ERROR, ANYTHING, CAT, Sample, write_corpus
 from reliability import count

@@ -17,8 +17,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from captioner.config import load_serve_config  # noqa: E402
-from captioner.serve import IMAGE_STATUS, create_app  # noqa: E402
+from captioner.service.config import load_serve_config  # noqa: E402
+from captioner.service.serve import IMAGE_STATUS, create_app  # noqa: E402
 
 from corpus import ANY_ERROR, ANYTHING, CAT, corpus  # noqa: E402
 from reliability import count  # noqa: E402
@@ -151,7 +151,7 @@ def test_keys_are_checked_in_constant_time_on_every_route(server, monkeypatch):
     assert bare.get("/healthz").status_code == 200
     bare.close()
 
-    from captioner import serve
+    from captioner.service import serve
 
     calls = []
     real = hmac.compare_digest
@@ -285,7 +285,7 @@ def test_a_stalled_body_gets_408_and_frees_its_slot(tmp_path):
 
 def test_malloc_arenas_are_limited_unless_the_operator_chose(monkeypatch):
     """The soak measured RSS creeping up with glibc's per-thread arenas and flat with two."""
-    from captioner.serve import limit_malloc_arenas
+    from captioner.service.serve import limit_malloc_arenas
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert limit_malloc_arenas() is False  # an explicit setting wins

@@ -45,7 +45,7 @@ def test_the_deciding_span_is_the_first_three_scst_epochs():
 def test_scores_best_and_the_averages_on_both_splits(tiny_data, tiny_model_file, tmp_path):
     from test_train_smoke import tiny_config
 
-    from captioner.train import train
+    from captioner.training.train import train
 
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, tiny_model_file, epochs=1, scst_epochs=3, scst_lr=0.01, keep_epochs=True))
@@ -121,9 +121,9 @@ def test_the_soup_rule_needs_the_margin_over_every_best_and_no_bleu_loss():
 def test_scores_a_soup_of_two_trajectories_against_each_best(tiny_data, tiny_model_file, tmp_path):
     from test_train_smoke import tiny_config
 
-    from captioner.average import average_checkpoint
-    from captioner.checkpoint import read_checkpoint
-    from captioner.train import train
+    from captioner.models.average import average_checkpoint
+    from captioner.models.checkpoint import read_checkpoint
+    from captioner.training.train import train
 
     run, second = tmp_path / "run", tmp_path / "second"
     cfg = tiny_config(tiny_data, run, tiny_model_file, epochs=1, scst_epochs=3, scst_lr=0.01, keep_epochs=True)

@@ -23,13 +23,13 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from captioner.ab import assign  # noqa: E402
-from captioner.api import default_model_path  # noqa: E402
-from captioner.api import Captioner  # noqa: E402
-from captioner.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
-from captioner.config import load_serve_config  # noqa: E402
-from captioner.feedback import FeedbackStore, client_hash  # noqa: E402
-from captioner.serve import create_app  # noqa: E402
+from captioner.service.ab import assign  # noqa: E402
+from captioner.inference.api import default_model_path  # noqa: E402
+from captioner.inference.api import Captioner  # noqa: E402
+from captioner.models.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
+from captioner.service.config import load_serve_config  # noqa: E402
+from captioner.service.feedback import FeedbackStore, client_hash  # noqa: E402
+from captioner.service.serve import create_app  # noqa: E402
 
 from conftest import REPO, make_photo  # noqa: E402
 from servers import Running, free_port  # noqa: E402

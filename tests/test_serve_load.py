@@ -25,7 +25,7 @@ def test_micro_batcher_groups_bounds_and_routes_results():
     pytest.importorskip("fastapi")
     import torch
 
-    from captioner.serve import Job, MicroBatcher
+    from captioner.service.serve import Job, MicroBatcher
 
     seen: list[list[tuple[str, int]]] = []
 
@@ -52,7 +52,7 @@ def test_micro_batcher_passes_model_errors_to_every_waiting_client():
     pytest.importorskip("fastapi")
     import torch
 
-    from captioner.serve import Job, MicroBatcher
+    from captioner.service.serve import Job, MicroBatcher
 
     def run(jobs):
         raise RuntimeError("model exploded")
@@ -68,8 +68,8 @@ def test_micro_batcher_passes_model_errors_to_every_waiting_client():
 
 def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
     """`serve_load.py --model PATH`: the server's config names that file as its one variant."""
-    from captioner.ab import resolve_checkpoint
-    from captioner.config import load_serve_config
+    from captioner.service.ab import resolve_checkpoint
+    from captioner.service.config import load_serve_config
 
     bench = load_benchmark("serve_load")
     model = tmp_path / "models" / "mine.pt"

@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.api import Captioner
-from captioner.average import average_checkpoint
-from captioner.checkpoint import read_checkpoint
+from captioner.inference.api import Captioner
+from captioner.models.average import average_checkpoint
+from captioner.models.checkpoint import read_checkpoint
 from captioner.errors import ConfigError
-from captioner.train import soup_members, train
+from captioner.training.train import soup_members, train
 
 from test_train_smoke import tiny_config
 
@@ -65,7 +65,7 @@ def test_the_second_trajectory_is_the_scst_run_the_cli_would_train(tiny_data, ti
 
 
 def test_a_run_killed_before_its_soup_finishes_it_on_resume(tiny_data, tiny_model_file, tmp_path, monkeypatch):
-    import captioner.train as T
+    import captioner.training.train as T
 
     out = tmp_path / "run"
     cfg = soup_config(tiny_data, out, tiny_model_file)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from captioner.api import Captioner
-from captioner.checkpoint import read_checkpoint
-from captioner.config import load_train_config
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import read_checkpoint
+from captioner.training.config import load_train_config
 from captioner.errors import ConfigError
-from captioner.train import configured_model, train
+from captioner.training.train import configured_model, train
 
 
 def tiny_config(data, out, model_file, **kw):
@@ -20,7 +20,7 @@ def tiny_config(data, out, model_file, **kw):
 
 def train_killed_after(epochs: int, cfg) -> None:
     """Train per `cfg`, killed (KeyboardInterrupt) once `epochs` epochs have written last.pt."""
-    import captioner.train as T
+    import captioner.training.train as T
 
     real_plot, calls = T._plot, {"n": 0}
 
@@ -124,7 +124,7 @@ def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_m
 
 
 def test_caption_batching_trains_on_independent_pairs(tiny_data, tiny_model_file, tmp_path):
-    import captioner.train as T
+    import captioner.training.train as T
 
     out = tmp_path / "pairs"
     cfg = tiny_config(tiny_data, out, tiny_model_file, epochs=2, batching="caption", amp="off")
@@ -138,7 +138,7 @@ def test_caption_batching_trains_on_independent_pairs(tiny_data, tiny_model_file
 def test_weight_average_follows_the_weights_and_leaves_them_untouched():
     import torch
 
-    from captioner.train import WeightAverage
+    from captioner.training.train import WeightAverage
 
     layer = torch.nn.Linear(2, 1)
     torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)

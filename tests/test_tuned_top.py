@@ -6,14 +6,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from captioner.api import Captioner
-from captioner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
-from captioner.data import ImageRecord
-from captioner.encoders import EncoderConfig, TunedTop, build_encoder, get_encoder_config
-from captioner.ensemble import ensemble_checkpoint
-from captioner.model import CaptionModel, get_model_config
-from captioner.train import _build, configured_model, param_groups, train
-from captioner.vocab import Vocab
+from captioner.inference.api import Captioner
+from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
+from captioner.data.datasets import ImageRecord
+from captioner.models.encoders import EncoderConfig, TunedTop, build_encoder, get_encoder_config
+from captioner.models.ensemble import ensemble_checkpoint
+from captioner.models.model import CaptionModel, get_model_config
+from captioner.training.train import _build, configured_model, param_groups, train
+from captioner.data.vocab import Vocab
 from test_train_smoke import tiny_config
 
 TUNED = "efficientnet-lite0-tuned"

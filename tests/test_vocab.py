@@ -1,6 +1,6 @@
 from hypothesis import given, strategies as st
 
-from captioner.vocab import SPECIALS, Vocab, tokenize
+from captioner.data.vocab import SPECIALS, Vocab, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():

@@ -200,7 +200,7 @@ def test_model_card_says_which_decoding_settings_the_shipped_file_was_scored_wit
     card = load_benchmark("model_card")
     weights = REPO / "src" / "captioner" / "weights" / "default.pt"
     assert card.shipped_text(weights) in (REPO / "README.md").read_text()  # the line as shipped
-    from captioner.checkpoint import read_checkpoint, write_checkpoint
+    from captioner.models.checkpoint import read_checkpoint, write_checkpoint
     monkeypatch.setattr(card, "REPO", tmp_path)
     for precision, views, encoder in (("fp32", False, "fp32"), ("fp32", True, "fp32"), ("bf16", True, "fp32"),
                                       ("fp32", False, "bf16")):

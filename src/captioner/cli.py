@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import CaptionerError
+from captioner.errors import CaptionerError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 DATA_FORMATS = ["auto", "flickr8k", "flickr30k", "coco", "karpathy", "manifest", "prepared"]
@@ -84,8 +84,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from .api import Captioner
-    from .plots import save_attention_figure
+    from captioner.inference.api import Captioner
+    from captioner.inference.plots import save_attention_figure
 
     paths = expand_paths(args.paths, args.recursive)
     if not paths:
@@ -129,9 +129,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _caption_to_file(args: argparse.Namespace) -> int:
-    from .api import Captioner
-    from .bulk import caption_collection, collect
-    from .distributed import setup
+    from captioner.inference.api import Captioner
+    from captioner.inference.bulk import caption_collection, collect
+    from captioner.distributed import setup
 
     photos = collect(args.paths, IMAGE_SUFFIXES, args.recursive)
     if not photos:
@@ -158,11 +158,11 @@ def _caption_to_file(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .config import load_train_config
-    from .data import atomic_write_text, load_dataset, save_prepared
-    from .distributed import setup
-    from .report import build_report, check_images, format_report
-    from .train import cache_features, data_options, mirror_features
+    from captioner.training.config import load_train_config
+    from captioner.data.datasets import atomic_write_text, load_dataset, save_prepared
+    from captioner.distributed import setup
+    from captioner.data.report import build_report, check_images, format_report
+    from captioner.training.train import cache_features, data_options, mirror_features
 
     cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format, layout=args.layout,
                             image_root=args.image_root, model=args.model, encoder=args.encoder,
@@ -201,8 +201,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_train_config
-    from .train import train
+    from captioner.training.config import load_train_config
+    from captioner.training.train import train
 
     cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format,
                             image_root=args.image_root, out=args.out, model=args.model, encoder=args.encoder,
@@ -216,9 +216,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import Captioner
-    from .distributed import resolve_device
-    from .evaluate import evaluate
+    from captioner.inference.api import Captioner
+    from captioner.distributed import resolve_device
+    from captioner.evaluation.evaluate import evaluate
 
     captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision,
                                mirror_views=_mirror_views(args), encoder_precision=args.encoder_precision)
@@ -244,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from captioner.models.checkpoint import load_checkpoint, save_checkpoint
 
     model, ckpt = load_checkpoint(args.checkpoint)
     if args.length_penalty is not None:
@@ -267,8 +267,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from .checkpoint import write_checkpoint
-    from .ensemble import ensemble_checkpoint
+    from captioner.models.checkpoint import write_checkpoint
+    from captioner.models.ensemble import ensemble_checkpoint
 
     write_checkpoint(ensemble_checkpoint(args.checkpoints, args.name), args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): {len(args.checkpoints)} decoders "
@@ -278,8 +278,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from .average import average_checkpoint
-    from .checkpoint import write_checkpoint
+    from captioner.models.average import average_checkpoint
+    from captioner.models.checkpoint import write_checkpoint
 
     write_checkpoint(average_checkpoint(args.checkpoints), args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): the mean of {len(args.checkpoints)} "
@@ -288,7 +288,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model import get_model_config, list_models
+    from captioner.models.model import get_model_config, list_models
 
     for name in list_models():
         cfg = get_model_config(name)
@@ -297,7 +297,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace):
-    from .config import load_serve_config
+    from captioner.service.config import load_serve_config
 
     return load_serve_config(args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
                              db=args.db)
@@ -305,7 +305,7 @@ def _serve_config(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import run
+        from captioner.service.serve import run
     except ImportError as e:
         print(f"error: the server needs the serve extra (pip install \"captioner[serve]\"): {e}", file=sys.stderr)
         return 2
@@ -315,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_app(args: argparse.Namespace) -> int:
     try:
-        from .app import launch
+        from captioner.service.app import launch
     except ImportError as e:
         print(f"error: the web app needs the serve extra (pip install \"captioner[serve]\"): {e}", file=sys.stderr)
         return 2
@@ -326,8 +326,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_ab_report(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .ab import build_report, format_report
-    from .feedback import FeedbackStore
+    from captioner.service.ab import build_report, format_report
+    from captioner.service.feedback import FeedbackStore
 
     if not Path(args.db).is_file():
         print(f"error: {args.db}: feedback database not found", file=sys.stderr)
@@ -350,7 +350,7 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .compare import compare_files, format_comparison
+    from captioner.evaluation.compare import compare_files, format_comparison
 
     comparison = compare_files(args.a, args.b, args.resamples, args.seed, args.confidence)
     print(json.dumps(asdict(comparison)) if args.json else format_comparison(comparison))
@@ -358,7 +358,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from captioner.training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=args.data, out=args.out, epochs=args.epochs,
                          lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=args.cache_dir, half=args.half,
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         if not joined_before and _in_process_group():  # under torchrun: leave the group this command joined
-            from .distributed import teardown
+            from captioner.distributed import teardown
 
             teardown()
 

@@ -1,0 +1,188 @@
+"""The `Captioner` facade: the one object the CLI, server and web app use."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from captioner.models.checkpoint import load_checkpoint
+from captioner.models.encoders import Encoder, build_encoder, preprocess
+from captioner.errors import OptionError
+from captioner.data.images import ImageInput, ImageLimits
+from captioner.models.model import CaptionModel
+from captioner.inference.precision import bf16_linears, encoder_autocast, resolve_precision
+
+# Bounds on what any caller may ask of a search: decoding cost grows with both.
+MAX_BEAM_SIZE = 64
+MAX_DECODE_LEN = 200  # words
+
+
+def default_model_path() -> Path:
+    """The shipped default model (decoder weights, fp16) inside the package."""
+    return Path(str(resources.files("captioner") / "weights" / "default.pt"))
+
+
+@dataclass
+class Caption:
+    """One image's caption, with what a user needs to trust or show it."""
+
+    text: str
+    score: float  # length-normalised log-probability of the caption (higher is better)
+    words: list[str]
+    attention: np.ndarray | None = None  # (len(words), grid, grid) weights; each map sums to 1
+    alternatives: list[tuple[str, float]] = field(default_factory=list)  # next-best (text, score)
+
+    def to_dict(self) -> dict:
+        return {"caption": self.text, "score": self.score,
+                "alternatives": [{"caption": t, "score": s} for t, s in self.alternatives]}
+
+
+class Captioner:
+    """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
+
+    def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
+                 limits: ImageLimits | None = None, precision: str | None = "fp32",
+                 mirror_views: bool | None = None, encoder_precision: str | None = "fp32"):
+        """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
+        `captioner.precision`), or None/"auto" for the model's own (`model.precision`, as
+        exported) where the CPU does bf16 natively; `encoder_precision` likewise for the frozen
+        encoder (`model.encoder_precision`, `precision.encoder_autocast`). `mirror_views`: read
+        each photo's mirror image too (`CaptionModel.mirror_views`), or None for the model's
+        own. The model is changed in place."""
+        self.model = model.eval().to(device)
+        if mirror_views is not None:
+            self.model.mirror_views = bool(mirror_views)
+        self.info = info or {}
+        self.device = torch.device(device)
+        self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
+        self.precision = resolve_precision(precision, model.precision, self.device)
+        self.encoder_precision = resolve_precision(encoder_precision, model.encoder_precision, self.device)
+        if self.precision == "bf16":
+            bf16_linears(self.model.decoder)
+        self._encoder: Encoder | None = None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "cpu",
+             limits: ImageLimits | None = None, precision: str | None = "auto",
+             mirror_views: bool | None = None, encoder_precision: str | None = "auto") -> "Captioner":
+        path = Path(path) if path is not None else default_model_path()
+        model, ckpt = load_checkpoint(path)
+        info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
+        return cls(model, info, device, limits, precision, mirror_views, encoder_precision)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:  # built on first use: loading a checkpoint stays cheap
+            self._encoder = build_encoder(self.model.encoder_cfg).to(self.device)
+        return self._encoder
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.model.cfg.name)
+
+    @property
+    def max_len(self) -> int:
+        """The most words a caption may be asked to have (the decoder's positions may bound it)."""
+        return min(MAX_DECODE_LEN, getattr(self.model.decoder, "max_words", MAX_DECODE_LEN))
+
+    def check_search(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
+                     temperature: float | None = None, top_p: float = 1.0) -> None:
+        """Raise `OptionError` naming the first search option outside its range."""
+        def bad(option: str, value, allowed: str) -> OptionError:
+            return OptionError(f"{option} {value!r} is out of range: {allowed}")
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise bad("beam_size", beam_size, f"1 to {MAX_BEAM_SIZE}")
+        if not 1 <= max_len <= self.max_len:
+            raise bad("max_len", max_len, f"1 to {self.max_len} words for this model")
+        if not 1 <= n_best <= (beam_size if temperature is None else MAX_BEAM_SIZE):
+            raise bad("n_best", n_best, f"1 to the beam size ({beam_size})" if temperature is None
+                      else f"1 to {MAX_BEAM_SIZE}")
+        if temperature is not None and not 0 <= temperature <= 100:
+            raise bad("temperature", temperature, "0 to 100")
+        if not 0 < top_p <= 1:
+            raise bad("top_p", top_p, "above 0, at most 1")
+
+    def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
+        """One photo -> this model's encoder input (3, S, S), exactly as in training; raises
+        `ImageError` (naming the photo, or `name`) for anything it cannot open within
+        `self.limits`. A server can run this in its request threads and batch only `encode_pixels`."""
+        return preprocess(image, self.model.encoder_cfg, self.limits, name)
+
+    @torch.no_grad()
+    def encode_pixels(self, batch: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Preprocessed photos (B, 3, S, S) -> region features (B, N, C); `chunk` > 0 runs the
+        encoder on that many photos at a time (large batches spill the CPU cache). With the
+        model's `mirror_views` each photo's mirror image is encoded too: (B, 2N, C), the photo's
+        regions, then its mirror's (flipped as the mirror features of training are)."""
+        batch = batch.to(self.device)
+        if not self.model.mirror_views:
+            return self._encode(batch, chunk)
+        photos, mirrors = self._encode(torch.cat([batch, batch.flip(-1)]), chunk).chunk(2)
+        return torch.cat([photos, mirrors], 1)
+
+    def _encode(self, batch: torch.Tensor, chunk: int) -> torch.Tensor:
+        parts = [batch] if chunk <= 0 or batch.size(0) <= chunk else batch.split(chunk)
+        with encoder_autocast(self.encoder_precision, self.device):
+            feats = [self.encoder(part) for part in parts]
+        return (feats[0] if len(feats) == 1 else torch.cat(feats)).float()  # (B, N, C)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Photos -> region features (B, N, C), preprocessed exactly as in training."""
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+    @torch.no_grad()
+    def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
+                         n_best: int = 1, length_penalty: float | None = None,
+                         no_repeat_ngram: int | None = None, temperature: float | None = None,
+                         top_p: float = 1.0, seed: int | None = None) -> list[Caption]:
+        """Region features -> captions. Beam search by default; with a `temperature` the
+        captions are sampled instead (n_best of them per image, best first; top_p for
+        nucleus sampling, seed for repeatable draws)."""
+        self.check_search(beam_size, max_len, max(n_best, 1), temperature, top_p)
+        if temperature is not None:
+            return self._sampled(feats, max_len, max(n_best, 1), temperature, top_p, seed)
+        search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)
+        hyps = self.model.generate(feats, search)
+        out = []
+        for b in range(feats.size(0)):
+            rows = [(hyps.tokens[b, k], float(hyps.scores[b, k]), hyps.alphas[b, k]) for k in range(hyps.tokens.size(1))]
+            out.append(self._caption(rows))
+        return out
+
+    def _sampled(self, feats: torch.Tensor, max_len: int, n: int, temperature: float, top_p: float,
+                 seed: int | None) -> list[Caption]:
+        gen = torch.Generator(device=feats.device).manual_seed(seed) if seed is not None else None
+        drawn = self.model.sample(feats, n=n, temperature=temperature, top_p=top_p, max_len=max_len, generator=gen)
+        lengths = (drawn.tokens != self.model.vocab.pad_id).sum(1).clamp(min=1)  # words + EOS
+        scores = (drawn.logprobs / lengths).tolist()  # length-normalised, as beam search ranks
+        out = []
+        for b in range(feats.size(0)):
+            rows = [(drawn.tokens[r], scores[r], drawn.alphas[r]) for r in range(b * n, (b + 1) * n)]
+            out.append(self._caption(sorted(rows, key=lambda row: -row[1])))
+        return out
+
+    def _caption(self, rows: list[tuple[torch.Tensor, float, torch.Tensor]]) -> Caption:
+        """(tokens, score, alphas) of one image's hypotheses, best first -> Caption."""
+        grid = self.model.encoder_cfg.grid_size
+        texts = [self.model.vocab.decode(tokens.tolist()) for tokens, _, _ in rows]
+        words = texts[0].split()
+        attention = rows[0][2][:len(words)].float().reshape(len(words), grid, grid).cpu().numpy()
+        return Caption(texts[0], rows[0][1], words, attention,
+                       [(t, score) for t, (_, score, _) in zip(texts[1:], rows[1:])])
+
+    def caption_batch(self, images: Sequence[ImageInput], **search) -> list[Caption]:
+        """Caption several photos in one encoder call and one batched beam search."""
+        if not images:
+            return []
+        return self.caption_features(self.encode(images), **search)
+
+    def caption(self, image: ImageInput, **search) -> Caption:
+        """Caption one photo (path, bytes or PIL image). Options: beam_size, max_len, n_best,
+        length_penalty and no_repeat_ngram (default: the values the model was tuned with); or
+        temperature, top_p and seed to sample instead of searching."""
+        return self.caption_batch([image], **search)[0]

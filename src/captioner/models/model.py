@@ -1,0 +1,127 @@
+"""A captioning model: named config (data, one JSON file each), vocab and decoder."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioner.inference.decode import Hypotheses, Samples, SearchConfig, beam_search, sample
+from captioner.models.decoders import Ensemble, MirrorViews, WithTunedTop, build_decoder
+from captioner.models.encoders import EncoderConfig, TunedTop, get_encoder_config
+from captioner.errors import ConfigError
+from captioner.data.vocab import Vocab
+
+
+@dataclass
+class ModelConfig:
+    name: str  # registry name, e.g. "show-attend-tell"
+    encoder: str  # encoder registry name, e.g. "efficientnet-lite0"
+    decoder: str  # decoder arch registry name
+    decoder_params: dict = field(default_factory=dict)  # the decoder's own typed config
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {"name", "encoder", "decoder", "decoder_params", "description"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown field(s) {', '.join(unknown)}")
+        missing = sorted({"name", "encoder", "decoder"} - set(d))
+        if missing:
+            raise ConfigError(f"model config: missing field(s) {', '.join(missing)}")
+        return cls(**d)
+
+
+def list_models() -> list[str]:
+    """Names of the registered model configs (the JSON files in captioner/configs)."""
+    files = resources.files("captioner.models") / "configs"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """A registered model by name, or a model config JSON file by path."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model config file {name} not found")
+    else:
+        path = resources.files("captioner.models") / "configs" / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+
+
+class CaptionModel(nn.Module):
+    """Vocab + decoder + the encoder's config (the frozen encoder itself is built apart)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, encoder_cfg: EncoderConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = vocab
+        self.encoder_cfg = encoder_cfg or get_encoder_config(cfg.encoder)
+        decoder = build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), self.encoder_cfg.region_dim)
+        # with a tuned encoder top, the decoder holds it: it is trained, saved and shipped with it;
+        # in an ensemble each member holds the top it was trained with
+        if self.encoder_cfg.split and isinstance(decoder, Ensemble):
+            decoder.members = nn.ModuleList(WithTunedTop(TunedTop(self.encoder_cfg), m) for m in decoder.members)
+        elif self.encoder_cfg.split:
+            decoder = WithTunedTop(TunedTop(self.encoder_cfg), decoder)
+        self.decoder = decoder
+        # Beam ranking exponent this model was tuned with on dev; saved with its checkpoint.
+        self.length_penalty = 1.0
+        self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
+        self.precision = "fp32"  # decoder precision it was scored with: fp32, or bf16 (captioner.precision)
+        self.encoder_precision = "fp32"  # the frozen encoder's, likewise (precision.encoder_autocast)
+        # Read each photo and its mirror image, captioning with both views' mean word distribution
+        # (decoders.MirrorViews): features are then (B, 2N, C), the photo's regions, then the mirror's.
+        self.mirror_views = False
+        # each word's id in a caption of the mirror image, looked up once (not per search)
+        self.register_buffer("mirror_ids", torch.tensor(vocab.mirrored_ids()), persistent=False)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(features, tokens)
+
+    def search_config(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
+                      length_penalty: float | None = None, no_repeat_ngram: int | None = None) -> SearchConfig:
+        """Search settings, with this model's dev-tuned values wherever the caller gives none."""
+        return SearchConfig(
+            beam_size=beam_size, max_len=max_len, n_best=max(n_best, 1),
+            length_penalty=self.length_penalty if length_penalty is None else length_penalty,
+            no_repeat_ngram=self.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
+
+    def search_decoder(self) -> nn.Module:
+        """The decoder that search and sampling run: the trained one, or, with `mirror_views`,
+        the trained one reading both views of each photo."""
+        if not self.mirror_views:
+            return self.decoder
+        return MirrorViews(self.decoder, self.mirror_ids, self.encoder_cfg.grid_size)
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
+        """Region features (B, N, C), or (B, 2N, C) with `mirror_views` -> best hypotheses per image."""
+        v = self.vocab
+        return beam_search(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
+                           search, banned_ids=(v.bos_id, v.unk_id))
+
+    @torch.no_grad()
+    def sample(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+               max_len: int = 25, generator: torch.Generator | None = None) -> Samples:
+        """`n` sampled captions per image (rows image-major); temperature 0 is greedy."""
+        v = self.vocab
+        return sample(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
+                      max_len=max_len, n=n, temperature=temperature, top_p=top_p,
+                      banned_ids=(v.bos_id, v.unk_id), generator=generator)
+
+    def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
+        hyps = self.generate(features, search)
+        return [self.vocab.decode(row[0].tolist()) for row in hyps.tokens]

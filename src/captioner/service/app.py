@@ -1,0 +1,128 @@
+"""Streamlit web app: upload a photo (or pick an example), see its caption, the alternatives
+with their scores and where the model looked for each word; choose the model and beam size;
+rate or correct the caption, stored in the same feedback store as the API's.
+
+    captioner app [--config serve.toml] [--port 8501]
+
+Uses only the `Captioner` facade (through the experiment's variants) and small helpers.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp"]
+
+
+def launch(config: str | None, cfg, port: int = 8501) -> int:
+    """Run this file under `streamlit run` on 127.0.0.1 until interrupted."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
+           "--server.address", cfg.host, "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+           "--server.maxUploadSize", str(max(1, cfg.max_body_bytes // 2**20)),
+           "--", "--db", str(cfg.db)] + (["--config", str(config)] if config else [])
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping us stops streamlit
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="captioner app")
+    p.add_argument("--config", default=None)
+    p.add_argument("--db", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The page; streamlit runs it top to bottom on every interaction."""
+    import streamlit as st
+
+    from captioner.service.ab import load_variants
+    from captioner.service.config import load_serve_config
+    from captioner.errors import CaptionerError
+    from captioner.service.feedback import FeedbackError, FeedbackStore, Served
+    from captioner.data.images import example_photos, examples_dir
+    from captioner.inference.plots import attention_overlay
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    st.set_page_config(page_title="captioner", layout="wide")
+
+    @st.cache_resource
+    def resources(config: str | None, db: str | None):
+        cfg = load_serve_config(config, db=db)
+        return cfg, load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits()), FeedbackStore(cfg.db)
+
+    cfg, models, store = resources(args.config, args.db)
+    st.title("captioner")
+    with st.sidebar:
+        variant = st.selectbox("Model", list(models), help="the server's model variants")
+        beam_size = st.slider("Beam size", 1, cfg.max_beam_size, min(3, cfg.max_beam_size))
+        n_alt = st.slider("Alternatives", 0, min(beam_size, cfg.max_n_best) - 1, min(2, beam_size - 1))
+        served = models[variant]
+        st.caption(f"{served.captioner.name}, version {served.version}")
+
+    left, right = st.columns([1, 2])
+    with left:
+        upload = st.file_uploader("Upload a photo", type=PHOTO_TYPES)
+        examples = [p.name for p in example_photos()]
+        example = st.selectbox("...or pick an example", ["(none)"] + examples, disabled=upload is not None)
+        photo = upload.getvalue() if upload is not None else (
+            (examples_dir() / example).read_bytes() if example != "(none)" else None)
+        if photo is None:
+            st.info("Upload a photo or pick an example to caption it.")
+            return
+        st.image(photo, width="stretch")
+
+    key = (hashlib.sha256(photo).hexdigest(), variant, beam_size, n_alt)
+    if st.session_state.get("key") != key:
+        try:
+            with st.spinner("Captioning..."):
+                cap = served.captioner.caption(photo, beam_size=beam_size, n_best=n_alt + 1)
+        except CaptionerError as e:
+            st.error(f"Cannot caption this photo: {e}")
+            return
+        cid = store.record_caption(Served("app", "web-app", cfg.experiment.name, variant, False,
+                                          served.captioner.name, served.version, cap.text, cap.score,
+                                          {"beam_size": beam_size, "n_best": n_alt + 1},
+                                          photo if cfg.store_images else None))
+        st.session_state.update(key=key, caption=cap, caption_id=cid)
+    cap, cid = st.session_state["caption"], st.session_state["caption_id"]
+
+    with right:
+        st.markdown(f'<p id="caption-text" style="font-size:1.8rem;font-weight:600">{html.escape(cap.text)}</p>',
+                    unsafe_allow_html=True)
+        st.caption(f"score {cap.score:.3f} (length-normalised log-probability) · caption id {cid}")
+        if cap.alternatives:
+            st.table([{"alternative": t, "score": round(s, 3)} for t, s in cap.alternatives])
+        st.subheader("Where it looked for each word")
+        cols = st.columns(5)
+        for i, (word, weights) in enumerate(zip(cap.words, cap.attention)):
+            cols[i % 5].image(attention_overlay(photo, weights), caption=f"{word} ({weights.max():.2f})",
+                              width="stretch")
+        with st.form("feedback", clear_on_submit=False):
+            st.subheader("Rate or correct this caption")
+            rating = st.radio("Rating (1 = wrong, 5 = perfect)", [1, 2, 3, 4, 5], index=None, horizontal=True)
+            correction = st.text_input("Corrected caption", placeholder="what the caption should have said")
+            if st.form_submit_button("Send feedback"):
+                try:
+                    store.add_feedback(cid, rating=rating, correction=correction or None)
+                    st.success("Thank you: feedback stored.")
+                except FeedbackError as e:
+                    st.warning(str(e))
+
+
+if __name__ == "__main__":
+    main()

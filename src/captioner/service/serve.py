@@ -1,0 +1,658 @@
+"""REST API: FastAPI on uvicorn, with micro-batching, limits, API keys, A/B variants and feedback.
+
+    captioner serve [--host 127.0.0.1] [--port 8000] [--config serve.toml]
+
+Concurrent requests' photos are gathered by one worker thread (at most `max_batch` photos, the
+first waiting at most `max_wait_ms`) and captioned with one encoder pass and one batched beam
+search per model variant and search options. Uses only the `Captioner` facade.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from captioner import __version__
+from captioner.service.ab import ServedModel, assign, load_variants
+from captioner.inference.api import Caption
+from captioner.service.config import ServeConfig
+from captioner.errors import ImageError, OptionError
+from captioner.service.feedback import FeedbackError, FeedbackStore, Served
+
+log = logging.getLogger("captioner.service.serve")
+RETRY_AFTER = {"Retry-After": "1"}  # on 503: the server is busy, not broken
+
+
+class ApiError(StarletteHTTPException):
+    """An error the client gets as JSON: {"error": code, "detail": message}. An HTTPException,
+    so that it passes through FastAPI's own body parsing unchanged."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers)
+        self.status, self.code = status, code
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="a stable code, e.g. unsupported_image, too_many_pixels, unauthorized")
+    detail: str = Field(description="what was wrong, naming the photo or field")
+
+
+def error_docs(*statuses: int) -> dict:
+    what = {400: "malformed request", 401: "missing or invalid API key", 404: "unknown model variant or caption",
+            408: "the request body stalled", 413: "body, photo count or pixel count over the limit",
+            415: "unsupported media type or image format", 422: "invalid field, option or image",
+            503: "busy or timed out; retry (Retry-After)"}
+    return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
+
+
+# --- request and response bodies -------------------------------------------------------------
+
+class SearchOptions(BaseModel):
+    beam_size: int = Field(3, ge=1, description="beam width; 1 = greedy")
+    max_len: int = Field(25, ge=1, description="most words per caption")
+    n_best: int = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
+    attention: bool = Field(False, description="also return the words and one attention map per word")
+    model: str | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
+
+
+class CaptionRequest(SearchOptions):
+    images: list[str] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
+
+
+class Alternative(BaseModel):
+    caption: str
+    score: float
+
+
+class CaptionResult(BaseModel):
+    caption_id: str = Field(description="send it back with POST /v1/feedback")
+    caption: str
+    score: float = Field(description="length-normalised log-probability (higher is better)")
+    alternatives: list[Alternative]
+    model: str
+    model_version: str = Field(description="hash of the checkpoint file")
+    experiment: str
+    variant: str
+    words: list[str] | None = None
+    attention: list[list[list[float]]] | None = Field(None, description="(words, grid, grid) weights")
+
+
+class CaptionBatch(BaseModel):
+    results: list[CaptionResult]
+
+
+class FeedbackRequest(BaseModel):
+    caption_id: str
+    rating: int | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
+    correction: str | None = Field(None, max_length=500, description="the caption the photo should have had")
+
+
+# --- micro-batching --------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One photo waiting for the model."""
+
+    variant: str
+    options: tuple[int, int, int]  # (beam_size, max_len, n_best): photos batch only with their equals
+    pixels: torch.Tensor  # (3, S, S), preprocessed for this variant's encoder
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """A worker thread that gathers jobs into batches: up to `max_batch` jobs, the first one
+    waiting at most `max_wait_s` for others, then hands each batch to `run`."""
+
+    def __init__(self, run: Callable[[list[Job]], None], max_batch: int, max_wait_s: float):
+        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # model calls made
+        self.images = 0  # photos captioned
+        self.largest = 0  # largest batch so far
+        self.busy_s = 0.0  # seconds spent in model calls (busy_s / uptime: how loaded the model is)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="captioner-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, job: Job) -> Future:
+        self._queue.put(job)
+        return job.future
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        jobs, deadline = [first], time.monotonic() + self.max_wait_s
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:  # past the deadline, still take whatever is already queued
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, stopping = self._gather(first)
+            # A job whose client has given up (timed out) was cancelled: drop it. The others are
+            # marked running, so they can no longer be cancelled while the model works on them.
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.run(jobs)
+            except BaseException as e:  # never leave a client waiting
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            self.busy_s += time.perf_counter() - t0
+            self.batches += 1
+            self.images += len(jobs)
+            self.largest = max(self.largest, len(jobs))
+
+
+def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int,
+                 stage_s: dict[str, float] | None = None) -> None:
+    """One encoder pass per variant, then one batched search per (variant, options) group;
+    the seconds each takes are added to `stage_s["encode"]` and `stage_s["search"]`."""
+    stage_s = {"encode": 0.0, "search": 0.0} if stage_s is None else stage_s
+    by_variant: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_variant.setdefault(job.variant, []).append(job)
+    for name, group in by_variant.items():
+        captioner = models[name].captioner
+        try:
+            t0 = time.perf_counter()
+            feats = captioner.encode_pixels(torch.stack([j.pixels for j in group]), chunk=encode_chunk)  # (B, N, C)
+            t1 = time.perf_counter()
+            stage_s["encode"] += t1 - t0
+            by_options: dict[tuple[int, int, int], list[int]] = {}
+            for i, job in enumerate(group):
+                by_options.setdefault(job.options, []).append(i)
+            for (beam_size, max_len, n_best), rows in by_options.items():
+                caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best)
+                for i, cap in zip(rows, caps):
+                    group[i].future.set_result(cap)
+            stage_s["search"] += time.perf_counter() - t1
+        except Exception as e:
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)
+
+
+# --- photos, keys, options -------------------------------------------------------------------
+
+IMAGE_STATUS = {"empty": (422, "empty_image"), "unsupported": (415, "unsupported_image"),
+                "too_many_pixels": (413, "too_many_pixels"), "undecodable": (422, "undecodable_image")}
+
+
+def image_error(e: ImageError, formats: tuple[str, ...] | None) -> ApiError:
+    """The library's image error -> the client's: 413, 415 or 422, naming the photo."""
+    status, code = IMAGE_STATUS.get(e.kind, (422, "undecodable_image"))
+    detail = str(e)
+    if e.kind == "unsupported" and formats and "send one of" not in detail:
+        detail += f"; send one of {', '.join(sorted(formats))}"
+    return ApiError(status, code, detail)
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Constant-time check against every key (hashing first makes lengths equal too)."""
+    digest = hashlib.sha256(given.encode()).digest()
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(digest, hashlib.sha256(k.encode()).digest())
+    return ok
+
+
+def check_options(opts: SearchOptions, cfg: ServeConfig) -> None:
+    for name, limit in (("beam_size", cfg.max_beam_size), ("max_len", cfg.max_len), ("n_best", cfg.max_n_best)):
+        if getattr(opts, name) > limit:
+            raise ApiError(422, "option_out_of_range", f"{name} {getattr(opts, name)} is above this server's limit {limit}")
+    if opts.n_best > opts.beam_size:
+        raise ApiError(422, "option_out_of_range", f"n_best {opts.n_best} cannot exceed beam_size {opts.beam_size}")
+
+
+def _form_int(form: Any, name: str, default: int) -> int:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_request", f"form field {name}: expected an integer, got {raw!r}") from None
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, "body_too_large", f"request body is larger than this server's limit of {limit} bytes")
+
+
+class BodyTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(408, "body_timeout", f"the request body stopped arriving for {seconds:g} s")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body above `max_bytes` by its Content-Length before reading
+    it, stop reading a body without one as soon as it passes the limit, and give up on a body
+    that stalls for `timeout_s` between chunks (a slow client must not hold a slot for ever)."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 20.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            err = BodyTooLarge(self.max_bytes)
+            return await error_response(err.status, err.code, err.detail)(scope, receive, send)
+        seen = 0
+        started = False
+        body_done = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen, body_done
+            if body_done:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except (BodyTooLarge, BodyTimeout) as err:
+            if started:
+                raise
+            await error_response(err.status, err.code, err.detail)(scope, receive, send)
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `limit` requests handled at once; above it, 503 with
+    Retry-After before the body is read (load is shed, not queued without bound). /healthz
+    is always answered."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            return await error_response(503, "busy", f"the server is handling {self.limit} requests; retry shortly",
+                                        RETRY_AFTER)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+class Service:
+    """What the endpoints share: config, loaded variants, batcher, feedback store."""
+
+    def __init__(self, cfg: ServeConfig, models: dict[str, ServedModel], store: FeedbackStore):
+        self.cfg, self.models, self.store = cfg, models, store
+        self.keys = cfg.keys()
+        self.formats = cfg.image_limits().formats
+        # photos decoded at once: a 40 MP photo takes ~120 MB while it is decoded
+        self.decoding = threading.BoundedSemaphore(cfg.decode_workers)
+        # where the time goes: the batcher's encoder passes and searches (its thread alone adds to
+        # them), and the request threads' photo decoding (under a lock: many threads add to it)
+        self.stage_s = {"encode": 0.0, "search": 0.0, "decode": 0.0}
+        self.decoded = 0  # photos the request threads decoded (a request's photos after one that fails count too)
+        self._timing_lock = threading.Lock()
+        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk, self.stage_s),
+                                    cfg.max_batch, cfg.max_wait_ms / 1000)
+
+    def client(self, request: Request) -> str:
+        """Check the API key (when keys are configured); return the client id for A/B assignment."""
+        auth = request.headers.get("authorization", "")
+        given = request.headers.get("x-api-key") or (auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        if self.keys and not (given and key_matches(given, self.keys)):
+            raise ApiError(401, "unauthorized", "missing or invalid API key: send it as X-API-Key or "
+                                                "Authorization: Bearer")
+        cid = request.headers.get("x-client-id")
+        if cid:
+            return "id:" + cid
+        if given:
+            return "key:" + given  # hashed before it is stored or used
+        return "ip:" + (request.client.host if request.client else "unknown")
+
+    def pick(self, client: str, requested: str | None) -> tuple[ServedModel, bool]:
+        """(variant's model, whether the experiment assigned it) for this client."""
+        if requested:
+            if requested not in self.models:
+                raise ApiError(404, "unknown_model",
+                               f"no model variant {requested!r}; this server has {', '.join(self.models)}")
+            return self.models[requested], False
+        return self.models[assign(self.cfg.experiment, client).name], True
+
+    def timed_out(self) -> ApiError:
+        return ApiError(503, "timeout", f"the caption was not ready within {self.cfg.request_timeout_s:g} s: "
+                                        f"the server is busy; retry shortly", RETRY_AFTER)
+
+    async def within(self, awaitable: Any, deadline: float) -> Any:
+        """Await it until the request's deadline; past it the client gets 503 (its queued photos
+        are cancelled, so the model never spends time on them)."""
+        try:
+            return await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise self.timed_out() from None
+
+    async def caption(self, client: str, photos: list[bytes], opts: SearchOptions
+                      ) -> list[dict]:
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        check_options(opts, self.cfg)
+        served, assigned = self.pick(client, opts.model)
+        try:
+            served.captioner.check_search(opts.beam_size, opts.max_len, opts.n_best)
+        except OptionError as e:
+            raise ApiError(422, "option_out_of_range", str(e)) from None
+        names = ["image"] if len(photos) == 1 else [f"images[{i}]" for i in range(len(photos))]
+
+        def prepare() -> list[torch.Tensor]:
+            if not self.decoding.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise self.timed_out()
+            t0 = time.perf_counter()
+            try:
+                out = []
+                for data, name in zip(photos, names):
+                    try:
+                        out.append(served.captioner.preprocess(data, name=name))
+                    except ImageError as e:
+                        raise image_error(e, self.formats) from None
+                return out
+            finally:
+                self.decoding.release()
+                with self._timing_lock:
+                    self.stage_s["decode"] += time.perf_counter() - t0
+                    self.decoded += len(photos)
+
+        pixels = await self.within(run_in_threadpool(prepare), deadline)
+        options = (opts.beam_size, opts.max_len, opts.n_best)
+        futures = [self.batcher.submit(Job(served.variant.name, options, p)) for p in pixels]
+        caps: list[Caption] = await self.within(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                                                deadline)
+
+        def record() -> list[dict]:
+            results = []
+            for data, cap in zip(photos, caps):
+                cid = self.store.record_caption(Served(
+                    "api", client, self.cfg.experiment.name, served.variant.name, assigned,
+                    served.captioner.name, served.version, cap.text, cap.score,
+                    {"beam_size": opts.beam_size, "max_len": opts.max_len, "n_best": opts.n_best},
+                    data if self.cfg.store_images else None))
+                results.append(result_dict(cid, cap, served, self.cfg.experiment.name, opts.attention))
+            return results
+
+        try:
+            return await run_in_threadpool(record)
+        except sqlite3.OperationalError as e:
+            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
+
+
+def result_dict(caption_id: str, cap: Caption, served: ServedModel, experiment: str, attention: bool) -> dict:
+    out = {"caption_id": caption_id, **cap.to_dict(), "model": served.captioner.name,
+           "model_version": served.version, "experiment": experiment, "variant": served.variant.name}
+    if attention:
+        out["words"] = cap.words
+        out["attention"] = [[[round(float(w), 5) for w in row] for row in m] for m in cap.attention]
+    return out
+
+
+CAPTION_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"},
+                           "beam_size": {"type": "integer", "default": 3},
+                           "max_len": {"type": "integer", "default": 25},
+                           "n_best": {"type": "integer", "default": 1},
+                           "attention": {"type": "boolean", "default": False},
+                           "model": {"type": "string"}}}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}},
+    },
+}
+
+
+def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -> FastAPI:
+    """The FastAPI app: loads the experiment's variants (unless given) and opens the store."""
+    torch.set_num_threads(cfg.threads)
+    models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits())
+    svc = Service(cfg, models, FeedbackStore(cfg.db))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.batcher.start()
+        try:
+            yield
+        finally:
+            svc.batcher.stop()
+            svc.store.close()
+
+    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan,
+                  description="Photo in, English sentence out. Multipart upload (field `image`) or JSON "
+                              "with base64 photos; A/B variants; ratings and corrections.")
+    app.state.service = svc
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(InFlightLimit, limit=cfg.max_in_flight)  # outermost: sheds load first
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.code, e.detail, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", validation_message(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, "http_error", str(e.detail), e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # The traceback goes to the log (with the path, never the headers: no API key in logs);
+        # the client gets JSON, not a stack trace.
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(e).__name__,
+                  exc_info=e)
+        return error_response(500, "internal_error", "the server failed on this request; it was logged")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness, with the batcher's counters and where the time went: the model's encoder
+        passes and searches, and the request threads' photo decoding."""
+        b, t = svc.batcher, svc.stage_s
+        return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
+                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending(),
+                "encode_s": round(t["encode"], 3), "search_s": round(t["search"], 3),
+                "decode_s": round(t["decode"], 3), "photos_decoded": svc.decoded}
+
+    @app.get("/v1/models", responses=error_docs(401, 503))
+    async def list_models(request: Request) -> dict:
+        """The experiment and its model variants."""
+        svc.client(request)
+        return {"experiment": svc.cfg.experiment.name, "variants": [
+            {"name": m.variant.name, "model": m.captioner.name, "version": m.version, "weight": m.variant.weight,
+             "precision": m.captioner.precision, "encoder_precision": m.captioner.encoder_precision,
+             "mirror_views": m.captioner.model.mirror_views}
+            for m in svc.models.values()]}
+
+    @app.post("/v1/captions", openapi_extra={"requestBody": CAPTION_BODY},
+              responses={200: {"model": CaptionResult, "description": "multipart: one result; JSON: "
+                                                                      "{\"results\": [...]} (CaptionBatch)"},
+                         **error_docs(400, 401, 404, 408, 413, 415, 422, 503)})
+    async def captions(request: Request) -> dict:
+        """Caption one uploaded photo (multipart field `image`) or several base64 photos (JSON)."""
+        client = svc.client(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            photos, opts = await read_multipart(request)
+            return (await svc.caption(client, photos, opts))[0]
+        if ctype == "application/json":
+            body = await read_json(request, svc.cfg.max_images)
+            photos = [decode_base64(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            opts = SearchOptions(**body.model_dump(exclude={"images"}))
+            return {"results": await svc.caption(client, photos, opts)}
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data (field 'image') or application/json, not {ctype or 'no type'}")
+
+    @app.post("/v1/feedback", responses=error_docs(400, 401, 404, 408, 413, 422, 503))
+    async def feedback(request: Request, body: FeedbackRequest) -> dict:
+        """Rate a served caption (1-5) and/or correct it."""
+        svc.client(request)
+        try:
+            fid = await run_in_threadpool(svc.store.add_feedback, body.caption_id, body.rating, body.correction)
+        except sqlite3.OperationalError as e:  # locked past the busy timeout: nothing was stored
+            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
+        except FeedbackError as e:
+            status = 404 if "no caption" in str(e) else 422
+            raise ApiError(status, "unknown_caption" if status == 404 else "invalid_feedback", str(e)) from None
+        return {"feedback_id": fid, "caption_id": body.caption_id}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CaptionRequest, CaptionResult, CaptionBatch, Alternative, ErrorBody):
+                schemas.update(model.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas[model.__name__].pop("$defs", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def validation_message(errors: list[dict]) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+
+
+async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "invalid_request", "multipart form needs a file field named 'image'")
+    data = await upload.read()
+    try:
+        opts = SearchOptions(beam_size=_form_int(form, "beam_size", 3), max_len=_form_int(form, "max_len", 25),
+                             n_best=_form_int(form, "n_best", 1),
+                             attention=str(form.get("attention", "")).lower() in ("1", "true", "yes", "on"),
+                             model=(str(form["model"]) if form.get("model") else None))
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
+    return [data], opts
+
+
+async def read_json(request: Request, max_images: int) -> CaptionRequest:
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"body is not valid JSON: {e}") from None
+    except RecursionError:  # '[[[[...' nested deeper than the parser recurses
+        raise ApiError(422, "invalid_request", "body is not valid JSON: nested too deeply") from None
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
+        raise ApiError(413, "too_many_images",
+                       f"{len(raw['images'])} images in one request; this server takes at most {max_images}")
+    try:
+        return CaptionRequest.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # a data URL: keep what follows the comma
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_base64", f"{name}: not valid base64") from None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """glibc gives threads their own malloc arenas, and memory freed in one stays mapped there:
+    with a pool of request threads the server's RSS creeps up under steady load. Two arenas keep
+    it flat (benchmarks/soak.py measured both). An explicit MALLOC_ARENA_MAX wins; elsewhere than
+    glibc this does nothing. Returns whether the limit was set."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
+def run(cfg: ServeConfig) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    limit_malloc_arenas()
+
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info",
+                timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections,
+                timeout_graceful_shutdown=10, server_header=False)
