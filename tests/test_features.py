@@ -105,34 +105,6 @@ def test_alpha_and_grayscale_become_rgb(tmp_path):
     assert a.getpixel((0, 0)) == (255, 255, 255)  # transparent flattened onto white
 
 
-def test_combined_encoder_puts_its_parts_side_by_side(photos, tmp_path):
-    from captioner.models.encoders import CombinedEncoder, EncoderConfig, build_encoder
-
-    d, names = photos
-    cfg = get_encoder_config("efficientnet-lite0+lite2")
-    lite0, lite2 = get_encoder_config("efficientnet-lite0"), get_encoder_config("efficientnet-lite2")
-    assert (cfg.image_size, cfg.grid_size, cfg.feature_dim) == (224, 7, 2560)
-    assert EncoderConfig.from_dict(cfg.to_dict()) == cfg  # as a checkpoint stores it
-    assert "parts" not in lite0.to_dict()  # single encoders' caches keep their keys
-    assert len({features.encoder_key(c) for c in (cfg, lite0, lite2)}) == 3
-
-    combined = build_encoder(cfg)
-    assert isinstance(combined, CombinedEncoder)
-    x = preprocess(d / "1.jpg", cfg)[None]
-    regions = combined(x)
-    assert regions.shape == (1, 49, 2560)
-    # the first part sees the photo as it would alone; the second at its own size, pooled to 7x7
-    torch.testing.assert_close(regions[..., :1280], build_encoder(lite0)(x))
-    big = torch.nn.functional.interpolate(x, size=(260, 260), mode="bicubic", align_corners=False, antialias=True)
-    grid = build_encoder(lite2)(big).transpose(1, 2).reshape(1, 1280, 9, 9)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, 7).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(regions[..., 1280:], pooled)
-
-    cache = features.build_cache(d, names, cfg, tmp_path / "cache", progress=False)
-    assert cache.features.shape == (3, 49, 2560)
-    torch.testing.assert_close(cache.get(["1.jpg"]), regions, atol=2e-2, rtol=1e-2)
-
-
 def test_a_combined_encoder_refuses_parts_that_normalise_differently():
     from captioner.models.encoders import EncoderConfig, build_encoder
 

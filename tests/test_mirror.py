@@ -14,7 +14,8 @@ from captioner.models.encoders import build_encoder, get_encoder_config, preproc
 from captioner.errors import ConfigError
 from captioner.data.features import FeatureCache
 from captioner.training.scst import _words
-from captioner.training.train import TrainingSet, train
+from captioner.training.dataset import TrainingSet
+from captioner.training.train import train
 from captioner.data.vocab import Vocab
 
 from conftest import make_photo

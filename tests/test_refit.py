@@ -82,64 +82,11 @@ def test_train_on_dev_is_a_config_switch():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bash(script: str, *args, env=None):
-    return subprocess.run(["bash", str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
-
-
-def test_ship_default_refuses_to_tune_a_refit_on_dev(tmp_path):
+def test_the_release_script_names_a_missing_input_before_anything_runs(tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"train_on_dev": True}))
-    done = _bash("ship_default.sh", tmp_path / "data", run)
-    assert done.returncode == 2 and "train_on_dev" in done.stderr and "SEARCH_FROM" in done.stderr
-    assert not (run / "length_penalty.json").exists()
-
-
-def test_ship_default_takes_a_refits_search_from_the_train_only_run(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"train_on_dev": True}))
-    tuned = tmp_path / "length_penalty.json"
-    tuned.write_text(json.dumps({"split": "dev", "beam_size": 3, "best_length_penalty": 0.5,
-                                 "best_no_repeat_ngram": 3, "table": []}))
-    done = _bash("ship_default.sh", tmp_path / "data", run, env={"SEARCH_FROM": str(tuned)})
-    assert done.returncode != 0  # no best.pt to export: it stops there, after taking the search
-    taken = json.loads((run / "length_penalty.json").read_text())
-    assert taken == {"split": "dev", "beam_size": 3, "taken_from": str(tuned), "best_length_penalty": 0.5,
-                     "best_no_repeat_ngram": 3}
-
-
-def test_retrain_default_refuses_a_refit_without_its_search_before_training(tmp_path):
-    config = tmp_path / "refit.json"
-    config.write_text(json.dumps({"train_on_dev": True}))
-    run = tmp_path / "run"
-    done = _bash("retrain_default.sh", tmp_path / "data", run, env={"CONFIG": str(config), "SEARCH_FROM": ""})
-    assert done.returncode == 2 and "SEARCH_FROM" in done.stderr
-    assert not run.exists()  # nothing prepared, nothing trained
-
-
-def test_a_missing_search_file_is_named_before_anything_runs(tmp_path):
-    run = tmp_path / "run"
-    missing = tmp_path / "nowhere" / "length_penalty.json"
-    for script in ("retrain_default.sh", "ship_default.sh"):
-        done = _bash(script, tmp_path / "data", run, env={"SEARCH_FROM": str(missing)})
-        assert done.returncode == 2 and f"SEARCH_FROM={missing}: no such file" in done.stderr, script
-        assert not run.exists()
-
-
-def test_a_folder_without_a_config_is_no_refit_and_gets_no_traceback(tmp_path):
-    """An ensemble's folder has no config.json: shipping it tunes its search on dev as before."""
-    check = subprocess.run(["bash", "-c", f'set -eu; source benchmarks/search_from.sh; '
-                                          f'check_search_from "{tmp_path}/config.json"; echo passed'],
-                           cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k != "SEARCH_FROM"})
-    assert check.returncode == 0 and check.stdout.strip() == "passed" and check.stderr == ""
-
-
-def test_a_bad_mirror_views_setting_is_named_before_anything_runs(tmp_path):
-    run = tmp_path / "run"
-    for script in ("retrain_default.sh", "ship_default.sh"):
-        done = _bash(script, tmp_path / "data", run, env={"MIRROR_VIEWS": "yes", "SEARCH_FROM": ""})
-        assert done.returncode == 2 and "MIRROR_VIEWS=yes: must be on or off" in done.stderr, script
+    for env, says in (({"SEARCH_FROM": str(tmp_path / "nothing.json")}, "SEARCH_FROM="),
+                      ({"CONFIG": str(tmp_path / "no-config.json")}, "CONFIG=")):
+        done = subprocess.run(["bash", "release/release.sh", str(tmp_path / "data"), str(run)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert done.returncode == 2 and says in done.stderr and "no such file" in done.stderr
         assert not run.exists()

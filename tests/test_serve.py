@@ -57,8 +57,8 @@ def png_header(width: int, height: int) -> bytes:
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "models").mkdir()
-    candidate = read_checkpoint(default_model_path())  # the default, reading mirror images too
-    candidate["decode"]["mirror_views"] = True
+    candidate = read_checkpoint(default_model_path())  # the default, with a search of its own
+    candidate["decode"].update(length_penalty=0.5, no_repeat_ngram=0)
     write_checkpoint(candidate, tmp / "models" / "candidate.pt")
     cfg_file = tmp / "serve.toml"
     cfg_file.write_text(f"""
@@ -129,7 +129,7 @@ def test_json_batch_of_base64_photos_with_attention(served):
         assert len(x["alternatives"]) == 1
 
 
-def test_a_variant_with_mirror_views_captions_as_the_library_does(served):
+def test_a_variant_with_its_own_search_captions_as_the_library_does(served):
     r = served["client"].post("/v1/captions", json={
         "images": [base64.b64encode(CAT).decode()], "model": "candidate", "beam_size": 3, "max_len": 20,
         "attention": True})
@@ -139,7 +139,7 @@ def test_a_variant_with_mirror_views_captions_as_the_library_does(served):
     att = np.array(x["attention"])
     assert att.shape == (len(x["words"]), 7, 7) and np.allclose(att.sum((1, 2)), 1.0, atol=1e-3)
     library = Captioner.load(served["tmp"] / "models" / "candidate.pt")
-    assert library.model.mirror_views
+    assert (library.model.length_penalty, library.model.no_repeat_ngram) == (0.5, 0)
     assert x["caption"] == library.caption(REPO / "examples" / "cat.jpg", beam_size=3, max_len=20).text
 
 
@@ -297,10 +297,8 @@ def test_models_listing_and_docs(served):
     assert models["experiment"] == "exp1"
     assert [v["name"] for v in models["variants"]] == ["control", "candidate"]
     assert all(len(v["version"]) == 12 for v in models["variants"])
-    # how each variant captions: the candidate is the default reading mirror images too
-    assert [v["mirror_views"] for v in models["variants"]] == [False, True]
-    assert all(v["precision"] in ("fp32", "bf16") and v["encoder_precision"] in ("fp32", "bf16")
-               for v in models["variants"])
+    # how each variant captions: the candidate is the default with a search of its own
+    assert all(v["precision"] in ("fp32", "bf16") for v in models["variants"])
     assert "swagger" in client.get("/docs").text.lower()
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/captions"]["post"]["requestBody"]["content"]

@@ -12,14 +12,15 @@ from captioner.data.datasets import ImageRecord
 from captioner.models.encoders import EncoderConfig, TunedTop, build_encoder, get_encoder_config
 from captioner.models.ensemble import ensemble_checkpoint
 from captioner.models.model import CaptionModel, get_model_config
-from captioner.training.train import _build, configured_model, param_groups, train
+from captioner.training.dataset import configured_model
+from captioner.training.train import _build, param_groups, train
 from captioner.data.vocab import Vocab
 from test_train_smoke import tiny_config
 
 TUNED = "efficientnet-lite0-tuned"
 
 
-@pytest.mark.parametrize("name", [TUNED, "efficientnet-lite0-tuned8"])
+@pytest.mark.parametrize("name", [TUNED])
 def test_the_untrained_top_on_cached_regions_gives_the_frozen_backbones_regions(name):
     frozen, bottom = build_encoder(get_encoder_config("efficientnet-lite0")), build_encoder(get_encoder_config(name))
     top = TunedTop(get_encoder_config(name))
@@ -29,12 +30,6 @@ def test_the_untrained_top_on_cached_regions_gives_the_frozen_backbones_regions(
         cached = bottom(images)
         assert cached.shape == (2, 49, get_encoder_config(name).feature_dim)
         torch.testing.assert_close(top(cached), frozen(images), atol=1e-4, rtol=1e-4)
-
-
-def test_a_combined_encoder_with_a_tuned_top_is_refused_by_name():
-    combined = replace(get_encoder_config("efficientnet-lite0+lite2"), split=11)
-    with pytest.raises(ValueError, match="efficientnet-lite0\\+lite2.*tuned top"):
-        build_encoder(combined)
 
 
 def test_encoders_without_a_tuned_top_keep_their_dicts_and_so_their_feature_caches():

@@ -54,16 +54,43 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="decoder weights in matrix products: auto (default) = the model's own, bf16 only "
                         "on a CPU with native bfloat16")
-    p.add_argument("--encoder-precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="the frozen encoder's convolutions: auto (default) = the model's own, bf16 only "
-                        "on a CPU with native bfloat16")
-    p.add_argument("--mirror-views", choices=("auto", "on", "off"), default="auto",
-                   help="also read each photo's mirror image and caption with both views (test-time "
-                        "augmentation; twice the work per photo): auto (default) = the model's own")
 
 
-def _mirror_views(args: argparse.Namespace) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.mirror_views]
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    """Where a dataset is and how to read it (prepare, train, evaluate, finetune); None = the
+    training config's value (TrainConfig)."""
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data", default=None,
+                   help="dataset folder or file (default ../shared/data/flickr8k): see `captioner prepare --help`")
+    g.add_argument("--format", default=None, choices=DATA_FORMATS,
+                   help="dataset format (default auto: detected from the files)")
+    g.add_argument("--image-root", default=None,
+                   help="folder the dataset's photo paths are relative to (default: beside its caption file)")
+    g.add_argument("--layout", default=None, choices=["auto", "token", "csv"],
+                   help="Flickr8k/Flickr30k caption file: token or csv (default: token where present)")
+    g.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/captioner)")
+
+
+def _run_config_args(p: argparse.ArgumentParser) -> None:
+    """A training config: file, overrides, model and encoder (prepare, train)."""
+    g = p.add_argument_group("training config")
+    g.add_argument("--config", default=None, help="JSON file of training config fields")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable)")
+    g.add_argument("--model", default=None, help="registered model name (see `captioner models`)")
+    g.add_argument("--encoder", default=None,
+                   help="the image encoder, e.g. efficientnet-lite2 (its own feature cache; default: the recipe's)")
+
+
+def _train_config(args: argparse.Namespace, **explicit):
+    """The training config the dataset and config options name."""
+    from captioner.training.config import load_train_config
+
+    return load_train_config(getattr(args, "config", None), getattr(args, "set", []), data=args.data,
+                             data_format=args.format, layout=args.layout, image_root=args.image_root,
+                             cache_dir=args.cache_dir, model=getattr(args, "model", None),
+                             encoder=getattr(args, "encoder", None), **explicit)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +118,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
-    captioner = Captioner.load(args.model, precision=args.precision, mirror_views=_mirror_views(args),
-                               encoder_precision=args.encoder_precision)
+    captioner = Captioner.load(args.model, precision=args.precision)
     # options are checked before any photo is read: a bad one fails at once, not after a batch
     captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
     failed = 0
@@ -141,8 +167,7 @@ def _caption_to_file(args: argparse.Namespace) -> int:
         print("error: --attention and --temperature work without --out only", file=sys.stderr)
         return 2
     env = setup(args.device)
-    captioner = Captioner.load(args.model, device=env.device, precision=args.precision,
-                               mirror_views=_mirror_views(args), encoder_precision=args.encoder_precision)
+    captioner = Captioner.load(args.model, device=env.device, precision=args.precision)
     search = dict(beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
                   length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
     result = caption_collection(captioner, photos, args.out, batch_size=args.batch_size, workers=args.workers,
@@ -158,15 +183,13 @@ def _caption_to_file(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from captioner.training.config import load_train_config
-    from captioner.data.datasets import atomic_write_text, load_dataset, save_prepared
+    from captioner.data.datasets import load_dataset, save_prepared
+    from captioner.files import atomic_write_text
     from captioner.distributed import setup
     from captioner.data.report import build_report, check_images, format_report
-    from captioner.training.train import cache_features, data_options, mirror_features
+    from captioner.training.dataset import cache_features, data_options, mirror_features
 
-    cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format, layout=args.layout,
-                            image_root=args.image_root, model=args.model, encoder=args.encoder,
-                            cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+    cfg = _train_config(args, progress=False if args.no_progress else None)
     env = setup(cfg.device)
     dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg), strict=False)
     bad, duplicates = check_images(dataset, args.check_images, args.workers, env, cfg.progress and env.is_main)
@@ -201,15 +224,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from captioner.training.config import load_train_config
     from captioner.training.train import train
 
-    cfg = load_train_config(args.config, args.set, data=args.data, data_format=args.format,
-                            image_root=args.image_root, out=args.out, model=args.model, encoder=args.encoder,
-                            epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, cache_dir=args.cache_dir,
-                            device=args.device, progress=False if args.no_progress else None)
-    result = train(cfg, resume=args.resume)
+    cfg = _train_config(args, out=args.out, epochs=None if args.resume else args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                        progress=False if args.no_progress else None)
+    result = train(cfg, resume=args.resume, epochs=args.epochs if args.resume else None)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
@@ -220,24 +240,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.distributed import resolve_device
     from captioner.evaluation.evaluate import evaluate
 
-    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision,
-                               mirror_views=_mirror_views(args), encoder_precision=args.encoder_precision)
+    captioner = Captioner.load(args.checkpoint, device=resolve_device(args.device), precision=args.precision)
     search = captioner.model.search_config(args.beam_size, args.max_len, 1, args.length_penalty,
                                            args.no_repeat_ngram)
-    out = args.captions_out or f"captions-{args.split}.json"
-    scores, notes = evaluate(captioner.model, args.data, args.split, search, layout=args.layout,
-                             cache_dir=args.cache_dir, captions_out=out, progress=not args.json,
-                             data_format=args.format, image_root=args.image_root or "",
-                             device=str(captioner.device), encoder_precision=captioner.encoder_precision)
+    out = args.captions_out
+    data = _train_config(args)  # the dataset options, with the training config's defaults
+    scores, notes = evaluate(captioner.model, data.data, args.split, search, layout=data.layout,
+                             cache_dir=data.cache_dir, captions_out=out, progress=not args.json,
+                             data_format=data.data_format, image_root=data.image_root,
+                             device=str(captioner.device))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
           f"length penalty {search.length_penalty}, no-repeat n-gram {search.no_repeat_ngram}, "
-          f"precision {captioner.precision}, encoder precision {captioner.encoder_precision}, "
-          f"mirror views {'on' if captioner.model.mirror_views else 'off'}")
+          f"precision {captioner.precision}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
-    print(f"captions written to {out}")
+    if out:
+        print(f"captions written to {out}")
     if args.json:
         print(json.dumps(scores))
     return 0
@@ -253,10 +273,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.no_repeat_ngram = args.no_repeat_ngram
     if args.precision is not None:
         model.precision = args.precision
-    if args.encoder_precision is not None:
-        model.encoder_precision = args.encoder_precision
-    if args.mirror_views is not None:
-        model.mirror_views = args.mirror_views == "on"
     metrics = dict(ckpt.get("metrics", {}))
     if args.metrics:
         metrics["test"] = json.loads(Path(args.metrics).read_text())
@@ -360,8 +376,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from captioner.training.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=args.data, out=args.out, epochs=args.epochs,
-                         lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=args.cache_dir, half=args.half,
+    data = _train_config(args)  # the dataset options, with the training config's defaults
+    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=data.data, out=args.out, epochs=args.epochs,
+                         lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=data.cache_dir, half=args.half,
                          progress=not args.no_progress)
     report = finetune(cfg)
     before, after = report["nll_before"], report["nll_after"]
@@ -382,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption photos (files or folders)")
     p.add_argument("paths", nargs="+", help="image files or folders of images")
-    p.add_argument("--model", default=None, help="checkpoint file (default: the shipped model)")
+    p.add_argument("--model", default="default", help="checkpoint file, or default (the shipped model)")
     _search_args(p)
     _sampling_args(p)
     p.add_argument("--n-best", type=int, default=1, help="also print the next-best captions")
@@ -400,27 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_caption)
 
-    def data_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=None, help="JSON file of training config fields")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config field (repeatable)")
-        p.add_argument("--data", default=None,
-                       help="dataset folder or file (default ../shared/data/flickr8k): see --format")
-        p.add_argument("--format", default=None, choices=DATA_FORMATS,
-                       help="dataset format (default auto: detected from the files)")
-        p.add_argument("--image-root", default=None,
-                       help="folder the dataset's photo paths are relative to (default: beside its caption file)")
-        p.add_argument("--model", default=None, help="registered model name (see `captioner models`)")
-        p.add_argument("--encoder", default=None,
-                       help="swap the model's image encoder, e.g. efficientnet-lite2 (its own feature cache; "
-                            "default: the model's)")
-        p.add_argument("--cache-dir", default=None, help="feature cache folder")
-
     p = sub.add_parser("prepare", help="check a dataset, report on it, and fill its feature cache",
                        description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data_args(p)
-    p.add_argument("--layout", default=None, choices=["auto", "token", "csv"],
-                   help="Flickr8k/Flickr30k caption file: token or csv (default: token where present)")
+    _dataset_args(p)
+    _run_config_args(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write the checked dataset to DIR/dataset.json (+ report.json); --data DIR reads it")
     p.add_argument("--check-images", default="decode", choices=["decode", "header", "exists"],
@@ -435,9 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
-    data_args(p)
+    _dataset_args(p)
+    _run_config_args(p)
     p.add_argument("--out", default=None, help="run folder")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="cross-entropy epochs; with --resume, extends a finished run to this many")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -447,16 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)")
-    p.add_argument("--data", default="../shared/data/flickr8k",
-                   help="dataset folder or file in any format prepare reads (or what prepare --out wrote)")
-    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="dataset format (default: detected)")
-    p.add_argument("--image-root", default=None, help="folder the dataset's photo paths are relative to")
+    _dataset_args(p)
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"],
                    help="split to score; all = every photo (e.g. a set made only for evaluation)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the shipped model)")
-    p.add_argument("--layout", default="auto", choices=["auto", "token", "csv"])
-    p.add_argument("--cache-dir", default="~/.cache/captioner")
-    p.add_argument("--captions-out", default=None, help="per-image captions JSON (default captions-SPLIT.json)")
+    p.add_argument("--checkpoint", default="default", help="checkpoint file, or default (the shipped model)")
+    p.add_argument("--captions-out", default=None, metavar="FILE.json",
+                   help="also write each photo's caption and references here (the input of captioner compare)")
     p.add_argument("--json", action="store_true", help="last line: the scores as one JSON object")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     _search_args(p)
@@ -472,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write a model-only checkpoint (optionally fp16) for shipping")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint file (e.g. a run's best.pt), or default (the shipped model)")
     p.add_argument("out")
     p.add_argument("--half", action="store_true", help="store weights as fp16")
     p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
@@ -480,10 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the decoder precision to caption with where the CPU has native bf16 (see README)")
-    p.add_argument("--encoder-precision", choices=("fp32", "bf16"), default=None,
-                   help="the frozen encoder's precision to caption with where the CPU has native bf16")
-    p.add_argument("--mirror-views", choices=("on", "off"), default=None,
-                   help="whether the model reads each photo's mirror image too (see README)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ensemble", help="join trained checkpoints (same vocab and encoder) into one model")
@@ -522,13 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="continue training a model on its users' corrected captions")
     p.add_argument("--db", required=True, help="SQLite feedback store with corrections")
-    p.add_argument("--checkpoint", required=True, help="the base model")
-    p.add_argument("--data", required=True, help="its original dataset, replayed so it does not forget")
+    p.add_argument("--checkpoint", default="default", help="the base model: a checkpoint file, or default (the shipped model)")
+    _dataset_args(p)
     p.add_argument("--out", required=True, help="the new checkpoint (serve it as a new variant)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--replay-ratio", type=float, default=10.0, help="original photos per corrected photo")
-    p.add_argument("--cache-dir", default="~/.cache/captioner", help="feature cache of the original data")
     p.add_argument("--half", action="store_true", help="store the weights as fp16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from captioner.files import atomic_write_text
 from captioner.errors import DataError
 
 SPLITS = ("train", "dev", "test")
@@ -548,17 +548,6 @@ def prepared_dict(dataset: CaptionDataset) -> dict:
     return {"format": PREPARED_FORMAT, "version": PREPARED_VERSION, "name": dataset.name,
             "image_dir": str(Path(dataset.image_dir).resolve()),
             "records": [{"image": r.image, "split": r.split, "captions": r.captions} for r in dataset.records]}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temp file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_prepared(dataset: CaptionDataset, folder: str | Path) -> Path:

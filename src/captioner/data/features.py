@@ -18,7 +18,6 @@ from captioner.models.encoders import EncoderConfig, build_encoder, weights_file
 from captioner.errors import ImageError
 from captioner.files import remove_stale_temps
 from captioner.data.loading import load_batches
-from captioner.inference.precision import encoder_autocast
 
 FORMAT = 1
 
@@ -58,11 +57,10 @@ class FeatureCache:
 @torch.no_grad()
 def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
                      batch_size: int = 8, progress: bool = True, workers: int = 0, device: str = "cpu",
-                     mirror: bool = False, precision: str = "fp32") -> None:
+                     mirror: bool = False) -> None:
     """Run the frozen encoder over `paths`, writing rows of `out` in order; `workers` > 0 loads
     photos in that many processes, and on a GPU the encoder runs in fp16 autocast. `mirror`
-    encodes each photo flipped left to right; `precision` "bf16" runs it in bfloat16 on the CPU,
-    as a model exported with that encoder precision captions (`precision.encoder_autocast`)."""
+    encodes each photo flipped left to right."""
     if not paths:
         return
     encoder = build_encoder(cfg).to(device)
@@ -74,7 +72,7 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
             if error:
                 raise ImageError(error)
         pixels = torch.stack([x for _, x, _ in batch]).to(device)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda), encoder_autocast(precision, device):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             feats = encoder(pixels)  # (B, R, C)
         out[start:start + len(batch)] = feats.float().cpu().numpy().astype(np.float16)
         start += len(batch)
@@ -120,7 +118,7 @@ def _plan(folder: Path, image_dir: Path, names: Sequence[str]) -> dict:
 
 def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache_dir: Path,
                 tag: str = "data", batch_size: int = 8, progress: bool = True, env: DistEnv | None = None,
-                workers: int = 0, mirror: bool = False, precision: str = "fp32") -> FeatureCache:
+                workers: int = 0, mirror: bool = False) -> FeatureCache:
     """Features for these images, computed only for those the cache lacks.
 
     The folder name carries a hash of the encoder, its weights and its preprocessing; the
@@ -128,12 +126,11 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     read, and a photo that changed since is encoded again. Under torchrun (`env`) every rank
     encodes its share of the missing photos and rank 0 joins the shares into the one cache,
     row for row what a single process writes (the cache folder must be one all ranks see).
-    `mirror` caches the features of the photos flipped left to right, in a folder of its own, and
-    `precision` "bf16" those of the encoder run in bfloat16 (for evaluating a model exported so).
+    `mirror` caches the features of the photos flipped left to right, in a folder of its own.
     """
     image_dir = Path(image_dir)
     where = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:6]
-    suffix = ("-mirror" if mirror else "") + ("-bf16" if precision == "bf16" else "")
+    suffix = "-mirror" if mirror else ""
     folder = Path(cache_dir) / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}{suffix}"
     main = env is None or env.is_main
     plan = broadcast(_plan(folder, image_dir, names) if main else None, env)  # one plan for every rank
@@ -147,8 +144,7 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
             part = np.lib.format.open_memmap(shards / f"rank{env.rank}.npy", mode="w+", dtype=np.float16,
                                              shape=(len(mine), cfg.grid_size ** 2, cfg.feature_dim))
             extract_features([image_dir / n for n in mine], cfg, part, batch_size=batch_size,
-                             progress=progress and main, workers=workers, device=device, mirror=mirror,
-                             precision=precision)
+                             progress=progress and main, workers=workers, device=device, mirror=mirror)
             part.flush()
             del part
             barrier(env)
@@ -159,7 +155,7 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
         else:
             _write(folder, image_dir, keep, todo, cfg, lambda out: extract_features(
                 [image_dir / n for n in todo], cfg, out, batch_size=batch_size, progress=progress, workers=workers,
-                device=device, mirror=mirror, precision=precision))
+                device=device, mirror=mirror))
     index, feats = _open(folder)
     return FeatureCache(folder, index["names"], feats)
 

@@ -2,28 +2,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from captioner.models.checkpoint import load_checkpoint
+from captioner.models.checkpoint import default_model_path, load_checkpoint, resolve_checkpoint  # noqa: F401
 from captioner.models.encoders import Encoder, build_encoder, preprocess
 from captioner.errors import OptionError
 from captioner.data.images import ImageInput, ImageLimits
 from captioner.models.model import CaptionModel
-from captioner.inference.precision import bf16_linears, encoder_autocast, resolve_precision
+from captioner.inference.precision import bf16_linears, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
 MAX_BEAM_SIZE = 64
 MAX_DECODE_LEN = 200  # words
-
-
-def default_model_path() -> Path:
-    """The shipped default model (decoder weights, fp16) inside the package."""
-    return Path(str(resources.files("captioner") / "weights" / "default.pt"))
 
 
 @dataclass
@@ -45,34 +39,27 @@ class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
-                 limits: ImageLimits | None = None, precision: str | None = "fp32",
-                 mirror_views: bool | None = None, encoder_precision: str | None = "fp32"):
+                 limits: ImageLimits | None = None, precision: str | None = "fp32"):
         """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
-        `captioner.precision`), or None/"auto" for the model's own (`model.precision`, as
-        exported) where the CPU does bf16 natively; `encoder_precision` likewise for the frozen
-        encoder (`model.encoder_precision`, `precision.encoder_autocast`). `mirror_views`: read
-        each photo's mirror image too (`CaptionModel.mirror_views`), or None for the model's
-        own. The model is changed in place."""
+        `captioner.inference.precision`), or None/"auto" for the model's own (`model.precision`,
+        as exported) where the CPU does bf16 natively. The model is changed in place."""
         self.model = model.eval().to(device)
-        if mirror_views is not None:
-            self.model.mirror_views = bool(mirror_views)
         self.info = info or {}
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
         self.precision = resolve_precision(precision, model.precision, self.device)
-        self.encoder_precision = resolve_precision(encoder_precision, model.encoder_precision, self.device)
         if self.precision == "bf16":
             bf16_linears(self.model.decoder)
         self._encoder: Encoder | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
-             limits: ImageLimits | None = None, precision: str | None = "auto",
-             mirror_views: bool | None = None, encoder_precision: str | None = "auto") -> "Captioner":
-        path = Path(path) if path is not None else default_model_path()
+             limits: ImageLimits | None = None, precision: str | None = "auto") -> "Captioner":
+        """A saved model: a checkpoint file, or None / "default" for the shipped model."""
+        path = resolve_checkpoint(path)
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits, precision, mirror_views, encoder_precision)
+        return cls(model, info, device, limits, precision)
 
     @property
     def encoder(self) -> Encoder:
@@ -115,19 +102,10 @@ class Captioner:
     @torch.no_grad()
     def encode_pixels(self, batch: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """Preprocessed photos (B, 3, S, S) -> region features (B, N, C); `chunk` > 0 runs the
-        encoder on that many photos at a time (large batches spill the CPU cache). With the
-        model's `mirror_views` each photo's mirror image is encoded too: (B, 2N, C), the photo's
-        regions, then its mirror's (flipped as the mirror features of training are)."""
+        encoder on that many photos at a time (large batches spill the CPU cache)."""
         batch = batch.to(self.device)
-        if not self.model.mirror_views:
-            return self._encode(batch, chunk)
-        photos, mirrors = self._encode(torch.cat([batch, batch.flip(-1)]), chunk).chunk(2)
-        return torch.cat([photos, mirrors], 1)
-
-    def _encode(self, batch: torch.Tensor, chunk: int) -> torch.Tensor:
         parts = [batch] if chunk <= 0 or batch.size(0) <= chunk else batch.split(chunk)
-        with encoder_autocast(self.encoder_precision, self.device):
-            feats = [self.encoder(part) for part in parts]
+        feats = [self.encoder(part) for part in parts]
         return (feats[0] if len(feats) == 1 else torch.cat(feats)).float()  # (B, N, C)
 
     @torch.no_grad()

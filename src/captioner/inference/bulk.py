@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from captioner.inference.api import Captioner
-from captioner.data.datasets import atomic_write_text
+from captioner.files import atomic_write_text
 from captioner.distributed import DistEnv, all_sum, barrier, shard
 from captioner.errors import DataError
 from captioner.data.loading import load_batches

@@ -57,15 +57,6 @@ def bf16_linears(module: nn.Module) -> int:
     return count + (hook() if callable(hook) else 0)
 
 
-def encoder_autocast(precision: str, device: str | torch.device):
-    """The frozen encoder's convolutions under bfloat16 autocast where `precision` is "bf16" and
-    it runs on the CPU (a no-op otherwise). Unlike the decoder, the encoder reads no weights per
-    word: it is one pass of convolutions per photo, which bfloat16 speeds up in batches (the
-    micro-batches of `captioner serve`). Its output is float32 again where callers need it."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"
-                          and torch.device(device).type == "cpu")
-
-
 def resolve_precision(requested: str | None, preferred: str, device: str | torch.device) -> str:
     """The precision to caption with: `requested` "fp32" or "bf16" as asked, or None/"auto"
     for the model's `preferred` one, which becomes fp32 unless on a CPU with native bf16."""

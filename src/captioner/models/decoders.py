@@ -63,7 +63,6 @@ class AttentionLSTMConfig:
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty (training)
     attention: str = "global"  # "global" (all regions) or "local" (a window around a predicted spot)
     window: int = 2  # local attention: half-width of the window, in grid cells
-    tie_embeddings: bool = False  # the output layer shares the word embedding matrix (Press & Wolf, 2017)
 
 
 @register_decoder("soft-attention-lstm", AttentionLSTMConfig)
@@ -87,9 +86,6 @@ class SoftAttentionLSTM(nn.Module):
         self.out_hidden = nn.Linear(H, E)  # L_h
         self.out_context = nn.Linear(D, E, bias=False)  # L_z
         self.out = nn.Linear(E, vocab_size)  # L_o
-        if cfg.tie_embeddings:  # a small init: the embeddings now also give the logits' scale
-            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-            self.out.weight = self.embed.weight
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.attention not in ("global", "local"):
             raise ConfigError(f"soft-attention-lstm: attention must be 'global' or 'local', not {cfg.attention!r}")
@@ -611,80 +607,3 @@ class WithTunedTop(nn.Module):
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         return self.inner.step(prev_tokens, state)
-
-
-class MirrorViews(nn.Module):
-    """A decoder reading each photo twice, as taken and as its mirror image, and captioning
-    with the mean of the two views' word probabilities (test-time augmentation; Krizhevsky et
-    al. 2012 averaged flipped views the same way). The features are the photo's N regions and
-    then its mirror image's: (B, 2N, C). The mirror view speaks of a mirrored world, so its words
-    are swapped back (`perm[w]` is the word the mirror view says where the photo says `w`:
-    "left" for "right"), both in what it reads and in what it predicts; its attention map is
-    flipped back onto the photo's grid (`side` columns) before the two maps are averaged.
-    Both views run as one doubled batch, so the decoder's weights are read once per step.
-    Built around a trained decoder at inference (`CaptionModel.mirror_views`); not trained."""
-
-    def __init__(self, inner: nn.Module, perm: torch.Tensor, side: int):
-        super().__init__()
-        self.inner = inner
-        self.perm = perm.long()
-        self.side = side
-
-    @property
-    def max_words(self) -> int:
-        return getattr(self.inner, "max_words", 10 ** 9)
-
-    def _views(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, 2N, C) -> (2B, N, C): the photos, then their mirror images."""
-        n = self.side ** 2
-        if features.dim() != 3 or features.size(1) != 2 * n:
-            raise ValueError(f"a model with mirror views reads each photo's {n} regions and its mirror "
-                             f"image's, {2 * n} in all; got features of shape {tuple(features.shape)}")
-        return torch.cat([features[:, :n], features[:, n:]], 0)
-
-    def _unflip(self, alpha: torch.Tensor) -> torch.Tensor:
-        """A mirror view's attention over its grid -> the same weights on the photo's grid."""
-        return alpha.unflatten(-1, (self.side, self.side)).flip(-1).flatten(-2)
-
-    def _mix(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """(2R, ..., V) log-probabilities of both views -> (R, ..., V) log of their mean."""
-        photo, mirror = logprobs.chunk(2)
-        return torch.logaddexp(photo, mirror.index_select(-1, self.perm)) - math.log(2)
-
-    def _mean_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
-        photo, mirror = alpha.chunk(2)
-        return (photo + self._unflip(mirror)) / 2
-
-    def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing: log of the mean word probability (B, T, V) and mean alphas (B, T, N)."""
-        views = self._views(features)
-        if rows is not None:
-            rows = torch.cat([rows, rows + features.size(0)])
-        logits, alpha = self.inner.forward_with_attention(views, torch.cat([tokens, self.perm[tokens]]),
-                                                          rows, need_weights)
-        return (self._mix(logits.log_softmax(-1)),
-                self._mean_alpha(alpha) if need_weights and alpha is not None else None)
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        return self.forward_with_attention(features, tokens, rows, need_weights=False)[0]
-
-    def init_state(self, features: torch.Tensor) -> State:
-        return self._split(self.inner.init_state(self._views(features)))
-
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        joined = {k[len("photo."):]: torch.cat([v, state["mirror." + k[len("photo."):]]])
-                  for k, v in state.items() if k.startswith("photo.")}
-        logprobs, new = self.inner.step(torch.cat([prev_tokens, self.perm[prev_tokens]]), joined)
-        return self._mix(logprobs), self._split(new)
-
-    def _split(self, state: State) -> State:
-        """The inner decoder's state for both views (2R rows) -> each view's R rows under its own
-        prefix ("photo.", "mirror."), and "alpha", the mean of their maps on the photo's grid."""
-        out: State = {}
-        for k, v in state.items():
-            out[f"photo.{k}"], out[f"mirror.{k}"] = v.chunk(2)
-        out["alpha"] = self._mean_alpha(state["alpha"])
-        return out

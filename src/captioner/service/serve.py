@@ -533,8 +533,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         svc.client(request)
         return {"experiment": svc.cfg.experiment.name, "variants": [
             {"name": m.variant.name, "model": m.captioner.name, "version": m.version, "weight": m.variant.weight,
-             "precision": m.captioner.precision, "encoder_precision": m.captioner.encoder_precision,
-             "mirror_views": m.captioner.model.mirror_views}
+             "precision": m.captioner.precision}
             for m in svc.models.values()]}
 
     @app.post("/v1/captions", openapi_extra={"requestBody": CAPTION_BODY},

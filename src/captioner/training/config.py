@@ -11,30 +11,31 @@ from captioner.errors import ConfigError
 
 @dataclass
 class TrainConfig:
+    """A training run. The defaults are the recipe the shipped model was trained with (its release
+    run adds only `train_on_dev`, see configs/flickr8k-release.json); docs/experiments.md says
+    why each value won."""
+
     model: str = "show-attend-tell"  # a registered model config (captioner models)
-    encoder: str = ""  # swap the model's image encoder (e.g. efficientnet-lite2); "" = the model's own
+    encoder: str = "efficientnet-lite0-tuned"  # the image encoder; "" = the model config's own
     data: str = "../shared/data/flickr8k"  # dataset folder or file (any format `captioner prepare` reads)
     data_format: str = "auto"  # flickr8k, flickr30k, coco, karpathy, manifest, prepared, or auto (detected)
     layout: str = "auto"  # Flickr8k/Flickr30k caption file: token, csv or auto
     image_root: str = ""  # folder the dataset's photo paths are relative to; "" = found beside its caption file
-    out: str = "runs/show-attend-tell"  # run folder: checkpoints, logs, resolved config
+    out: str = "runs/default"  # run folder: checkpoints, logs, resolved config
     cache_dir: str = "~/.cache/captioner"  # encoder feature caches
     seed: int = 0
-    epochs: int = 12  # upper bound; early stopping may end sooner
-    batch_size: int = 100  # captions per optimiser step
-    batching: str = "image"  # image: whole photos with all their captions; caption: independent pairs
+    epochs: int = 10  # cross-entropy epochs at most; early stopping may end sooner
+    batch_size: int = 50  # captions per optimiser step (whole photos with all their captions)
     lr: float = 1e-3  # peak Adam learning rate
-    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr * final_lr_ratio
+    # linear warm-up over this many steps, at most a tenth of the cross-entropy steps (tiny
+    # datasets warm up in proportion), then cosine decay to lr * final_lr_ratio
+    warmup_steps: int = 200
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.0
     encoder_lr_scale: float = 0.1  # a tuned encoder top's learning rate, relative to the decoder's (both stages)
     grad_clip: float = 5.0  # max global gradient norm
-    ema_decay: float = 0.0  # score and keep a moving average of the weights (e.g. 0.999); 0 = the raw weights
-    label_smoothing: float = 0.1
-    mirror_prob: float = 0.0  # chance a train photo is seen mirrored in an epoch (0 = never; see train.TrainingSet)
-    # Random crops: in each epoch each train photo is seen through a square crop of its cached feature
-    # grid, its side a fraction drawn from [crop_scale, 1] of the whole, resized back (1 = never; see train.TrainingSet)
-    crop_scale: float = 1.0
+    label_smoothing: float = 0.0  # 0.1 lost on dev CIDEr-D (docs/experiments.md)
+    mirror_prob: float = 0.5  # chance a train photo is seen mirrored in an epoch ("left" and "right" swapped)
     min_word_count: int = 5  # words rarer than this in train captions become <unk>
     max_caption_len: int = 30  # words kept per training caption
     val_beam_size: int = 3  # dev decoding during training, as evaluate does it
@@ -45,18 +46,15 @@ class TrainConfig:
     # mirror images included). Dev can then no longer judge the model, so each stage keeps its
     # last epoch and nothing stops early; dev is still scored each epoch, for the log only.
     train_on_dev: bool = False
-    scst_epochs: int = 0  # self-critical epochs on CIDEr-D after cross-entropy (0 = none)
-    scst_lr: float = 2e-5  # constant Adam learning rate during self-critical training
-    scst_samples: int = 5  # captions sampled per image per step
+    scst_epochs: int = 3  # self-critical epochs on CIDEr-D after cross-entropy (0 = none)
+    scst_lr: float = 1e-4  # constant Adam learning rate during self-critical training
+    scst_samples: int = 5  # captions sampled per image per step; each one's baseline is the others' mean
     scst_batch_size: int = 50  # sampled captions per optimiser step (images x samples)
-    scst_baseline: str = "greedy"  # reward baseline: greedy caption, or mean of the other samples
-    scst_sampler: str = "multinomial"  # how captions are drawn: multinomial sampling, or the beam's top k
-    scst_dropout: bool = False  # keep dropout on while sampling and in the gradient pass
     scst_max_len: int = 16  # words sampled at most (longer Flickr8k references are rare)
     # Self-critical trajectories averaged into one model (a "soup"): 1 = one trajectory, its best
     # epoch kept (its last in a refit); N > 1 = N trajectories of scst_epochs each from the same
     # cross-entropy weights (seeds seed, seed + 1, ...), best.pt the mean of all their epochs' weights
-    scst_soup: int = 1
+    scst_soup: int = 2
     init_checkpoint: str = ""  # start from this checkpoint (model, vocab, weights), e.g. SCST only
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images
@@ -70,6 +68,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Fields whose trials lost, removed from the product; their results stay in docs/experiments.md.
+REMOVED = {
+    "batching": "batches are always whole photos with all their captions",
+    "ema_decay": "a moving average of the weights did not beat the raw weights on dev",
+    "crop_scale": "random crops lost on dev",
+    "scst_baseline": "the baseline is always the mean reward of the other samples",
+    "scst_sampler": "captions are always drawn by multinomial sampling",
+    "scst_dropout": "dropout stays off while sampling",
+}
 
 
 # TrainConfig fields that say where a run reads and writes, or how it reports and uses the
@@ -111,6 +120,10 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
+        removed = sorted(set(loaded) & set(REMOVED))
+        if removed:
+            raise ConfigError(f"{path}: field(s) {', '.join(removed)} were removed in captioner 0.2 "
+                              f"({'; '.join(REMOVED[k] for k in removed)}); see docs/experiments.md")
         unknown = sorted(set(loaded) - set(types))
         if unknown:
             raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
@@ -119,6 +132,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r}: expected key=value")
+        if key in REMOVED:
+            raise ConfigError(f"override {item!r}: the field {key} was removed in captioner 0.2 ({REMOVED[key]})")
         if key not in types:
             raise ConfigError(f"override {item!r}: unknown field {key!r}; known: {', '.join(types)}")
         values[key] = _coerce(types[key], raw, key)
@@ -133,14 +148,8 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
     if not 0.0 <= cfg.mirror_prob <= 1.0:
         raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
-    if not 0.0 < cfg.crop_scale <= 1.0:
-        raise ConfigError(f"field crop_scale: must be above 0 and at most 1, not {cfg.crop_scale!r}")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ConfigError(f"field ema_decay: must be at least 0 and below 1, not {cfg.ema_decay!r}")
     if cfg.scst_soup < 1:
         raise ConfigError(f"field scst_soup: must be at least 1, not {cfg.scst_soup!r}")
     if cfg.scst_soup > 1 and cfg.scst_epochs < 1:
         raise ConfigError(f"field scst_soup: {cfg.scst_soup} trajectories need scst_epochs of at least 1")
-    if cfg.scst_soup > 1 and cfg.ema_decay:
-        raise ConfigError("field scst_soup: a soup averages kept epochs; use it without ema_decay")
     return cfg

@@ -23,7 +23,9 @@ from captioner.errors import CaptionerError, ConfigError
 from captioner.service.feedback import FeedbackStore
 from captioner.data.features import FeatureCache
 from captioner.models.model import CaptionModel
-from captioner.training.train import TrainingSet, images_per_batch, length_bucketed_batches, param_groups, prepare, train_epoch
+from captioner.training.crossentropy import train_epoch
+from captioner.training.dataset import TrainingSet, images_per_batch, length_bucketed_batches, prepare
+from captioner.training.train import param_groups
 from captioner.data.vocab import tokenize
 
 log = logging.getLogger("captioner.training.finetune")

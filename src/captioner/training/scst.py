@@ -11,16 +11,13 @@ from tqdm import tqdm
 
 from captioner.evaluation.cider import CiderD
 from captioner.training.config import TrainConfig
-from captioner.inference.decode import SearchConfig, beam_search, sample
+from captioner.inference.decode import sample
 from captioner.distributed import DistEnv, all_sum, shard
 from captioner.models.model import CaptionModel
 from captioner.data.vocab import MIRRORED_WORDS, tokenize
 
-if TYPE_CHECKING:  # train imports this module
-    from captioner.training.train import TrainingSet
-
-BASELINES = ("greedy", "mean")
-SAMPLERS = ("multinomial", "beam")
+if TYPE_CHECKING:
+    from captioner.training.dataset import TrainingSet
 
 
 def reward_scorer(captions: list[list[str]]) -> CiderD:
@@ -40,40 +37,23 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
               mirrored: Sequence[bool] | None = None) -> tuple[torch.Tensor, float, float]:
     """Policy-gradient loss for one batch of images; also (mean sample reward, mean baseline).
 
-    `scst_samples` captions are drawn per image, by multinomial sampling (Rennie et al., 2017)
-    or as the beam search's top `scst_samples` (`scst_sampler=beam`, as in Cornia et al., 2020).
-    The baseline is the greedy caption's reward (`greedy`, as in the paper) or the mean reward
-    of the image's other captions (`mean`, Luo 2020). With `scst_dropout` off, sampling and the
-    gradient pass both run without dropout, so the gradient is taken under the very policy
-    that drew the captions; on, dropout stays as in cross-entropy training (a regulariser).
-    `forward` runs the gradient pass (under torchrun, the DDP-wrapped teacher-forcing module).
-    `mirrored[i]`: image i's features are those of its mirror image (see TrainingSet.mirror).
+    `scst_samples` captions are drawn per image by multinomial sampling (Rennie et al., 2017);
+    each caption's baseline is the mean reward of the image's other captions (Luo, 2020).
+    Sampling and the gradient pass both run without dropout, so the gradient is taken under
+    the very policy that drew the captions. `forward` runs the gradient pass (under torchrun,
+    the DDP-wrapped teacher-forcing module). `mirrored[i]`: image i's features are those of its
+    mirror image (see TrainingSet.mirror).
     """
-    if cfg.scst_baseline not in BASELINES:
-        raise ValueError(f"scst_baseline must be one of {BASELINES}, not {cfg.scst_baseline!r}")
-    if cfg.scst_sampler not in SAMPLERS:
-        raise ValueError(f"scst_sampler must be one of {SAMPLERS}, not {cfg.scst_sampler!r}")
     v, n = model.vocab, cfg.scst_samples
-    common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_len=cfg.scst_max_len,
-                  banned_ids=(v.bos_id, v.unk_id))
-    model.train(cfg.scst_dropout)
-    if cfg.scst_sampler == "beam":
-        search = SearchConfig(beam_size=n, max_len=cfg.scst_max_len, n_best=n, length_penalty=1.0)
-        drawn = beam_search(model.decoder, feats, v.bos_id, v.eos_id, v.pad_id, search,
-                            banned_ids=(v.bos_id, v.unk_id)).tokens.flatten(0, 1)  # (B*n, T)
-    else:
-        drawn = sample(model.decoder, feats, n=n, temperature=1.0, **common).tokens  # (B*n, T)
+    model.train(False)
+    drawn = sample(model.decoder, feats, v.bos_id, v.eos_id, v.pad_id, max_len=cfg.scst_max_len, n=n,
+                   temperature=1.0, banned_ids=(v.bos_id, v.unk_id)).tokens  # (B*n, T)
     flips = list(mirrored) if mirrored is not None else [False] * len(images)
     keys = [i for i in images for _ in range(n)]
     words = [_words(v.decode(s), flips[k // n]) for k, s in enumerate(drawn.tolist())]
     rewards = torch.tensor(cider.scores(keys, words), device=feats.device)
     rewards = rewards.view(len(images), n)  # (B, n)
-    if cfg.scst_baseline == "greedy":
-        greedy = sample(model.decoder, feats, temperature=0.0, **common).tokens
-        base = torch.tensor(cider.scores(images, [_words(v.decode(s), f) for s, f in zip(greedy.tolist(), flips)]),
-                            device=feats.device)[:, None]
-    else:
-        base = (rewards.sum(1, keepdim=True) - rewards) / max(n - 1, 1)
+    base = (rewards.sum(1, keepdim=True) - rewards) / max(n - 1, 1)  # (B, n): the others' mean
     advantage = (rewards - base).view(-1)  # (B*n,)
 
     inputs = torch.cat([torch.full_like(drawn[:, :1], v.bos_id), drawn[:, :-1]], 1)  # (B*n, T)

@@ -1,7 +1,7 @@
 """What self-critical training adds: score a cross-entropy checkpoint and the SCST model that
 started from it on the same split, with the same search and the same toolkit as `evaluate`.
 
-    python benchmarks/scst_gain.py --xe runs/scst/best-xe.pt --scst runs/scst/best.pt \
+    python release/scst_gain.py --xe runs/scst/best-xe.pt --scst runs/scst/best.pt \
         [--data ../shared/data/flickr8k] [--split test] [--beam-size 3] [--cache-dir DIR] \
         [--out benchmarks/results/scst_gain.json] [--captions-dir DIR]
 

@@ -1,9 +1,9 @@
-"""Write the model card and the README's results block from a retrain run's own outputs.
+"""Write the model card and the results block in docs/results.md from a retrain run's own outputs.
 
-    python benchmarks/model_card.py [RUN_DIR]
+    python release/model_card.py [RUN_DIR]
 
 Reads RUN_DIR/{timing.json,test_scores.json,metrics.jsonl,config.json} (written by
-benchmarks/retrain_default.sh) and benchmarks/results/latency.json (benchmarks/latency.py).
+release/release.sh) and benchmarks/results/latency.json (benchmarks/latency.py).
 Nothing here is typed by hand: every figure comes from those files.
 """
 from __future__ import annotations
@@ -13,8 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from readme_blocks import replace_block
-from stage_minutes import cpu
+from blocks import replace_block
 
 from captioner.models.checkpoint import read_checkpoint
 from captioner.models.encoders import get_encoder_config
@@ -156,7 +155,7 @@ def shipped_text(weights: Path) -> str:
 
 
 def interval_text(scores: dict, intervals_file: Path, script: str = "intervals.sh") -> str:
-    """The shipped model's own test intervals from `benchmarks/intervals.py`'s file, where it holds
+    """The shipped model's own test intervals from `release/intervals.py`'s file, where it holds
     the default's test captions and they score as the card's test scores do to the three decimals
     shown (else nothing). The file's captions are the shipped fp16 file's, as `captioner evaluate`
     captioned them on the machine that wrote it, so its scores are quoted with the interval."""
@@ -177,6 +176,16 @@ def interval_text(scores: dict, intervals_file: Path, script: str = "intervals.s
                 f"{c_low:.3f}–{c_high:.3f}, BLEU-4 {b_low:.3f}–{b_high:.3f}. It covers which photos the test split "
                 f"holds, not a second training's spread.\n")
     return ""
+
+
+def cpu(lscpu: Path) -> str:
+    """'NAME (family F, model M)' from saved `lscpu` output, or 'unknown CPU'."""
+    if not lscpu.is_file():
+        return "unknown CPU"
+    fields = {k.strip(): v.strip() for k, v in
+              (line.split(":", 1) for line in lscpu.read_text().splitlines() if ":" in line)}
+    family = f" (family {fields['CPU family']}, model {fields.get('Model', '?')})" if fields.get("CPU family") else ""
+    return (fields.get("Model name") or "unknown CPU") + family
 
 
 def cpu_text(lscpu: Path) -> str:
@@ -220,15 +229,15 @@ def main(run: Path) -> None:
         g = json.loads(gain_file.read_text())
         xe_s, sc_s = g["cross_entropy"][g["split"]], g["scst"][g["split"]]
         facts += (f"- Self-critical training's share ({g['split']}, beam {g['beam_size']}, plain search; "
-                  f"`benchmarks/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
+                  f"`release/scst_gain.py`): CIDEr-D {xe_s['CIDEr']:.3f} → {sc_s['CIDEr']:.3f} "
                   f"({g['gain']['CIDEr']:+.3f}), BLEU-4 {xe_s['Bleu_4']:.3f} → {sc_s['Bleu_4']:.3f} "
                   f"({g['gain']['Bleu_4']:+.3f}) over its cross-entropy starting point.\n")
-    # the default's own table first (benchmarks/intervals_default.sh), else the older one's (intervals.sh)
+    # the default's own table first (release/release.sh), else the older one's (intervals.sh)
     facts += (interval_text(scores, REPO / "benchmarks" / "results" / "intervals-default.json", "intervals_default.sh")
               or interval_text(scores, REPO / "benchmarks" / "results" / "intervals.json"))
     facts += shipped_text(weights)
     block = results + "\n" + facts
-    model_cfg = json.loads((REPO / "src" / "captioner" / "configs" / f"{config['model']}.json").read_text())
+    model_cfg = json.loads((REPO / "src" / "captioner" / "models" / "configs" / f"{config['model']}.json").read_text())
     recipe = recipe_text(config, history)
     photos = "7000" if refit else "6000"
     if refit:
@@ -236,7 +245,7 @@ def main(run: Path) -> None:
                      "dev photos\n(a final refit, `train_on_dev`). The recipe, its epoch counts and the beam "
                      "settings were\nchosen on dev with train-only runs before the refit; the published "
                      "models quoted below\ntrained on the 6000 alone. It is")
-        command = f"SEARCH_FROM={lp.get('taken_from', '?')} bash benchmarks/retrain_default.sh"
+        command = "bash release/release.sh"
         kept_text = ("Dev is part of the training set, so each stage keeps its last epoch" +
                      (" (the self-critical stage, the mean of its trajectories' epochs)." if
                       config.get("scst_soup", 1) > 1 else "."))
@@ -244,7 +253,7 @@ def main(run: Path) -> None:
     else:
         data_text = (f"{photos} training photos with\n5 captions each, model selected on the 1000 dev photos by "
                      "CIDEr-D of real beam-3 decoding,")
-        command = "bash benchmarks/retrain_default.sh"
+        command = "bash release/release.sh"
         kept_text = "The checkpoint kept is the one with the best dev CIDEr-D."
         refit_note = ""
     card = f"""# Model card: captioner default (`{config['model']}`)
@@ -257,7 +266,7 @@ scored on the official 1000 test photos. Flickr8k is for research use; the photo
 their Flickr authors. The weights are derived from it: use them under the same terms.
 
 **Training command.** `{command}` (= `captioner prepare`, then
-`captioner train --config configs/flickr8k-default.json`, then `captioner evaluate`), seed
+`captioner train --config configs/flickr8k-release.json`, then `captioner evaluate`), seed
 {config['seed']}: {recipe}. {kept_text}
 
 ## Test scores (Flickr8k test split, 1000 photos, 5 references, beam 3, `captioner evaluate`)
@@ -273,7 +282,7 @@ scenes best and will name things it has not seen as the nearest thing it knows. 
 be wrong about gender, age, number and activity; do not use them as the only alt text for
 content where such errors matter without a person checking them. Its scores are bounded by
 the photos it learned from: the same recipe on the frozen encoder, trained on half of the
-train split, scores well below its full run on test, as each halving before did (the README's
+train split, scores well below its full run on test, as each halving before did (docs/results.md's
 "How far the training photos go"{refit_note}).
 """
     (REPO / "src" / "captioner" / "weights" / "MODEL_CARD.md").write_text(card)

@@ -1,6 +1,6 @@
 """Pick the beam-ranking length penalty and n-gram blocking on the dev split (never on test).
 
-    python benchmarks/tune_length_penalty.py --checkpoint runs/default/best.pt \
+    python release/tune_search.py --checkpoint runs/default/best.pt \
         [--data ../shared/data/flickr8k] [--cache-dir DIR] [--out runs/default/length_penalty.json]
 
 Decodes the dev photos with beam 3 for each setting and keeps the one with the best CIDEr-D;

@@ -1,10 +1,10 @@
-"""The README's generated blocks: the text between `<!-- NAME:start -->` and `<!-- NAME:end -->`
-is written by a benchmark script from its results file, never by hand."""
+"""docs/results.md's generated blocks: the text between `<!-- NAME:start -->` and `<!-- NAME:end -->`
+is written by a release script from its results file, never by hand."""
 from __future__ import annotations
 
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -1,17 +1,17 @@
 """How much of a score difference is the test set's sampling noise: paired bootstrap intervals.
 
-    python benchmarks/intervals.py \
+    python release/intervals.py \
         --pair "mirror views off → on" dev runs/mirror_views/captions-dev-off.json \
                runs/mirror_views/captions-dev-on.json \
         --pair ... [--resamples 1000] [--seed 0] [--out benchmarks/results/intervals.json] [--readme]
-    python benchmarks/intervals.py --readme-only
-    python benchmarks/intervals.py --pair ... --out benchmarks/results/intervals-default.json \
+    python release/intervals.py --readme-only
+    python release/intervals.py --pair ... --out benchmarks/results/intervals-default.json \
         --block intervals-default --readme     # another set of pairs, in a README block of its own
 
 Each `--pair LABEL SPLIT A B` compares two captions files of one split (as `captioner evaluate
 --captions-out` writes them; they hold the dataset's references, so they stay out of the repo)
 with `captioner compare`'s paired bootstrap over photos. Writes every pair's intervals, for
-BLEU-1..4, ROUGE-L and CIDEr-D, and with `--readme` the README's `intervals` block (BLEU-4 and
+BLEU-1..4, ROUGE-L and CIDEr-D, and with `--readme` docs/results.md's `intervals` block (BLEU-4 and
 CIDEr-D, the metrics of the default's bars). The intervals say how far the photos drawn move a
 score; they do not cover a second training's spread (the runs table's seed rows do that).
 """
@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from captioner.evaluation.compare import compare_files
-from readme_blocks import missing_block, replace_block
+from blocks import missing_block, replace_block
 
 BLOCK = "intervals"
 SHOWN = {"CIDEr": "CIDEr-D", "Bleu_4": "BLEU-4"}
@@ -44,7 +44,7 @@ def readme_block(result: dict, source: str) -> str:
                         f"[{b_low:.3f}, {b_high:.3f}] |")
     rows.append("")
     rows.append(f"Paired bootstrap over the split's photos, {result['resamples']} draws (seed {result['seed']}), "
-                f"`captioner compare`; source: `{source}`, written by `benchmarks/intervals.py`.")
+                f"`captioner compare`; source: `{source}`, written by `release/intervals.py`.")
     return "\n".join(rows)
 
 
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--out", default="benchmarks/results/intervals.json")
-    p.add_argument("--readme", action="store_true", help="also rewrite the README's block (--block)")
+    p.add_argument("--readme", action="store_true", help="also rewrite docs/results.md's block (--block)")
     p.add_argument("--readme-only", action="store_true", help="rewrite that block from --out; nothing scored")
     p.add_argument("--block", default=BLOCK, help=f"the README block written (default {BLOCK})")
     args = p.parse_args(argv)
