@@ -40,10 +40,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-from readme_blocks import markers, replace_block
+from results_blocks import markers, replace_block
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+README = REPO / "docs" / "results.md"  # where the generated blocks live
 MARKERS = markers("scale")
 COLORS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "yellow": (220, 200, 40)}
 SHAPES = ("square", "circle")

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 
-from readme_blocks import markers, replace_block
+from results_blocks import markers, replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "examples").glob("*.jpg"))
@@ -232,7 +232,7 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-README = REPO / "README.md"
+README = REPO / "docs" / "results.md"  # where the generated blocks live
 MARKERS = markers("serve-load")
 
 

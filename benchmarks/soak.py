@@ -38,11 +38,11 @@ from pathlib import Path
 import httpx
 
 
-from readme_blocks import markers, replace_block
+from results_blocks import markers, replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = [p.read_bytes() for p in sorted((REPO / "examples").glob("*.jpg"))]
-README = REPO / "README.md"
+README = REPO / "docs" / "results.md"  # where the generated blocks live
 MARKERS = markers("soak")
 MAX_BODY = 2_000_000
 MAX_IMAGES = 4

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from captioner.evaluation.compare import compare_files
-from blocks import missing_block, replace_block
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # results_blocks
+from results_blocks import missing_block, replace_block
 
 BLOCK = "intervals"
 SHOWN = {"CIDEr": "CIDEr-D", "Bleu_4": "BLEU-4"}

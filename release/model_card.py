@@ -13,7 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from blocks import replace_block
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # results_blocks
+from results_blocks import replace_block
 
 from captioner.models.checkpoint import read_checkpoint
 from captioner.models.encoders import get_encoder_config

@@ -19,8 +19,9 @@ import pytest
 from conftest import REPO
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser installed (Debian: apt-get install "
-                                                         "chromium); .ci/run installs it")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser installed (Debian: apt-get install "
+                                                          "chromium); .ci/run installs it")]
 
 
 def free_port() -> int:

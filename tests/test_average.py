@@ -110,6 +110,7 @@ def test_cli_writes_a_checkpoint_that_loads_and_names_a_bad_file(epochs, tmp_pat
     assert not (tmp_path / "x.pt").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_keep_epochs_keeps_each_epochs_weights_and_averaging_them_captions(tiny_data, tiny_model_file, tmp_path):
     from test_train_smoke import tiny_config
 

@@ -27,6 +27,7 @@ def read_cache(cache_dir):
     return json.loads((folder / "index.json").read_text())["names"], np.load(folder / "features.npy")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     data = make_flickr_like(tmp_path / "data", n_per_kind=5)  # 18 train, 6 dev, 6 test photos
     model = tmp_path / "tiny.json"
@@ -40,7 +41,7 @@ def test_two_processes_match_one(tmp_path):
         train = ["train", "--data", str(data), "--model", str(model), "--out", str(tmp_path / f"run-{tag}"),
                  "--cache-dir", str(tmp_path / f"cache-{tag}"), "--epochs", "2", "--batch-size", "15",
                  "--no-progress", "--device", "cpu"]
-        train += [x for kv in ("max_train_images=16", "min_word_count=1", "warmup_steps=2", "lr=0.01", "amp=off",
+        train += [x for kv in ("encoder=", "mirror_prob=0", "scst_epochs=0", "scst_soup=1", "max_train_images=16", "min_word_count=1", "warmup_steps=2", "lr=0.01", "amp=off",
                                "val_beam_size=1", "val_max_len=5") for x in ("--set", kv)]
         caption = ["caption", str(pics), "--out", str(tmp_path / f"caps-{tag}.jsonl"), "--workers", "1",
                    "--batch-size", "2", "--beam-size", "2", "--no-progress", "--device", "cpu"]

@@ -103,12 +103,3 @@ def test_alpha_and_grayscale_become_rgb(tmp_path):
     a, g = load_image(tmp_path / "a.png"), load_image(tmp_path / "g.png")
     assert a.mode == g.mode == "RGB"
     assert a.getpixel((0, 0)) == (255, 255, 255)  # transparent flattened onto white
-
-
-def test_a_combined_encoder_refuses_parts_that_normalise_differently():
-    from captioner.models.encoders import EncoderConfig, build_encoder
-
-    bad = EncoderConfig("lite0-twice", 224, mean=0.0, std=255.0, feature_dim=2560,
-                        parts=("efficientnet-lite0", "efficientnet-lite0"))
-    with pytest.raises(ValueError, match="efficientnet-lite0 normalises inputs as"):
-        build_encoder(bad)

@@ -14,6 +14,8 @@ from captioner.training.train import train
 
 from test_train_smoke import tiny_config
 
+pytestmark = pytest.mark.slow  # each test trains a base model first
+
 
 @pytest.mark.parametrize("shipped", ["fp32", "bf16"])
 def test_finetune_learns_corrections_and_writes_a_servable_checkpoint(tiny_data, tiny_model_file, tmp_path, capsys,

@@ -10,7 +10,7 @@ from captioner.evaluation.evaluate import decode_records
 
 from conftest import FLICKR8K, needs_flickr8k
 
-pytestmark = [needs_flickr8k(), pytest.mark.flickr8k]
+pytestmark = [needs_flickr8k(), pytest.mark.flickr8k, pytest.mark.slow]
 
 
 def test_shipped_model_captions_real_test_photos_well(tmp_path):

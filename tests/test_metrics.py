@@ -27,6 +27,7 @@ class _NoSpice:
         return 0.0, [0.0] * len(gts)
 
 
+@pytest.mark.slow
 @java
 def test_scores_match_the_toolkits_own_evaluation(monkeypatch):
     from pycocoevalcap import eval as coco_eval

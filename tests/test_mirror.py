@@ -66,12 +66,6 @@ def test_mirrored_photos_give_mirror_features_and_swap_left_and_right():
         assert float(feats[image].mean()) == (1.0 if flips[image] else 0.0)
         assert text in (("a dog on the right", "a dog runs left past a man") if flips[image] else
                         ("a dog on the left", "a dog runs right past a man"))
-    pair_feats, pair_seqs, _ = data.batch_pairs(list(range(len(data.pairs))))
-    plain = ["a dog on the left", "a dog runs right past a man"]
-    swapped = ["a dog on the right", "a dog runs left past a man"]
-    for k, (image, j) in enumerate(data.pairs):
-        assert v.decode(pair_seqs[k].tolist()) == (swapped if flips[image] else plain)[j]
-        assert float(pair_feats[k].mean()) == (1.0 if flips[image] else 0.0)
     data.mirror(0.0, torch.Generator())
     assert not data.is_mirrored.any() and float(data.features.float().sum()) == 0.0
     assert v.decode(data.batch([0])[1][0].tolist()) == "a dog on the left"
@@ -95,6 +89,7 @@ def test_mirror_prob_must_be_a_probability():
     assert load_train_config(None, ["mirror_prob=0.5"]).mirror_prob == 0.5
 
 
+@pytest.mark.slow
 def test_training_with_mirroring_uses_the_mirror_cache(tiny_data, tiny_model_file, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(tiny_data, out, tiny_model_file, epochs=2, scst_epochs=1, scst_samples=2,
@@ -112,9 +107,10 @@ def test_prepare_fills_the_mirror_cache_when_the_config_asks(tiny_data, tmp_path
     from captioner.cli import main
 
     cache = tmp_path / "c"
-    assert main(["prepare", "--data", str(tiny_data), "--cache-dir", str(cache), "--no-progress"]) == 0
+    assert main(["prepare", "--data", str(tiny_data), "--cache-dir", str(cache), "--no-progress",
+                 "--set", "encoder=", "--set", "mirror_prob=0"]) == 0
     assert not list(cache.glob("*-mirror"))
     assert main(["prepare", "--data", str(tiny_data), "--cache-dir", str(cache), "--no-progress",
-                 "--set", "mirror_prob=0.5"]) == 0
+                 "--set", "encoder="]) == 0  # the recipe's mirror_prob
     assert "mirrored features (mirror_prob 0.5)" in capsys.readouterr().out
     assert len(list(cache.glob("*-mirror"))) == 1

@@ -35,6 +35,7 @@ def _run(tiny_data, tiny_model_file, out, **kw):
     return result, history
 
 
+@pytest.mark.slow
 def test_a_plain_run_keeps_the_best_dev_epoch_and_stops_early(tiny_data, tiny_model_file, tmp_path, falling_dev):
     out = tmp_path / "plain"
     _, history = _run(tiny_data, tiny_model_file, out)
@@ -43,6 +44,7 @@ def test_a_plain_run_keeps_the_best_dev_epoch_and_stops_early(tiny_data, tiny_mo
     assert read_checkpoint(out / "best.pt")["metrics"]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_refit_trains_on_dev_too_and_keeps_each_stages_last_epoch(tiny_data, tiny_model_file, tmp_path,
                                                                    falling_dev):
     out = tmp_path / "refit"
@@ -59,6 +61,7 @@ def test_a_refit_trains_on_dev_too_and_keeps_each_stages_last_epoch(tiny_data, t
     assert sorted(names) == sorted(train + dev)
 
 
+@pytest.mark.slow
 def test_a_refit_vocabulary_holds_words_only_dev_captions_use(tiny_data, tiny_model_file, tmp_path, falling_dev):
     dev = set(_split(tiny_data, "dev"))
     token_file = tiny_data / "Flickr8k_text" / "Flickr8k.token.txt"

@@ -1,4 +1,4 @@
-"""benchmarks/scale.py: its README quote, and that a load on the machine is said out loud."""
+"""benchmarks/scale.py: its quote in docs/results.md, and that a load on the machine is said out loud."""
 
 from conftest import REPO, load_benchmark
 
@@ -23,7 +23,7 @@ def test_readme_block_quotes_the_numbers_and_flags_a_busy_machine():
     assert bench.loaded(0.6, [0.1], 2) and not bench.loaded(0.1, [3.0], 2)  # other processes' CPU decides
     assert bench.loaded(None, [3.0], 2) and not bench.loaded(None, [0.5], 2)  # else the load before the run
     assert "other processes used 0.60 cores" in bench.readme_block({**result(4.0), "other_processes_cores": 0.6})
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "results.md").read_text()
     assert readme.index(bench.MARKERS[0]) < readme.index(bench.MARKERS[1])
 
 

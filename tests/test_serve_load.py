@@ -1,4 +1,4 @@
-"""The README quotes the load benchmark's results file; the micro-batcher's own contract."""
+"""docs/results.md quotes the load benchmark's results file; the micro-batcher's own contract."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ RESULTS = REPO / "benchmarks" / "results" / "serve_load.json"
 def test_readme_quotes_the_results_file():
     bench = load_benchmark("serve_load")
     result = json.loads(RESULTS.read_text())
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "results.md").read_text()
     block = readme.split(bench.MARKERS[0])[1].split(bench.MARKERS[1])[0].strip()
     assert block == bench.readme_block(result), "run: python benchmarks/serve_load.py --readme-only"
     assert result["summary"]["batched"]["requests"] > 0 and result["clients"] == 16

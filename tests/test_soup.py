@@ -70,13 +70,13 @@ def test_a_run_killed_before_its_soup_finishes_it_on_resume(tiny_data, tiny_mode
 
     out = tmp_path / "run"
     cfg = soup_config(tiny_data, out, tiny_model_file)
-    real = T._soup
-    monkeypatch.setattr(T, "_soup", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = T.train_soup
+    monkeypatch.setattr(T, "train_soup", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert not (out / "soup.json").exists()
     main_only = read_checkpoint(out / "best.pt")["decoder_state"]
-    monkeypatch.setattr(T, "_soup", real)
+    monkeypatch.setattr(T, "train_soup", real)
     train(cfg, resume=True)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the main trajectory was not trained again

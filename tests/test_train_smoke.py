@@ -88,11 +88,13 @@ def test_config_overrides_are_checked(tmp_path):
 
 
 def test_encoder_field_swaps_the_models_encoder():
-    own = configured_model(load_train_config(None, ["model=show-attend-tell"]))
+    own = configured_model(load_train_config(None, ["model=show-attend-tell", "encoder="]))
     assert own.encoder == "efficientnet-lite0" and own.name == "show-attend-tell"
     swapped = configured_model(load_train_config(None, ["model=show-attend-tell", "encoder=efficientnet-lite2"]))
     assert (swapped.name, swapped.encoder) == ("show-attend-tell@efficientnet-lite2", "efficientnet-lite2")
     assert swapped.decoder_params == own.decoder_params
+    recipe = configured_model(load_train_config(None, ["model=show-attend-tell"]))  # the default's encoder
+    assert (recipe.name, recipe.encoder) == ("show-attend-tell@efficientnet-lite0-tuned", "efficientnet-lite0-tuned")
     with pytest.raises(ConfigError, match="encoder.*efficientnet-lite9"):
         configured_model(load_train_config(None, ["encoder=efficientnet-lite9"]))
 
@@ -120,7 +122,7 @@ def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_m
     # SCST alone on a finished model: init_checkpoint, no cross-entropy epochs
     only = tmp_path / "only"
     train(tiny_config(tiny_data, only, tiny_model_file, epochs=0, scst_epochs=1, scst_samples=2,
-                      scst_batch_size=4, scst_max_len=6, scst_baseline="mean",
+                      scst_batch_size=4, scst_max_len=6,
                       init_checkpoint=str(out / "best.pt")))
     history = [json.loads(x) for x in (only / "metrics.jsonl").read_text().splitlines()]
     assert [h["phase"] for h in history] == ["scst"]
@@ -163,6 +165,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tiny_data, tiny_model_fi
         train(tiny_config(tiny_data, out, tiny_model_file), resume=True, epochs=2)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_for_the_shipped_architecture(tiny_data, tiny_model_file, tmp_path):
     """Tuned encoder top and mirror images, as the default trains: 2 epochs straight and 1 + resume
     give the same weights to the bit (model construction must not move the resumed RNG)."""

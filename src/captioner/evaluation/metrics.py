@@ -8,8 +8,10 @@ a model download and is never run.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 from captioner.data.vocab import tokenize
@@ -33,10 +35,26 @@ def _toolkit():
     return Bleu, Cider, Meteor, Rouge, PTBTokenizer
 
 
+@contextmanager
+def _java_quiet():
+    """The toolkit's Java tokenizer writes a progress line to stderr per call (its process
+    inherits our file descriptor 2): point fd 2 at /dev/null while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tokenize(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str, list[str]]:
     if use_java:
         *_, PTBTokenizer = _toolkit()
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        with _java_quiet():
+            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
 
 
