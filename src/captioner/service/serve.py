@@ -66,7 +66,7 @@ class ErrorBody(BaseModel):
 
 def error_docs(*statuses: int) -> dict:
     what = {400: "malformed request", 401: "missing or invalid API key", 404: "unknown model variant or caption",
-            408: "the request body stalled", 413: "body, photo count or pixel count over the limit",
+            408: "the request body stalled or took too long", 413: "body, photo count, pixel count or JPEG scan count over the limit",
             415: "unsupported media type or image format", 422: "invalid field, option or image",
             503: "busy or timed out; retry (Retry-After)"}
     return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
@@ -226,7 +226,8 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
 # --- photos, keys, options -------------------------------------------------------------------
 
 IMAGE_STATUS = {"empty": (422, "empty_image"), "unsupported": (415, "unsupported_image"),
-                "too_many_pixels": (413, "too_many_pixels"), "undecodable": (422, "undecodable_image")}
+                "too_many_pixels": (413, "too_many_pixels"), "too_many_scans": (413, "too_many_scans"),
+                "undecodable": (422, "undecodable_image")}
 
 
 def image_error(e: ImageError, formats: tuple[str, ...] | None) -> ApiError:
