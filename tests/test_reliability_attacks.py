@@ -124,3 +124,78 @@ def test_server_refuses_two_concurrent_scan_bombs_and_then_captions_a_good_photo
         assert r.json()["detail"].startswith("image: too many scans")
     r = post_photo(server.url, CAT, "cat.jpg", 20)
     assert r.status_code == 200 and r.json()["caption"], r.text
+
+
+# --- 3. crafted checkpoints through the CLI -----------------------------------------------------
+
+CRAFTED_CLI = {
+    "weights_package": (lambda c: c["encoder"].update(weights_package="planted"), "encoder.weights_package"),
+    "image_size_100000": (lambda c: c["encoder"].update(image_size=100_000), "encoder.image_size"),
+    "image_size_0": (lambda c: c["encoder"].update(image_size=0), "encoder.image_size"),
+    "std_0": (lambda c: c["encoder"].update(std=0.0), "encoder.std"),
+    "length_penalty_nan": (lambda c: c["decode"].update(length_penalty=float("nan")), "decode.length_penalty"),
+}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", sorted(CRAFTED_CLI))
+def test_cli_refuses_a_crafted_checkpoint_in_one_line_and_imports_nothing(tmp_path, case):
+    """`python -m captioner.cli` puts the current folder first on sys.path: run from the
+    checkpoint's folder, a weights_package naming the module planted beside it used to import
+    (run) it. Each crafted field is now refused in one line naming it, nothing imported."""
+    import os
+    import subprocess
+    import sys
+
+    from captioner.inference.api import default_model_path
+    from captioner.models.checkpoint import read_checkpoint, write_checkpoint
+    from conftest import REPO
+
+    ckpt = read_checkpoint(default_model_path())
+    CRAFTED_CLI[case][0](ckpt)
+    write_checkpoint(ckpt, tmp_path / "crafted.pt")
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "cat.jpg").write_bytes(CAT)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", "--model", "crafted.pt", "cat.jpg"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # a hang guard
+    count("inputs")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: crafted.pt: refused: field " + CRAFTED_CLI[case][1]), lines
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert not marker.exists(), "the planted module was imported"
+
+
+# --- 7. model construction never moves the global RNG -------------------------------------------
+
+def test_building_the_tuned_encoder_top_leaves_the_global_rng_alone():
+    """`_fold` (cached: first called at an arbitrary moment) and TunedTop built EfficientNets
+    with `from_name`, drawing from torch's global RNG: a run resumed with its RNG restored then
+    drew different numbers from one that ran straight. Building a CaptionModel with the tuned
+    encoder now moves the RNG exactly as much as building its decoder alone does."""
+    import torch
+
+    from captioner.data.vocab import Vocab
+    from captioner.models.decoders import build_decoder
+    from captioner.models.encoders import TunedTop, _fold, get_encoder_config
+    from captioner.models.model import CaptionModel, ModelConfig
+    from conftest import TINY_MODEL
+
+    tuned = get_encoder_config("efficientnet-lite0-tuned")
+    _fold.cache_clear()
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    assert tuned.cache_fold == 2 and isinstance(TunedTop(tuned), TunedTop)
+    assert torch.equal(torch.get_rng_state(), before)
+
+    vocab = Vocab.build(["a red square", "a blue circle"], min_count=1)
+    cfg = ModelConfig.from_dict({**TINY_MODEL, "encoder": tuned.name})
+    torch.manual_seed(1)
+    build_decoder(cfg.decoder, cfg.decoder_params, len(vocab), tuned.region_dim)
+    decoder_alone = torch.get_rng_state()
+    _fold.cache_clear()
+    torch.manual_seed(1)
+    CaptionModel(cfg, vocab, tuned)
+    assert torch.equal(torch.get_rng_state(), decoder_alone)
