@@ -199,3 +199,29 @@ def test_building_the_tuned_encoder_top_leaves_the_global_rng_alone():
     torch.manual_seed(1)
     CaptionModel(cfg, vocab, tuned)
     assert torch.equal(torch.get_rng_state(), decoder_alone)
+
+
+# --- 8. --top-p without --temperature -----------------------------------------------------------
+
+def test_top_p_without_a_temperature_is_an_error_not_ignored(tmp_path, capsys):
+    from captioner.errors import OptionError
+    from captioner.inference.api import Captioner
+
+    captioner = Captioner.load()
+    with pytest.raises(OptionError, match=r"top_p 0.5 is out of range: it applies to sampling only"):
+        captioner.check_search(top_p=0.5)
+    with pytest.raises(OptionError, match="top_p"):
+        captioner.caption(CAT, top_p=0.5)
+    captioner.check_search(top_p=0.5, temperature=1.0)  # sampling: fine
+    captioner.check_search(top_p=None)
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(CAT)
+    assert main(["caption", str(photo), "--top-p", "0.9"]) == 2
+    assert capsys.readouterr().err.startswith("error: top_p 0.9 is out of range: it applies to sampling only")
+    assert main(["caption", str(photo), "--seed", "3"]) == 2
+    assert "--seed applies to sampling only" in capsys.readouterr().err
+    assert main(["caption", str(photo), "--top-p", "0.9", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "work without --out only" in capsys.readouterr().err
+    assert main(["caption", str(photo), "--top-p", "0.9", "--temperature", "1", "--seed", "3",
+                 "--max-len", "5"]) == 0
+    assert capsys.readouterr().out.strip()
