@@ -225,3 +225,176 @@ def test_top_p_without_a_temperature_is_an_error_not_ignored(tmp_path, capsys):
     assert main(["caption", str(photo), "--top-p", "0.9", "--temperature", "1", "--seed", "3",
                  "--max-len", "5"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# --- 2. slow bodies and the order of auth -------------------------------------------------------
+
+def raw_request(port: int, head: bytes, body: bytes = b"", drip: bytes = b"", every_s: float = 0.0,
+                wait_s: float = 60) -> bytes:
+    """Send `head` and `body`, then `drip` a byte at a time every `every_s`; return the reply
+    (what came back before the server closed, or `wait_s` passed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        sock.setblocking(False)
+        end = time.monotonic() + wait_s
+        i = 0
+        while time.monotonic() < end:
+            try:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+                if b"\r\n\r\n" in reply and reply.rstrip().endswith(b"}"):
+                    break
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if i < len(drip):
+                try:
+                    sock.send(drip[i:i + 1])
+                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    pass
+                i += 1
+            time.sleep(every_s or 0.05)
+        return reply
+
+
+def head(path: str, length: int, key: str | None = KEY, ctype: str = "application/json") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {length}\r\n"
+            + (f"X-API-Key: {key}\r\n" if key else "") + "\r\n").encode()
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_the_default_body_deadline_is_within_the_issue_bound():
+    from captioner.service.config import ServeConfig
+
+    assert ServeConfig().body_deadline_s <= 30 and ServeConfig().body_timeout_s <= 30
+
+
+@pytest.mark.reliability
+def test_a_body_trickling_a_byte_at_a_time_is_cut_off_at_the_total_deadline(running):
+    """Never idle as long as the stall timeout (20 s), but never done either: cut off with 408
+    once the body deadline (2 s here, 25 s by default) has passed since the request began."""
+    server = running(body_deadline_s=2.0, body_timeout_s=20.0)
+    reply = raw_request(server.port, head("/v1/captions", 200_000), b'{"images": ["', drip=b"A" * 2000,
+                        every_s=0.2, wait_s=60)
+    count("requests")
+    count("faults")
+    assert status_of(reply) == 408, reply[:300]
+    body = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert body == {"error": "body_timeout", "detail": "the request body did not arrive within 2 s"}
+
+
+@pytest.mark.reliability
+def test_keyless_requests_get_401_before_their_body_is_read_and_cannot_starve_keyed_ones(running):
+    import httpx
+
+    server = running(max_in_flight=2, body_timeout_s=20.0)
+    # keyless feedback gets 401 whatever its body: junk, valid or never sent
+    for body in (b"junk{", json.dumps({"caption_id": "x", "rating": 3}).encode()):
+        r = httpx.post(server.url + "/v1/feedback", content=body, headers={"Content-Type": "application/json"})
+        count("requests")
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+    # four keyless clients that promise 200 kB and send one byte: answered at once, holding no slot
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: raw_request(server.port, head("/v1/captions", 200_000, key=None), b"{",
+                                                      wait_s=15), range(4)))
+    count("requests", 4)
+    assert [status_of(r) for r in replies] == [401] * 4
+    # while four more keyless slow clients are connected, a keyed client is captioned
+    socks = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(head("/v1/captions", 200_000, key=None) + b"{")
+            socks.append(s)
+        r = post_photo(server.url, CAT, "cat.jpg", 30)
+        assert r.status_code == 200, r.text
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.reliability
+def test_a_client_that_hangs_up_mid_body_is_not_an_internal_error(running, caplog):
+    import logging
+
+    server = running()
+    with caplog.at_level(logging.INFO, logger="captioner.service.serve"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head("/v1/captions", 5000, ctype="multipart/form-data; boundary=b")
+                         + b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\nxx")
+            time.sleep(0.5)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not any("disconnected" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+    count("faults")
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "captioner.service.serve"]
+    assert ("INFO", "client disconnected before its request body arrived: POST /v1/captions") in messages, messages
+    assert not any(level == "ERROR" for level, _ in messages), messages
+    assert "Traceback" not in caplog.text
+
+
+# --- 5. strict request types, limits in the schema ----------------------------------------------
+
+@pytest.mark.reliability
+def test_lax_types_get_422_and_the_schema_states_the_limits(running):
+    import base64
+
+    import httpx
+
+    server = running(max_beam_size=6, max_len=30, max_n_best=4, max_images=3)
+    c = httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60)
+    photo = base64.b64encode(CAT).decode()
+    cases = [("/v1/feedback", {"caption_id": "x", "rating": True}), ("/v1/feedback", {"caption_id": "x", "rating": "3"}),
+             ("/v1/feedback", {"caption_id": "x", "rating": 3.0}), ("/v1/feedback", {"caption_id": 5, "rating": 3}),
+             ("/v1/captions", {"images": [photo], "beam_size": True}),
+             ("/v1/captions", {"images": [photo], "max_len": "5"}),
+             ("/v1/captions", {"images": [photo], "attention": "yes"}),
+             ("/v1/captions", {"images": [photo], "attention": 1})]
+    for url, body in cases:
+        r = c.post(url, json=body)
+        count("requests")
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request", (body, r.text)
+    for field, value in (("beam_size", "true"), ("attention", "maybe"), ("max_len", "5.0")):
+        r = c.post("/v1/captions", files={"image": ("a.jpg", CAT)}, data={field: value})
+        count("requests")
+        assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
+    schema = c.get("/openapi.json").json()
+    props = schema["components"]["schemas"]["CaptionRequest"]["properties"]
+    assert (props["beam_size"]["maximum"], props["max_len"]["maximum"], props["n_best"]["maximum"],
+            props["images"]["maxItems"]) == (6, 30, 4, 3)
+    form = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {k: form["properties"][k]["maximum"] for k in ("beam_size", "max_len", "n_best")} == \
+        {"beam_size": 6, "max_len": 30, "n_best": 4}
+    c.close()
+
+
+# --- 6. the API docs' assets come from the server itself ----------------------------------------
+
+@pytest.mark.reliability
+def test_docs_reference_only_assets_the_server_serves(running):
+    import re
+
+    import httpx
+
+    pytest.importorskip("swagger_ui_bundle")
+    server = running()
+    page = httpx.get(server.url + "/docs")  # no key needed for the docs
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", page.text) + \
+        re.findall(r"""url:\s*["']([^"']+)["']""", page.text)
+    assert len(refs) >= 4, refs
+    for ref in refs:
+        assert ref.startswith("/") and not ref.startswith("//"), f"{ref} is not on this server"
+        r = httpx.get(server.url + ref)
+        count("requests")
+        assert r.status_code == 200 and r.content, ref
+    css = httpx.get(server.url + "/docs/assets/swagger-ui.css").text
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", css)  # no fonts or images from elsewhere
+    assert httpx.get(server.url + "/redoc").status_code in (401, 404)  # off: no local ReDoc assets

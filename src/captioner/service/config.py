@@ -41,6 +41,7 @@ class ServeConfig:
     decode_workers: int = 2  # photos decoded at once: bounds the memory large uploads can take
     request_timeout_s: float = 30.0  # a caption not ready this long after the request arrived: 503
     body_timeout_s: float = 20.0  # a request body that stalls this long between chunks: 408
+    body_deadline_s: float = 25.0  # a request body not all arrived this long after the request began: 408
     max_in_flight: int = 64  # requests handled at once; more get 503 with Retry-After at once
     keep_alive_s: int = 5  # idle keep-alive connections are closed after this many seconds
     max_connections: int = 256  # uvicorn's hard cap on open connections (it answers 503 above it)
@@ -115,7 +116,7 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
             raise ConfigError(f"{where}field {name}: must be at least 1")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"{where}field port: must be 0 to 65535, not {cfg.port}")
-    for name in ("request_timeout_s", "body_timeout_s"):
+    for name in ("request_timeout_s", "body_timeout_s", "body_deadline_s"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{where}field {name}: must be above 0")
     if not cfg.max_wait_ms >= 0:
