@@ -7,6 +7,7 @@ Each `Sample` says what the shared loader must make of it: "ok" (an RGB picture,
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -79,6 +80,27 @@ def gif_bomb() -> bytes:
     screen = b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
     frame = b"," + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0) + b"\x02\x02\x44\x01\x00;"
     return screen + frame
+
+
+def scan_bomb(side: int = 3000, scans: int = 4000) -> bytes:
+    """A progressive-JPEG scan bomb: a flat `side` x `side` photo saved progressive, its last
+    (AC refinement) scan, with the Huffman table before it, repeated until the file holds
+    `scans` scans. Each repeat is ~40 bytes (one end-of-band run covers the flat image) but
+    costs the decoder a pass over every pixel: 3000 x 3000 with 4000 scans is 180 kB that
+    Pillow takes ~20 s to decode (libjpeg only warns about the repeated progression)."""
+    data = encode(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    marks, pos = [], 2  # (start, end, marker) of each segment; an SOS's end takes in its data
+    while data[pos + 1] != 0xD9:
+        marker, end = data[pos + 1], pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker == 0xDA:
+            end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, end).start()
+        marks.append((pos, end, marker))
+        pos = end
+    last = max(i for i, m in enumerate(marks) if m[2] == 0xDA)
+    start = marks[last - 1][0] if marks[last - 1][2] == 0xC4 else marks[last][0]
+    have = sum(1 for m in marks if m[2] == 0xDA)
+    cut = marks[last][1]
+    return data[:cut] + data[start:cut] * (scans - have) + data[cut:]
 
 
 def rgb16_png(colour: tuple[int, int, int], alpha: int | None = None, size: int = 8) -> bytes:
@@ -235,6 +257,9 @@ def corpus() -> list[Sample]:
         Sample("bomb.png", png_raw(9000, 9000, 8, 0, zeros_row=9000), "too_many_pixels"),
         Sample("bomb-header.png", png_header_only(60_000, 60_000), "too_many_pixels"),
         Sample("bomb.gif", gif_bomb(), "too_many_pixels"),
+        # a progressive JPEG too costly to decode, judged from its scan count before decoding
+        Sample("scan-bomb.jpg", scan_bomb(64, 500), "too_many_scans"),
+        Sample("progressive.jpg", encode(rgb, "JPEG", progressive=True, quality=95), "ok", left_right(RED, BLUE)),
     ]
     return samples
 

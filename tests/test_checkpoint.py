@@ -89,3 +89,66 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
     assert "unpickled!" not in capsys.readouterr().out
+
+
+# --- crafted checkpoints: a valid checksum is not trust -----------------------------------------
+
+def crafted(model, tmp_path, name: str, change) -> "Path":
+    """The model's checkpoint dict, changed by `change(ckpt)`, written with a fresh checksum."""
+    from captioner.models.checkpoint import write_checkpoint
+
+    ckpt = checkpoint_dict(model)
+    change(ckpt)
+    path = tmp_path / f"{name}.pt"
+    write_checkpoint(ckpt, path)
+    return path
+
+
+CRAFTED = {
+    "weights_package": (lambda c: c["encoder"].update(weights_package="evil_module"), "encoder.weights_package"),
+    "encoder_name": (lambda c: c["encoder"].update(name="os"), "encoder.name"),
+    "image_size_huge": (lambda c: c["encoder"].update(image_size=100_000), "encoder.image_size"),
+    "image_size_zero": (lambda c: c["encoder"].update(image_size=0), "encoder.image_size"),
+    "image_size_bool": (lambda c: c["encoder"].update(image_size=True), "encoder.image_size"),
+    "std_zero": (lambda c: c["encoder"].update(std=0.0), "encoder.std"),
+    "std_nan": (lambda c: c["encoder"].update(std=float("nan")), "encoder.std"),
+    "mean_inf": (lambda c: c["encoder"].update(mean=float("inf")), "encoder.mean"),
+    "length_penalty_nan": (lambda c: c["decode"].update(length_penalty=float("nan")), "decode.length_penalty"),
+    "length_penalty_huge": (lambda c: c["decode"].update(length_penalty=1e9), "decode.length_penalty"),
+    "no_repeat_ngram": (lambda c: c["decode"].update(no_repeat_ngram=-3), "decode.no_repeat_ngram"),
+    "decode_unknown": (lambda c: c["decode"].update(run="rm -rf"), "decode.run"),
+    "vocab_empty": (lambda c: c["vocab"].update(tokens=[]), "vocab.tokens"),
+    "vocab_not_text": (lambda c: c["vocab"]["tokens"].insert(4, 7), "vocab.tokens[4]"),
+    "decoder_unknown": (lambda c: c["model"].update(decoder="exec"), "model.decoder"),
+    "hidden_dim_huge": (lambda c: c["model"]["decoder_params"].update(hidden_dim=10 ** 9),
+                        "model.decoder_params.hidden_dim"),
+    "dropout": (lambda c: c["model"]["decoder_params"].update(dropout=7.0), "model.decoder_params.dropout"),
+    "param_unknown": (lambda c: c["model"]["decoder_params"].update(evil=1), "model.decoder_params.evil"),
+    "nan_weights": (lambda c: c["decoder_state"][next(iter(c["decoder_state"]))].fill_(float("nan")),
+                    "decoder_state."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_checkpoints_are_refused_naming_the_field(model, tmp_path, case):
+    change, field = CRAFTED[case]
+    path = crafted(model, tmp_path, case, change)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert f"{path}: refused: field {field}" in message and "\n" not in message, message
+
+
+def test_a_config_that_does_not_make_the_saved_weights_is_refused_before_building(model, tmp_path, monkeypatch):
+    """The model is built on the meta device first: a config whose weights differ from the
+    file's (here 16x the hidden size, within the ranges) never allocates them."""
+    path = crafted(model, tmp_path, "wide", lambda c: c["model"]["decoder_params"].update(hidden_dim=24 * 16))
+    with pytest.raises(CheckpointError, match=r"decoder_state\.\S+: the config makes \(\d+"):
+        load_checkpoint(path)
+
+
+def test_the_shipped_default_passes_the_validator():
+    from captioner.inference.api import default_model_path
+    from captioner.models.checkpoint import read_checkpoint
+
+    read_checkpoint(default_model_path())  # validates

@@ -93,7 +93,9 @@ def test_members_must_share_vocab_and_encoder(members, tmp_path, capsys):
 
     lite2 = tmp_path / "lite2.pt"
     model = tiny(5)
-    model.encoder_cfg = type(model.encoder_cfg).from_dict({**model.encoder_cfg.to_dict(), "name": "efficientnet-lite2"})
+    from captioner.models.encoders import get_encoder_config
+
+    model.encoder_cfg = get_encoder_config("efficientnet-lite2")  # a registered encoder: the validator takes it
     save_checkpoint(lite2, model)
     with pytest.raises(CheckpointError, match=r"lite2\.pt: its encoder \(efficientnet-lite2\) differs"):
         ensemble_checkpoint([members[0], lite2])

@@ -104,11 +104,11 @@ def test_training_killed_at_random_points_resumes_to_the_same_result(tiny_data, 
 # --- checkpoint writes killed half-way ----------------------------------------------------------
 
 WRITER = """
-import sys, torch
+import json, sys, torch
 from captioner.models.checkpoint import write_checkpoint
-path, i = sys.argv[1], int(sys.argv[2])
+path, i, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])  # a real model's config fields
 def ckpt(i):
-    return {"format": "captioner-checkpoint", "format_version": 1, "model": {}, "encoder": {}, "vocab": {},
+    return {"format": "captioner-checkpoint", "format_version": 1, **config,
             "decoder_state": {"w": torch.full((1_000_000,), float(i))}, "round": i}
 write_checkpoint(ckpt(i), path)
 print("ready", flush=True)
@@ -120,10 +120,12 @@ while True:
 
 def test_a_checkpoint_write_killed_half_way_leaves_the_old_or_the_new_file(tmp_path):
     path = tmp_path / "m.pt"
+    good = checkpoint_dict(tiny_model())  # read_checkpoint validates the config fields
+    config = json.dumps({k: good[k] for k in ("model", "encoder", "vocab")})
     rng = random.Random(SEED + 1)
     last = 0
     for k in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(last + 1)], env=CHILD_ENV,
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(last + 1), config], env=CHILD_ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
         time.sleep(rng.uniform(0.05, 0.6))
@@ -192,7 +194,7 @@ def foreign_files(model: CaptionModel) -> dict[str, tuple[object, str]]:
         "version-text.pt": ({**good, "format_version": "2"}, "format version '2'"),
         "no-vocab.pt": ({k: v for k, v in good.items() if k != "vocab"}, "lacks the field 'vocab'"),
         "bad-config.pt": ({**good, "model": {"name": "x", "decoder": "no-such-decoder"}},
-                          "does not match its own config"),
+                          "refused: field model.encoder"),
         "bad-weights.pt": ({**good, "decoder_state": {"w": torch.zeros(2)}}, "does not match its own config"),
         "bad-checksum.pt": ({**good, "checksum": "sha256:" + "0" * 64}, "damaged"),
     }

@@ -96,7 +96,8 @@ def _train_config(args: argparse.Namespace, **explicit):
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="sample captions at this temperature instead of beam search (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling mass (default 1)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --temperature: nucleus sampling mass (default 1); an error without it")
     p.add_argument("--seed", type=int, default=None, help="with --temperature: seed for repeatable samples")
 
 
@@ -121,6 +122,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     captioner = Captioner.load(args.model, precision=args.precision)
     # options are checked before any photo is read: a bad one fails at once, not after a batch
     captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
+    if args.seed is not None and args.temperature is None:
+        print("error: --seed applies to sampling only: give --temperature too, or leave --seed out", file=sys.stderr)
+        return 2
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
@@ -163,8 +167,8 @@ def _caption_to_file(args: argparse.Namespace) -> int:
     if not photos:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
-    if args.attention or args.temperature is not None:
-        print("error: --attention and --temperature work without --out only", file=sys.stderr)
+    if args.attention or args.temperature is not None or args.top_p is not None or args.seed is not None:
+        print("error: --attention, --temperature, --top-p and --seed work without --out only", file=sys.stderr)
         return 2
     env = setup(args.device)
     captioner = Captioner.load(args.model, device=env.device, precision=args.precision)

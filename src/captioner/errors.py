@@ -30,9 +30,10 @@ class DataError(CaptionerError):
 class ImageError(CaptionerError):
     """An image that cannot be read or decoded. `kind` says which way, for callers that map
     it (the server to an HTTP status): not_found, not_a_file, empty, unsupported,
-    too_many_pixels or undecodable."""
+    too_many_pixels, too_many_scans (a JPEG too costly to decode) or undecodable."""
 
-    KINDS = ("not_found", "not_a_file", "empty", "unsupported", "too_many_pixels", "undecodable")
+    KINDS = ("not_found", "not_a_file", "empty", "unsupported", "too_many_pixels", "too_many_scans",
+             "undecodable")
 
     def __init__(self, message: str, path: str | Path | None = None, kind: str = "undecodable"):
         self.path = str(path) if path is not None else None

@@ -3,14 +3,18 @@ app share.
 
 `load_image` gives an RGB picture (EXIF rotation applied, alpha flattened onto white, 16-bit
 scaled to 8) or raises `ImageError` naming the photo and saying what is wrong; nothing else
-escapes it, whatever the bytes. The pixel count is judged from the header before anything is
-decoded, so a decompression bomb costs no memory; paths that are not regular files (folders,
-FIFOs, devices) are refused without reading them, so nothing can hang on them.
+escapes it, whatever the bytes. Decoding runs under a cost budget judged before a pixel is
+decoded: the pixel count from the header (so a decompression bomb costs no memory) and, for a
+JPEG, its number of scans, counted from the bytes (a progressive JPEG is decoded once per scan,
+so a few hundred kB holding thousands of scans would take minutes to decode); paths that are
+not regular files (folders, FIFOs, devices) are refused without reading them, so nothing can
+hang on them.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,10 @@ ImageInput = Union[str, Path, bytes, Image.Image]
 
 # Photos above this many pixels are refused from their header (a 64 MP photo decodes to 192 MB).
 MAX_PIXELS = 64_000_000
+# JPEGs with more scans than this are refused before decoding. Encoders write 1 to 3 scans for a
+# baseline JPEG and about 10 for a progressive one (libjpeg's default script); each scan costs a
+# pass over every pixel, so the cap bounds a decode at MAX_PIXELS x MAX_SCANS pixel-passes.
+MAX_SCANS = 100
 
 
 def examples_dir() -> Path:
@@ -57,6 +65,7 @@ class ImageLimits:
 
     max_pixels: int = MAX_PIXELS  # width x height above this is refused before decoding
     formats: tuple[str, ...] | None = None  # Pillow format names accepted ("JPEG", ...); None = any
+    max_scans: int = MAX_SCANS  # a JPEG with more scans (SOS segments) is refused before decoding
 
 
 def _first_line(e: BaseException) -> str:
@@ -113,9 +122,62 @@ def _header(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
     return img
 
 
+# In a JPEG's entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker
+# (0xD0-0xD7); the first 0xFF followed by anything else (but 0xFF, a fill byte) is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn stand alone; SOI and EOI are handled apart
+
+
+def jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """How many scans (SOS segments) a JPEG's first image holds, counted by walking its segments
+    (never decoding): a segment's length skips its payload, an SOS's entropy-coded data runs to
+    the next marker. Stops at the first EOI, at the end of the bytes, at anything that is not a
+    marker where one must be (the decoder will judge that), or once `stop_after` is passed."""
+    if data[:2] != b"\xff\xd8":
+        return 0
+    pos, scans, n = 2, 0, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI: the first image ends here
+            break
+        if marker in _NO_LENGTH:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                break
+            found = _NEXT_MARKER.search(data, end)
+            end = found.start() if found else n
+        pos = end
+    return scans
+
+
+def _check_cost(src: BinaryIO, img: Image.Image, limits: ImageLimits, name: str) -> None:
+    """Refuse a JPEG with more scans than `limits.max_scans`, from its bytes, before decoding."""
+    if img.format not in ("JPEG", "MPO"):
+        return
+    src.seek(0)
+    scans = jpeg_scans(src.read(), stop_after=limits.max_scans)
+    if scans > limits.max_scans:
+        raise ImageError(f"too many scans: this JPEG holds more than {limits.max_scans} scans (each one is a "
+                         f"decoding pass over every pixel; photos have about 10), so it is not decoded",
+                         name, "too_many_scans")
+
+
 def _decode(src: BinaryIO, limits: ImageLimits, name: str) -> Image.Image:
-    """Header checks, then decoding of the first frame; every failure becomes an ImageError."""
+    """Header checks, the cost budget, then decoding of the first frame; every failure becomes
+    an ImageError."""
     img = _header(src, limits, name)
+    _check_cost(src, img, limits, name)
     try:
         img.load()  # the first frame of an animation
     except Image.DecompressionBombError as e:

@@ -77,8 +77,10 @@ class Captioner:
         return min(MAX_DECODE_LEN, getattr(self.model.decoder, "max_words", MAX_DECODE_LEN))
 
     def check_search(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
-                     temperature: float | None = None, top_p: float = 1.0) -> None:
-        """Raise `OptionError` naming the first search option outside its range."""
+                     temperature: float | None = None, top_p: float | None = None) -> None:
+        """Raise `OptionError` naming the first search option outside its range. A `top_p`
+        other than 1 (or None) without a `temperature` is refused, not ignored: nucleus
+        sampling applies to sampling only, and beam search would silently drop it."""
         def bad(option: str, value, allowed: str) -> OptionError:
             return OptionError(f"{option} {value!r} is out of range: {allowed}")
         if not 1 <= beam_size <= MAX_BEAM_SIZE:
@@ -90,8 +92,13 @@ class Captioner:
                       else f"1 to {MAX_BEAM_SIZE}")
         if temperature is not None and not 0 <= temperature <= 100:
             raise bad("temperature", temperature, "0 to 100")
+        if top_p is None:
+            return
         if not 0 < top_p <= 1:
             raise bad("top_p", top_p, "above 0, at most 1")
+        if temperature is None and top_p != 1:
+            raise bad("top_p", top_p, "it applies to sampling only: give a temperature too (1.0 samples "
+                                      "from the model's own distribution), or leave top_p out for beam search")
 
     def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
         """One photo -> this model's encoder input (3, S, S), exactly as in training; raises
@@ -117,13 +124,14 @@ class Captioner:
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
                          n_best: int = 1, length_penalty: float | None = None,
                          no_repeat_ngram: int | None = None, temperature: float | None = None,
-                         top_p: float = 1.0, seed: int | None = None) -> list[Caption]:
+                         top_p: float | None = None, seed: int | None = None) -> list[Caption]:
         """Region features -> captions. Beam search by default; with a `temperature` the
         captions are sampled instead (n_best of them per image, best first; top_p for
         nucleus sampling, seed for repeatable draws)."""
         self.check_search(beam_size, max_len, max(n_best, 1), temperature, top_p)
         if temperature is not None:
-            return self._sampled(feats, max_len, max(n_best, 1), temperature, top_p, seed)
+            return self._sampled(feats, max_len, max(n_best, 1), temperature, 1.0 if top_p is None else top_p,
+                                 seed)
         search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)
         hyps = self.model.generate(feats, search)
         out = []

@@ -6,22 +6,32 @@ preprocessing, the decoder weights and the metrics it earned, so it loads on its
 content is stored with it and checked on loading, so a damaged file (a flipped bit, a
 botched copy) is refused by name instead of loading wrong weights; files from before the
 checksum load unchecked.
+
+A valid checksum says the file is intact, not that it is benign: `validate_checkpoint` checks
+every field the loader uses against an allow-list and sane ranges before anything is built or
+imported (the encoder must be a registered one, with its own weights package; sizes, the
+normalisation and the search settings within range), and the model is first built on the meta
+device (no memory) to check that its weights' names and shapes are those the file holds, so
+the real build costs no more than the file's own tensors.
 """
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import MISSING, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from captioner.models.encoders import EncoderConfig
+from captioner.models.decoders import DECODERS
+from captioner.models.encoders import ENCODERS, EncoderConfig
 from captioner.errors import CheckpointError
 from captioner.files import atomic_write, remove_stale_temps
 from captioner.models.model import CaptionModel, ModelConfig
 from captioner.inference.precision import PRECISIONS
-from captioner.data.vocab import Vocab
+from captioner.data.vocab import SPECIALS, Vocab
 
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
@@ -139,13 +149,210 @@ def read_checkpoint(path: str | Path) -> dict:
     if "checksum" in ckpt and ckpt["checksum"] != content_checksum(ckpt):
         raise CheckpointError("the contents do not match the checksum saved with them: the file is damaged "
                               "(on disk or in a copy); use another copy", path)
+    validate_checkpoint(ckpt, path)
     return ckpt
 
 
+# --- what a checkpoint may hold ---------------------------------------------------------------
+
+MAX_IMAGE_SIZE = 1024  # encoder input side, pixels (the registered encoders take 224 to 260)
+MAX_VOCAB = 200_000  # tokens
+MAX_TOKEN_CHARS = 100
+MAX_NAME_CHARS = 200
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_DIM = 16_384  # any integer size of a decoder (dims, heads, layers, positions)
+LENGTH_PENALTY = (0.0, 5.0)  # beams ranked by logprob / length ** this
+MAX_NO_REPEAT_NGRAM = 10
+DECODE_FIELDS = {"length_penalty", "no_repeat_ngram", "precision", "encoder_precision", "mirror_views"}
+MODEL_FIELDS = {"name", "encoder", "decoder", "decoder_params", "description"}
+
+
+class _Invalid(Exception):
+    """One field's problem: `field` is its dotted name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field}: {problem}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need_dict(d: Any, where: str, known: set[str] | None = None) -> dict:
+    if not isinstance(d, dict):
+        raise _Invalid(where, f"expected a table of fields, got {type(d).__name__}")
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise _Invalid(where, f"field names must be text, got {bad[0]!r}")
+    if known is not None:
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise _Invalid(f"{where}.{unknown[0]}", f"not a field a checkpoint has (known: {', '.join(sorted(known))})")
+    return d
+
+
+def _text(v: Any, where: str, limit: int = MAX_NAME_CHARS) -> str:
+    if not isinstance(v, str) or len(v) > limit:
+        raise _Invalid(where, f"expected text of at most {limit} characters, got {_show(v)}")
+    return v
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_encoder(enc: Any) -> None:
+    known = {f.name for f in fields(EncoderConfig)}
+    enc = _need_dict(enc, "encoder", known)
+    name = enc.get("name")
+    if name not in ENCODERS:
+        raise _Invalid("encoder.name", f"{_show(name)} is not a known encoder (known: {', '.join(ENCODERS)})")
+    registered = ENCODERS[name]
+    # what the encoder is built from must be exactly the registered encoder's: above all its weights
+    # package, which is imported (a crafted name would import a module from the current folder)
+    for key in ("weights_package", "parts", "backbone", "split", "feature_dim"):
+        if key in enc:
+            value, want = enc[key], getattr(registered, key)
+            if (tuple(value) if key == "parts" and isinstance(value, list) else value) != want or \
+                    type(value) is bool:
+                raise _Invalid(f"encoder.{key}", f"{_show(value)} is not encoder {name}'s ({want!r}); the "
+                                                 f"{'weights package must be one of the known encoders' if key == 'weights_package' else 'encoder must be the registered one'}")
+    size = enc.get("image_size")
+    if not _is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE:
+        raise _Invalid("encoder.image_size", f"{_show(size)} is out of range: 32 to {MAX_IMAGE_SIZE} pixels")
+    for key, default in (("mean", registered.mean), ("std", registered.std)):
+        v = enc.get(key, default)
+        if not _is_number(v) or abs(v) > 1e4:
+            raise _Invalid(f"encoder.{key}", f"{_show(v)} must be a finite number (at most 10000 in size)")
+    if not enc.get("std", registered.std) > 0:
+        raise _Invalid("encoder.std", f"{_show(enc.get('std'))} must be above 0 (pixels are divided by it)")
+
+
+def _check_params(config_cls: type, params: Any, where: str) -> None:
+    """A decoder's params: known fields, each of its default's type, numbers within range."""
+    params = _need_dict(params, where, {f.name for f in fields(config_cls)})
+    for f in fields(config_cls):
+        if f.name not in params:
+            continue
+        v, default, at = params[f.name], f.default, f"{where}.{f.name}"
+        if default is MISSING or default is None:  # a structured field (an ensemble's members)
+            continue
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise _Invalid(at, f"expected true or false, got {_show(v)}")
+        elif isinstance(default, int):
+            if not _is_int(v) or not 0 <= v <= MAX_DIM:
+                raise _Invalid(at, f"{_show(v)} is out of range: a whole number 0 to {MAX_DIM}")
+        elif isinstance(default, float):
+            top = 1.0 if "dropout" in f.name else 100.0
+            if not _is_number(v) or not 0 <= v <= top:
+                raise _Invalid(at, f"{_show(v)} is out of range: a finite number 0 to {top:g}")
+        elif isinstance(default, str):
+            _text(v, at)
+
+
+def _check_model(model: Any) -> None:
+    model = _need_dict(model, "model", MODEL_FIELDS)
+    _text(model.get("name"), "model.name")
+    _text(model.get("description", ""), "model.description", MAX_DESCRIPTION_CHARS)
+    if model.get("encoder") not in ENCODERS:
+        raise _Invalid("model.encoder", f"{_show(model.get('encoder'))} is not a known encoder")
+    decoder = model.get("decoder")
+    if decoder not in DECODERS:
+        raise _Invalid("model.decoder", f"{_show(decoder)} is not a known decoder (known: {', '.join(sorted(DECODERS))})")
+    params = model.get("decoder_params", {})
+    _check_params(DECODERS[decoder][1], params, "model.decoder_params")
+    if decoder == "ensemble":
+        members = params.get("members")
+        if not isinstance(members, list) or not 2 <= len(members) <= 16:
+            raise _Invalid("model.decoder_params.members", "expected a list of 2 to 16 decoders")
+        for i, m in enumerate(members):
+            at = f"model.decoder_params.members[{i}]"
+            m = _need_dict(m, at, {"decoder", "params"})
+            if m.get("decoder") not in DECODERS or m.get("decoder") == "ensemble":
+                raise _Invalid(f"{at}.decoder", f"{_show(m.get('decoder'))} is not a known decoder")
+            _check_params(DECODERS[m["decoder"]][1], m.get("params", {}), f"{at}.params")
+
+
+def _check_vocab(vocab: Any) -> None:
+    vocab = _need_dict(vocab, "vocab", {"tokens"})
+    tokens = vocab.get("tokens")
+    if not isinstance(tokens, list) or not len(SPECIALS) < len(tokens) <= MAX_VOCAB:
+        raise _Invalid("vocab.tokens", f"expected a list of {len(SPECIALS) + 1} to {MAX_VOCAB} tokens")
+    if tokens[:len(SPECIALS)] != list(SPECIALS):
+        raise _Invalid("vocab.tokens", f"must start with the special tokens {', '.join(SPECIALS)}")
+    for i, t in enumerate(tokens):
+        if not isinstance(t, str) or not 0 < len(t) <= MAX_TOKEN_CHARS:
+            raise _Invalid(f"vocab.tokens[{i}]", f"expected a word of 1 to {MAX_TOKEN_CHARS} characters, got {_show(t)}")
+    if len(set(tokens)) != len(tokens):
+        raise _Invalid("vocab.tokens", "a token is repeated")
+
+
+def _check_decode(decode: Any) -> None:
+    decode = _need_dict(decode, "decode", DECODE_FIELDS)
+    lp = decode.get("length_penalty", 1.0)
+    if not _is_number(lp) or not LENGTH_PENALTY[0] <= lp <= LENGTH_PENALTY[1]:
+        raise _Invalid("decode.length_penalty", f"{_show(lp)} is out of range: a finite number "
+                                                f"{LENGTH_PENALTY[0]:g} to {LENGTH_PENALTY[1]:g}")
+    n = decode.get("no_repeat_ngram", 0)
+    if not _is_int(n) or not 0 <= n <= MAX_NO_REPEAT_NGRAM:
+        raise _Invalid("decode.no_repeat_ngram", f"{_show(n)} is out of range: 0 (off) to {MAX_NO_REPEAT_NGRAM}")
+    for key in ("precision", "encoder_precision"):
+        if decode.get(key, "fp32") not in PRECISIONS:
+            raise _Invalid(f"decode.{key}", f"{_show(decode.get(key))} must be {' or '.join(PRECISIONS)}")
+    if not isinstance(decode.get("mirror_views", False), bool):
+        raise _Invalid("decode.mirror_views", f"{_show(decode.get('mirror_views'))} must be true or false")
+
+
+def _check_state(state: Any) -> None:
+    state = _need_dict(state, "decoder_state")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise _Invalid(f"decoder_state.{k}", f"expected a tensor, got {type(v).__name__}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise _Invalid(f"decoder_state.{k}", "holds NaN or infinite weights")
+
+
+def validate_checkpoint(ckpt: dict, path: str | Path | None = None) -> None:
+    """Check every field the loader uses against its allow-list and range; `CheckpointError`
+    naming the first bad field. Nothing is built or imported here. (Fields the loader does not
+    use, such as a training run's optimizer state, are left to their own readers.)"""
+    try:
+        _check_model(ckpt["model"])
+        _check_encoder(ckpt["encoder"])
+        _check_vocab(ckpt["vocab"])
+        _check_decode(ckpt.get("decode", {}))
+        _check_state(ckpt["decoder_state"])
+    except _Invalid as e:
+        raise CheckpointError(f"refused: {e}", path) from None
+
+
+def _check_shapes(model: CaptionModel, state: dict) -> None:
+    """The weights the model's config makes must be the ones the file holds, name for name and
+    shape for shape (checked on a meta-device build, before the real one allocates anything)."""
+    want = {k: tuple(v.shape) for k, v in model.decoder.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    for k in sorted(set(want) | set(have)):
+        if want.get(k) != have.get(k):
+            raise ValueError(f"decoder_state.{k}: the config makes {want.get(k) or 'no such weight'}, "
+                             f"the file holds {have.get(k) or 'none'}")
+
+
 def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
-    """Rebuild the model from the checkpoint's config, then load its weights (float32)."""
+    """Validate the checkpoint's fields, check its weights' shapes against a meta-device build,
+    then rebuild the model from its config and load its weights (float32)."""
     ckpt = read_checkpoint(path)
     try:
+        with torch.device("meta"):
+            probe = CaptionModel(ModelConfig.from_dict(ckpt["model"]), Vocab.from_dict(ckpt["vocab"]),
+                                 EncoderConfig.from_dict(ckpt["encoder"]))
+        _check_shapes(probe, ckpt["decoder_state"])
+        del probe
         model = CaptionModel(ModelConfig.from_dict(ckpt["model"]), Vocab.from_dict(ckpt["vocab"]),
                              EncoderConfig.from_dict(ckpt["encoder"]))
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["decoder_state"].items()}

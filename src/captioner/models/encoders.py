@@ -75,11 +75,20 @@ class EncoderConfig:
 HEAD_DIM = 1280  # channels of an EfficientNet-Lite's head convolution
 
 
-@lru_cache(maxsize=None)
-def _fold(arch: str, split: int, feature_dim: int) -> int:
+def efficientnet(arch: str) -> nn.Module:
+    """An EfficientNet of `arch` with random weights, built without moving torch's global RNG:
+    `from_name` draws its initial weights from it, and a draw at an arbitrary moment (this is
+    called lazily, e.g. by the cached `_fold`) would shift every later random number, so a run
+    resumed with its RNG restored would no longer match one that ran straight."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    in_channels = EfficientNet.from_name(arch)._blocks[split]._block_args.input_filters
+    with torch.random.fork_rng(devices=[]):
+        return EfficientNet.from_name(arch)
+
+
+@lru_cache(maxsize=None)
+def _fold(arch: str, split: int, feature_dim: int) -> int:
+    in_channels = efficientnet(arch)._blocks[split]._block_args.input_filters
     return math.isqrt(feature_dim // in_channels)
 
 
@@ -150,10 +159,8 @@ class TunedTop(nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
         self.cfg = cfg
-        backbone = EfficientNet.from_name(cfg.arch)
+        backbone = efficientnet(cfg.arch)
         self.blocks = nn.ModuleList(backbone._blocks[cfg.split:])
         self.conv_head, self.bn1 = backbone._conv_head, backbone._bn1
         self.act = backbone._swish
@@ -205,9 +212,7 @@ def weights_file(cfg: EncoderConfig) -> Path:
 
 def pretrained_backbone(cfg: EncoderConfig) -> nn.Module:
     """The whole EfficientNet of a single-backbone encoder, with its ImageNet weights (never downloaded)."""
-    from efficientnet_lite_pytorch import EfficientNet
-
-    backbone = EfficientNet.from_name(cfg.arch)
+    backbone = efficientnet(cfg.arch)
     backbone.load_state_dict(torch.load(weights_file(cfg), map_location="cpu", weights_only=True))
     return backbone
 

@@ -4,7 +4,11 @@ rate or correct the caption, stored in the same feedback store as the API's.
 
     captioner app [--config serve.toml] [--port 8501]
 
-Uses only the `Captioner` facade (through the experiment's variants) and small helpers.
+Uses only the `Captioner` facade (through the experiment's variants) and small helpers. Every
+photo is opened by the project's one loader, under the server's limits, before anything is
+shown (a file that is not a photo, or one too costly to decode, gets a friendly error; Streamlit
+never decodes it). With API keys configured (the config's `api_keys` or CAPTIONER_API_KEYS) the
+page asks for one in the sidebar and does nothing else until it is given, as the API would.
 """
 from __future__ import annotations
 
@@ -46,6 +50,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def open_photo(data: bytes, name: str, limits) -> tuple[object | None, str | None]:
+    """(RGB PIL image, None), or (None, a message for the user) when the loader refuses it."""
+    from captioner.data.images import load_image
+    from captioner.errors import ImageError
+
+    try:
+        return load_image(data, limits, name=name), None
+    except ImageError as e:
+        return None, f"Cannot open {name}: {e.reason}. Upload a photo (JPEG, PNG, WebP, GIF or BMP)."
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The page; streamlit runs it top to bottom on every interaction."""
     import streamlit as st
@@ -68,9 +83,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, models, store = resources(args.config, args.db)
     st.title("captioner")
     with st.sidebar:
+        keys = cfg.keys()
+        if keys:  # the same keys as the API's: without one, nothing is captioned or stored
+            from captioner.service.serve import key_matches
+
+            given = st.text_input("API key", type="password", help="this app needs one of the server's API keys")
+            if not (given and key_matches(given, keys)):
+                st.warning("Enter a valid API key to use this app." if given else "Enter your API key to start.")
+                return
         variant = st.selectbox("Model", list(models), help="the server's model variants")
         beam_size = st.slider("Beam size", 1, cfg.max_beam_size, min(3, cfg.max_beam_size))
-        n_alt = st.slider("Alternatives", 0, min(beam_size, cfg.max_n_best) - 1, min(2, beam_size - 1))
+        most_alt = min(beam_size, cfg.max_n_best) - 1
+        if most_alt > 0:  # a slider from 0 to 0 is an error in Streamlit
+            n_alt = st.slider("Alternatives", 0, most_alt, min(2, most_alt))
+        else:
+            n_alt = 0
+            st.caption("No alternatives at beam size 1 (greedy search).")
         served = models[variant]
         st.caption(f"{served.captioner.name}, version {served.version}")
 
@@ -84,13 +112,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if photo is None:
             st.info("Upload a photo or pick an example to caption it.")
             return
-        st.image(photo, width="stretch")
+        # the project's loader first, under the server's limits: Streamlit only shows what it decoded
+        picture, problem = open_photo(photo, upload.name if upload is not None else example, cfg.image_limits())
+        if picture is None:
+            st.error(problem)
+            return
+        st.image(picture, width="stretch")
 
     key = (hashlib.sha256(photo).hexdigest(), variant, beam_size, n_alt)
     if st.session_state.get("key") != key:
         try:
             with st.spinner("Captioning..."):
-                cap = served.captioner.caption(photo, beam_size=beam_size, n_best=n_alt + 1)
+                cap = served.captioner.caption(picture, beam_size=beam_size, n_best=n_alt + 1)
         except CaptionerError as e:
             st.error(f"Cannot caption this photo: {e}")
             return
@@ -110,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         st.subheader("Where it looked for each word")
         cols = st.columns(5)
         for i, (word, weights) in enumerate(zip(cap.words, cap.attention)):
-            cols[i % 5].image(attention_overlay(photo, weights), caption=f"{word} ({weights.max():.2f})",
+            cols[i % 5].image(attention_overlay(picture, weights), caption=f"{word} ({weights.max():.2f})",
                               width="stretch")
         with st.form("feedback", clear_on_submit=False):
             st.subheader("Rate or correct this caption")

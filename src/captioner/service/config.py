@@ -28,6 +28,7 @@ class ServeConfig:
     encode_chunk: int = 4  # photos per encoder call within a batch (large batches spill the CPU cache)
     max_body_bytes: int = 10_000_000  # larger request bodies get 413 before they are read
     max_pixels: int = 40_000_000  # larger photos get 413, judged from the header before decoding
+    max_scans: int = 100  # a JPEG with more scans is refused (413) from its bytes before decoding
     max_images: int = 16  # photos per JSON request
     max_beam_size: int = 8
     max_len: int = 40  # the most words a client may ask for
@@ -40,6 +41,7 @@ class ServeConfig:
     decode_workers: int = 2  # photos decoded at once: bounds the memory large uploads can take
     request_timeout_s: float = 30.0  # a caption not ready this long after the request arrived: 503
     body_timeout_s: float = 20.0  # a request body that stalls this long between chunks: 408
+    body_deadline_s: float = 25.0  # a request body not all arrived this long after the request began: 408
     max_in_flight: int = 64  # requests handled at once; more get 503 with Retry-After at once
     keep_alive_s: int = 5  # idle keep-alive connections are closed after this many seconds
     max_connections: int = 256  # uvicorn's hard cap on open connections (it answers 503 above it)
@@ -48,7 +50,7 @@ class ServeConfig:
     def image_limits(self) -> "ImageLimits":
         from captioner.data.images import ImageLimits
 
-        return ImageLimits(self.max_pixels, tuple(f.upper() for f in self.image_formats))
+        return ImageLimits(self.max_pixels, tuple(f.upper() for f in self.image_formats), self.max_scans)
 
     def keys(self) -> list[str]:
         """API keys from the config and the CAPTIONER_API_KEYS environment variable (comma-separated)."""
@@ -107,14 +109,14 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
               "bool": isinstance(v, bool), "str": isinstance(v, str), "list": isinstance(v, list)}.get(kind, True)
         if not ok:
             raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
-    for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_images", "max_beam_size",
+    for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_scans", "max_images", "max_beam_size",
                  "max_len", "max_n_best", "threads", "decode_workers", "max_in_flight", "keep_alive_s",
                  "max_connections"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}field {name}: must be at least 1")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"{where}field port: must be 0 to 65535, not {cfg.port}")
-    for name in ("request_timeout_s", "body_timeout_s"):
+    for name in ("request_timeout_s", "body_timeout_s", "body_deadline_s"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{where}field {name}: must be above 0")
     if not cfg.max_wait_ms >= 0:

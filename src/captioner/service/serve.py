@@ -30,8 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from captioner import __version__
 from captioner.service.ab import ServedModel, assign, load_variants
@@ -66,24 +67,29 @@ class ErrorBody(BaseModel):
 
 def error_docs(*statuses: int) -> dict:
     what = {400: "malformed request", 401: "missing or invalid API key", 404: "unknown model variant or caption",
-            408: "the request body stalled", 413: "body, photo count or pixel count over the limit",
+            408: "the request body stalled or took too long", 413: "body, photo count, pixel count or JPEG scan count over the limit",
             415: "unsupported media type or image format", 422: "invalid field, option or image",
             503: "busy or timed out; retry (Retry-After)"}
     return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
 
 
 # --- request and response bodies -------------------------------------------------------------
+# Strict types: a JSON true is not a beam size and "3" is not a rating (pydantic's lax mode would
+# take both). The server's own limits (maximum beam_size, ...) come from its config and are
+# written into /openapi.json by `openapi_limits`.
 
 class SearchOptions(BaseModel):
-    beam_size: int = Field(3, ge=1, description="beam width; 1 = greedy")
-    max_len: int = Field(25, ge=1, description="most words per caption")
-    n_best: int = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
-    attention: bool = Field(False, description="also return the words and one attention map per word")
-    model: str | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
+    model_config = ConfigDict(strict=True)
+
+    beam_size: StrictInt = Field(3, ge=1, description="beam width; 1 = greedy")
+    max_len: StrictInt = Field(25, ge=1, description="most words per caption")
+    n_best: StrictInt = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
+    attention: StrictBool = Field(False, description="also return the words and one attention map per word")
+    model: StrictStr | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
 
 
 class CaptionRequest(SearchOptions):
-    images: list[str] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
+    images: list[StrictStr] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
 
 
 class Alternative(BaseModel):
@@ -109,9 +115,11 @@ class CaptionBatch(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    caption_id: str
-    rating: int | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
-    correction: str | None = Field(None, max_length=500, description="the caption the photo should have had")
+    model_config = ConfigDict(strict=True)
+
+    caption_id: StrictStr
+    rating: StrictInt | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
+    correction: StrictStr | None = Field(None, max_length=500, description="the caption the photo should have had")
 
 
 # --- micro-batching --------------------------------------------------------------------------
@@ -226,7 +234,8 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
 # --- photos, keys, options -------------------------------------------------------------------
 
 IMAGE_STATUS = {"empty": (422, "empty_image"), "unsupported": (415, "unsupported_image"),
-                "too_many_pixels": (413, "too_many_pixels"), "undecodable": (422, "undecodable_image")}
+                "too_many_pixels": (413, "too_many_pixels"), "too_many_scans": (413, "too_many_scans"),
+                "undecodable": (422, "undecodable_image")}
 
 
 def image_error(e: ImageError, formats: tuple[str, ...] | None) -> ApiError:
@@ -247,8 +256,15 @@ def key_matches(given: str, keys: list[str]) -> bool:
     return ok
 
 
+def option_limits(cfg: ServeConfig) -> dict[str, int]:
+    """The most each search option may be on this server (checked, and stated in /openapi.json)."""
+    return {"beam_size": cfg.max_beam_size, "max_len": cfg.max_len, "n_best": min(cfg.max_n_best, cfg.max_beam_size)}
+
+
 def check_options(opts: SearchOptions, cfg: ServeConfig) -> None:
-    for name, limit in (("beam_size", cfg.max_beam_size), ("max_len", cfg.max_len), ("n_best", cfg.max_n_best)):
+    for name, limit in option_limits(cfg).items():
+        if name == "n_best":  # above the beam: the error below names both
+            limit = cfg.max_n_best
         if getattr(opts, name) > limit:
             raise ApiError(422, "option_out_of_range", f"{name} {getattr(opts, name)} is above this server's limit {limit}")
     if opts.n_best > opts.beam_size:
@@ -259,10 +275,21 @@ def _form_int(form: Any, name: str, default: int) -> int:
     raw = form.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        raise ApiError(422, "invalid_request", f"form field {name}: expected an integer, got {raw!r}") from None
+    if not isinstance(raw, str) or not raw.strip().isdigit() or len(raw.strip()) > 9:
+        raise ApiError(422, "invalid_request", f"form field {name}: expected a whole number, got {str(raw)[:40]!r}")
+    return int(raw)
+
+
+FORM_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _form_bool(form: Any, name: str, default: bool) -> bool:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    if not isinstance(raw, str) or raw.strip().lower() not in FORM_BOOLS:
+        raise ApiError(422, "invalid_request", f"form field {name}: expected true or false, got {str(raw)[:40]!r}")
+    return FORM_BOOLS[raw.strip().lower()]
 
 
 class BodyTooLarge(ApiError):
@@ -271,17 +298,20 @@ class BodyTooLarge(ApiError):
 
 
 class BodyTimeout(ApiError):
-    def __init__(self, seconds: float):
-        super().__init__(408, "body_timeout", f"the request body stopped arriving for {seconds:g} s")
+    def __init__(self, seconds: float, total: bool = False):
+        super().__init__(408, "body_timeout", f"the request body did not arrive within {seconds:g} s" if total
+                         else f"the request body stopped arriving for {seconds:g} s")
 
 
 class BodyLimit:
     """ASGI middleware: refuse a body above `max_bytes` by its Content-Length before reading
-    it, stop reading a body without one as soon as it passes the limit, and give up on a body
-    that stalls for `timeout_s` between chunks (a slow client must not hold a slot for ever)."""
+    it, stop reading a body without one as soon as it passes the limit, give up on a body
+    that stalls for `timeout_s` between chunks, and on one that has not all arrived
+    `deadline_s` after the request began (a client trickling a byte a second is never idle
+    long enough for the first rule; neither may hold a slot for ever)."""
 
-    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 20.0):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 20.0, deadline_s: float = 25.0):
+        self.app, self.max_bytes, self.timeout_s, self.deadline_s = app, max_bytes, timeout_s, deadline_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -293,15 +323,18 @@ class BodyLimit:
         seen = 0
         started = False
         body_done = False
+        deadline = time.monotonic() + self.deadline_s
 
         async def limited_receive() -> dict:
             nonlocal seen, body_done
             if body_done:  # after the body, receive() only waits for a disconnect: no deadline
                 return await receive()
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), max(min(self.timeout_s, left), 0.0))
             except asyncio.TimeoutError:
-                raise BodyTimeout(self.timeout_s) from None
+                raise BodyTimeout(self.deadline_s, total=True) if left <= self.timeout_s else \
+                    BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -320,6 +353,38 @@ class BodyLimit:
             if started:
                 raise
             await error_response(err.status, err.code, err.detail)(scope, receive, send)
+
+
+PUBLIC_PATHS = ("/healthz", "/openapi.json", "/docs")  # and what lies under /docs/: the docs' own assets
+
+
+def given_key(headers: dict[bytes, bytes]) -> str:
+    """The API key a request carries: X-API-Key, or Authorization: Bearer KEY."""
+    key = headers.get(b"x-api-key", b"").decode("latin-1")
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    return key or (auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+
+
+class ApiKeyGate:
+    """ASGI middleware, outermost: with keys configured, a request without a valid one gets 401
+    from its headers alone, before its body is read or parsed and before it takes one of the
+    in-flight slots (so keyless clients, slow or not, cannot starve keyed ones). /healthz and
+    the API docs stay open."""
+
+    def __init__(self, app: Any, keys: list[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not self.keys:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path in PUBLIC_PATHS or path.startswith("/docs/"):
+            return await self.app(scope, receive, send)
+        given = given_key(dict(scope["headers"]))
+        if not (given and key_matches(given, self.keys)):
+            return await error_response(401, "unauthorized", "missing or invalid API key: send it as X-API-Key or "
+                                                             "Authorization: Bearer")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class InFlightLimit:
@@ -364,9 +429,9 @@ class Service:
                                     cfg.max_batch, cfg.max_wait_ms / 1000)
 
     def client(self, request: Request) -> str:
-        """Check the API key (when keys are configured); return the client id for A/B assignment."""
-        auth = request.headers.get("authorization", "")
-        given = request.headers.get("x-api-key") or (auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        """The client id for A/B assignment. (ApiKeyGate has checked the key before the body was
+        read; it is checked again here so an endpoint never relies on the middleware's order.)"""
+        given = given_key({k.lower(): v for k, v in request.headers.raw})
         if self.keys and not (given and key_matches(given, self.keys)):
             raise ApiError(401, "unauthorized", "missing or invalid API key: send it as X-API-Key or "
                                                 "Authorization: Bearer")
@@ -459,20 +524,44 @@ def result_dict(caption_id: str, cap: Caption, served: ServedModel, experiment: 
     return out
 
 
-CAPTION_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"],
-            "properties": {"image": {"type": "string", "format": "binary"},
-                           "beam_size": {"type": "integer", "default": 3},
-                           "max_len": {"type": "integer", "default": 25},
-                           "n_best": {"type": "integer", "default": 1},
-                           "attention": {"type": "boolean", "default": False},
-                           "model": {"type": "string"}}}},
-        "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}},
-    },
-}
+def caption_body(cfg: ServeConfig) -> dict:
+    """The request body of POST /v1/captions, with this server's limits (both forms)."""
+    limits = option_limits(cfg)
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary"},
+                               **{name: {"type": "integer", "default": default, "minimum": 1, "maximum": limits[name]}
+                                  for name, default in (("beam_size", 3), ("max_len", 25), ("n_best", 1))},
+                               "attention": {"type": "boolean", "default": False},
+                               "model": {"type": "string"}}}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}},
+        },
+    }
+
+
+def openapi_limits(schemas: dict, cfg: ServeConfig) -> None:
+    """Write the server's limits into the JSON request's schema: the options' maxima and the
+    most photos per request."""
+    props = schemas["CaptionRequest"]["properties"]
+    for name, limit in option_limits(cfg).items():
+        props[name]["maximum"] = limit
+    props["images"]["maxItems"] = cfg.max_images
+
+
+def swagger_assets() -> "Path | None":
+    """Swagger UI's files from the pinned swagger-ui-bundle package, or None where it is not
+    installed (then /docs is off: the page would otherwise load its code from a public CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
 
 
 def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -> FastAPI:
@@ -490,12 +579,30 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
             svc.batcher.stop()
             svc.store.close()
 
-    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan,
+    # /docs is served from local assets (swagger-ui-bundle); /redoc is off: no pinned package
+    # ships ReDoc's script, and a page that loads code from a CDN is blank offline
+    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Photo in, English sentence out. Multipart upload (field `image`) or JSON "
                               "with base64 photos; A/B variants; ratings and corrections.")
     app.state.service = svc
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
-    app.add_middleware(InFlightLimit, limit=cfg.max_in_flight)  # outermost: sheds load first
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s,
+                       deadline_s=cfg.body_deadline_s)
+    app.add_middleware(InFlightLimit, limit=cfg.max_in_flight)  # sheds load before any body is read
+    app.add_middleware(ApiKeyGate, keys=svc.keys)  # outermost: keyless requests never take a slot
+    assets = swagger_assets()
+    if assets is not None:
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/docs/assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Any:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="captioner API",
+                                       swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs/assets/swagger-ui.css",
+                                       swagger_favicon_url="/docs/assets/favicon-32x32.png",
+                                       oauth2_redirect_url=None, swagger_ui_parameters={"validatorUrl": None})
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -508,6 +615,12 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, "http_error", str(e.detail), e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, e: ClientDisconnect) -> JSONResponse:
+        # the client hung up before its body arrived: nothing failed here, and nobody reads the answer
+        log.info("client disconnected before its request body arrived: %s %s", request.method, request.url.path)
+        return error_response(400, "client_disconnected", "the client disconnected before its request body arrived")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -536,7 +649,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
              "precision": m.captioner.precision}
             for m in svc.models.values()]}
 
-    @app.post("/v1/captions", openapi_extra={"requestBody": CAPTION_BODY},
+    @app.post("/v1/captions", openapi_extra={"requestBody": caption_body(cfg)},
               responses={200: {"model": CaptionResult, "description": "multipart: one result; JSON: "
                                                                       "{\"results\": [...]} (CaptionBatch)"},
                          **error_docs(400, 401, 404, 408, 413, 415, 422, 503)})
@@ -579,6 +692,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
                 schemas.update(model.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
                 schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas[model.__name__].pop("$defs", None)
+            openapi_limits(schemas, cfg)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -598,8 +712,7 @@ async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
     data = await upload.read()
     try:
         opts = SearchOptions(beam_size=_form_int(form, "beam_size", 3), max_len=_form_int(form, "max_len", 25),
-                             n_best=_form_int(form, "n_best", 1),
-                             attention=str(form.get("attention", "")).lower() in ("1", "true", "yes", "on"),
+                             n_best=_form_int(form, "n_best", 1), attention=_form_bool(form, "attention", False),
                              model=(str(form["model"]) if form.get("model") else None))
     except ValidationError as e:
         raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
