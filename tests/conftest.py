@@ -107,6 +107,32 @@ def tiny_model_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL server for the whole session (skips, saying why, where none can start)."""
+    import postgres
+
+    ok, why = postgres.available()
+    if not ok:
+        if os.environ.get("CAPTIONER_REQUIRE_POSTGRES"):  # CI installed it: a skip would hide a failure
+            pytest.fail(f"CAPTIONER_REQUIRE_POSTGRES is set but {why}")
+        pytest.skip(why)
+    cluster = postgres.Cluster()
+    yield cluster
+    cluster.stop()
+
+
+STORE_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_db(request, tmp_path: Path) -> str:
+    """A fresh, empty feedback store on each backend: a SQLite file path, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "feedback.db")
+    return request.getfixturevalue("pg_cluster").database()
+
+
 def needs_flickr8k():
     return pytest.mark.skipif(not (FLICKR8K / "Images").is_dir(),
                               reason=f"Flickr8k copy not found at {FLICKR8K} (set CAPTIONER_FLICKR8K)")

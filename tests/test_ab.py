@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from captioner.service.ab import (Experiment, Variant, assign, betainc, build_report, experiment_from_dict,
-                          rating_stats, resolve_checkpoint, t_cdf, t_ppf, welch_test)
+                                  live_experiment, rating_stats, resolve_checkpoint, sticky_assign, t_cdf, t_ppf,
+                                  welch_test)
 from captioner.cli import main
 from captioner.service.config import load_serve_config
 from captioner.errors import ConfigError
-from captioner.service.feedback import FeedbackStore, Served
+from captioner.service.feedback import ExperimentState, ExperimentStateError, FeedbackStore, Served
 
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
 
@@ -104,8 +105,8 @@ def served(variant: str, assigned: bool = True) -> Served:
     return Served("api", f"c-{variant}", "exp", variant, assigned, "m", "v1", "a caption", -1.0, {})
 
 
-def test_ab_report_command_prints_traffic_ratings_and_verdict(tmp_path, capsys):
-    db = tmp_path / "f.db"
+def test_ab_report_command_prints_traffic_ratings_and_verdict(store_db, tmp_path, capsys):
+    db = store_db
     store = FeedbackStore(db)
     for variant, ratings in (("control", [2, 3, 2, 3, 2, 3, 3, 2]), ("candidate", [4, 5, 4, 5, 5, 4, 4, 5])):
         for r in ratings:
@@ -124,3 +125,82 @@ def test_ab_report_command_prints_traffic_ratings_and_verdict(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["comparisons"][0]["significant"] and rep["comparisons"][0]["p"] < 0.001
     assert main(["ab-report", "--db", str(tmp_path / "none.db")]) == 2
+
+
+# --- sticky assignments in the store, promotion and retirement ----------------------------------
+
+def test_sticky_assignments_survive_a_promotion_until_their_variant_is_retired(store_db):
+    exp = Experiment("e", (Variant("control"), Variant("candidate")))
+    store = FeedbackStore(store_db)
+    clients = [f"id:u{i}" for i in range(40)]
+    before = {c: sticky_assign(store, exp, c).name for c in clients}
+    assert before == {c: assign(exp, c).name for c in clients}  # nothing promoted: the weights' choice
+    assert set(before.values()) == {"control", "candidate"}
+
+    assert store.promote("e", "candidate").promoted == "candidate"
+    assert {c: sticky_assign(store, exp, c).name for c in clients} == before  # assigned clients keep theirs
+    assert {sticky_assign(store, exp, f"id:new{i}").name for i in range(30)} == {"candidate"}  # new ones don't
+
+    assert store.retire("e", "control").retired == {"control"}
+    assert {sticky_assign(store, exp, c).name for c in clients} == {"candidate"}  # control's clients moved
+    assert store.select("SELECT DISTINCT variant FROM ab_assignments WHERE experiment = 'e'") == [("candidate",)]
+
+    with pytest.raises(ExperimentStateError, match="promoted variant"):
+        store.retire("e", "candidate")
+    with pytest.raises(ExperimentStateError, match="no variant 'cndidate' in experiment 'e'; it has candidate, control"):
+        store.promote("e", "cndidate")
+    state = store.promote("e", "control", retire_others=True)  # back again: un-retires control
+    assert state.status == {"control": "promoted", "candidate": "retired"}
+    assert {sticky_assign(store, exp, c).name for c in clients} == {"control"}
+    assert store.select("SELECT action, variant FROM ab_events ORDER BY id") == [
+        ("promote", "candidate"), ("retire", "control"), ("promote", "control"), ("retire", "candidate")]
+    store.close()
+
+
+def test_the_stored_assignment_wins_and_the_first_writer_wins(store_db):
+    """What makes replicas agree is the row in the store, not the hash: a stored variant is
+    served even where the weights would pick another, and a second insert does not overwrite it."""
+    exp = Experiment("e", (Variant("control"), Variant("candidate")))
+    store = FeedbackStore(store_db)
+    client = next(f"id:{i}" for i in range(100) if assign(exp, f"id:{i}").name == "control")
+    assert store.assign_once("e", client, "candidate") == "candidate"
+    assert store.assign_once("e", client, "control") == "candidate"  # another replica racing: reads the winner
+    assert sticky_assign(store, exp, client).name == "candidate"
+    store.close()
+
+
+def test_live_experiment_weights():
+    exp = Experiment("e", (Variant("a", weight=3), Variant("b", weight=1), Variant("c", weight=0)))
+    weights = lambda st: [v.weight for v in live_experiment(exp, ExperimentState("e", st)).variants]  # noqa: E731
+    assert weights({}) == [3, 1, 0]
+    assert weights({"b": "promoted", "a": "retired"}) == [0, 1, 0]
+    assert weights({"a": "retired"}) == [0, 1, 0]
+    assert weights({"a": "retired", "b": "retired"}) == [3, 1, 0]  # nothing live: the config's weights stand
+    assert weights({"zz": "promoted"}) == [3, 1, 0]  # a name this config lacks is ignored
+
+
+def test_promote_and_retire_commands(store_db, tmp_path, capsys):
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"db": store_db, "experiment": {"name": "exp", "variants": [
+        {"name": "control"}, {"name": "candidate", "checkpoint": "c.pt"}]}}))
+    store = FeedbackStore(store_db)
+    for variant in ("control", "candidate"):
+        store.add_feedback(store.record_caption(served(variant)), rating=3)
+    store.close()
+    assert main(["promote", "candidate", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "experiment exp: candidate promoted, control live" in out and "keep their variant" in out
+    assert main(["retire", "control", "--db", store_db, "--experiment", "exp"]) == 0
+    assert "candidate promoted, control retired" in capsys.readouterr().out
+    assert main(["retire", "candidate", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith("error: 'candidate' is the promoted variant of 'exp'")
+    assert main(["promote", "nope", "--config", str(cfg)]) == 2
+    assert "no variant 'nope' in experiment 'exp'; it has candidate, control" in capsys.readouterr().err
+    assert main(["promote", "candidate"]) == 2
+    assert "--config serve.toml, or --db and --experiment" in capsys.readouterr().err
+    assert main(["ab-report", "--db", store_db]) == 0
+    out = capsys.readouterr().out
+    assert next(x for x in out.splitlines() if x.startswith("candidate")).endswith("(promoted)")
+    assert next(x for x in out.splitlines() if x.startswith("control")).endswith("(retired)")
+    assert main(["promote", "x", "--db", str(tmp_path / "none.db"), "--experiment", "exp"]) == 2
+    assert "feedback database not found" in capsys.readouterr().err

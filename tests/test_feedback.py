@@ -1,4 +1,5 @@
-"""The SQLite feedback store: records, feedback checks, and concurrent writers."""
+"""The feedback store on SQLite and on PostgreSQL: records, feedback checks, concurrent writers,
+versioned migrations."""
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,8 @@ for i in range(40):
 """
 
 
-def test_concurrent_writers_lose_nothing(tmp_path):
-    db = tmp_path / "f.db"
+def test_concurrent_writers_lose_nothing(store_db):
+    db = store_db
     FeedbackStore(db).close()
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(k)], stderr=subprocess.PIPE)
              for k in range(3)]
@@ -40,16 +41,15 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         t.join()
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read().decode()
-    db_ = store._conn()
-    assert db_.execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 240
-    assert db_.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 240
-    assert db_.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 5  # one row per distinct photo
+    assert store.select("SELECT COUNT(*) FROM captions") == [(240,)]
+    assert store.select("SELECT COUNT(*) FROM feedback") == [(240,)]
+    assert store.select("SELECT COUNT(*) FROM images") == [(5,)]  # one row per distinct photo
     assert sorted(store.ratings("exp")["v"]) == sorted([1 + i % 5 for i in range(40)] * 6)
     store.close()
 
 
-def test_feedback_is_checked_and_the_latest_correction_wins(tmp_path):
-    store = FeedbackStore(tmp_path / "f.db")
+def test_feedback_is_checked_and_the_latest_correction_wins(store_db):
+    store = FeedbackStore(store_db)
     cid = store.record_caption(Served("api", "x", "exp", "v", True, "m", "1", "a dog", -2.0, {"beam_size": 3},
                                       image=b"jpeg-bytes"))
     assert store.caption(cid)["options"] == {"beam_size": 3}
@@ -93,7 +93,97 @@ def test_connections_of_ended_threads_are_closed(tmp_path):
         t.start()
         t.join()
     count("inputs", 80)
-    assert len(store._all) <= 2  # the main thread's and the last writer's
+    assert len(store._backend._all) <= 2  # the main thread's and the last writer's
     assert fds() <= before + 3
-    assert store._conn().execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 80
+    assert store.select("SELECT COUNT(*) FROM captions") == [(80,)]
     store.close()
+
+
+# --- versioned migrations -----------------------------------------------------------------------
+
+# What captioner 0.2 wrote (no schema_version table): opening it must keep every row.
+SCHEMA_0_2 = """
+CREATE TABLE images (sha256 TEXT PRIMARY KEY, bytes BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE captions (id TEXT PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL, client TEXT NOT NULL,
+    experiment TEXT NOT NULL, variant TEXT NOT NULL, assigned INTEGER NOT NULL, model TEXT NOT NULL,
+    model_version TEXT NOT NULL, image_sha256 TEXT REFERENCES images(sha256), caption TEXT NOT NULL,
+    score REAL NOT NULL, options TEXT NOT NULL);
+CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, caption_id TEXT NOT NULL REFERENCES captions(id),
+    created REAL NOT NULL, rating INTEGER CHECK (rating IS NULL OR rating BETWEEN 1 AND 5), correction TEXT);
+INSERT INTO images VALUES ('abc', x'ffd8', 1.0);
+INSERT INTO captions VALUES ('c1', 1.0, 'api', 'h', 'exp', 'control', 1, 'm', 'v', 'abc', 'a dog', -1.0, '{}');
+INSERT INTO feedback (caption_id, created, rating, correction) VALUES ('c1', 2.0, 4, 'a brown dog');
+"""
+
+
+def test_a_store_written_before_versioning_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from captioner.service.feedback import SCHEMA_VERSION
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.executescript(SCHEMA_0_2)
+    store = FeedbackStore(tmp_path / "old.db")
+    assert store.schema_version() == SCHEMA_VERSION >= 2
+    assert [v for (v,) in store.select("SELECT version FROM schema_version ORDER BY version")] == \
+        list(range(1, SCHEMA_VERSION + 1))
+    assert store.ratings("exp") == {"control": [4]}
+    (c,) = store.corrections()
+    assert (c.caption_id, c.image, c.caption) == ("c1", b"\xff\xd8", "a brown dog")
+    assert store.add_feedback("c1", rating=5) == 2  # ids go on from the old rows
+    assert store.assign_once("exp", "u", "control") == "control"  # the A/B tables came with it
+    store.close()
+
+
+MIGRATOR = """
+import sys
+from captioner.service.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+print(store.schema_version())
+"""
+
+
+def test_replicas_starting_at_once_migrate_once(store_db):
+    """Four processes open one fresh database at the same moment: one migrates, the others wait
+    for its lock and find the schema done; every migration is recorded exactly once."""
+    from captioner.service.feedback import SCHEMA_VERSION
+
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATOR, store_db], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e.decode()[-800:] for _, e in outs]
+    assert {o.decode().strip() for o, _ in outs} == {str(SCHEMA_VERSION)}
+    store = FeedbackStore(store_db)
+    assert store.select("SELECT version, COUNT(*) FROM schema_version GROUP BY version ORDER BY version") == \
+        [(v, 1) for v in range(1, SCHEMA_VERSION + 1)]
+    store.close()
+
+
+def test_a_newer_schema_is_refused_by_name(store_db):
+    from captioner.service.feedback import SCHEMA_VERSION, StoreError
+
+    store = FeedbackStore(store_db)
+    with store._backend.transaction(write=True) as tx:
+        tx.execute("INSERT INTO schema_version (version, description, applied) VALUES (?, ?, ?)",
+                   (SCHEMA_VERSION + 1, "from the future", 0.0))
+    store.close()
+    with pytest.raises(StoreError, match=f"version {SCHEMA_VERSION + 1}, newer than this captioner knows"):
+        FeedbackStore(store_db)
+
+
+@pytest.mark.postgres
+def test_an_unreachable_or_bad_postgres_url_is_a_clear_error_without_the_password(capsys):
+    pytest.importorskip("psycopg")
+    from captioner.cli import main
+    from captioner.service.feedback import StoreError, StoreUnavailable
+    from servers import free_port
+
+    url = f"postgresql://someone:s3cret-pw@127.0.0.1:{free_port()}/nothing"  # nobody listens there
+    with pytest.raises(StoreUnavailable, match="cannot reach the feedback database") as e:
+        FeedbackStore(url, busy_timeout_s=2)
+    assert "s3cret-pw" not in str(e.value) and "someone:***@127.0.0.1" in str(e.value)
+    assert main(["ab-report", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the feedback database") and "s3cret-pw" not in err
+    with pytest.raises(StoreError, match="not a valid PostgreSQL URL"):
+        FeedbackStore("postgresql://x@127.0.0.1/db?nonsense_option=1")

@@ -1,5 +1,5 @@
 """The REST API through a real uvicorn server on 127.0.0.1: upload, batch, errors, auth, A/B
-stickiness, feedback round trip and what lands in SQLite."""
+stickiness, feedback round trip and what lands in the store (SQLite, and PostgreSQL where it runs)."""
 from __future__ import annotations
 
 import base64
@@ -53,9 +53,7 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+def start_served(tmp: Path, db: str):
     (tmp / "models").mkdir()
     candidate = read_checkpoint(default_model_path())  # the default, with a search of its own
     candidate["decode"].update(length_penalty=0.5, no_repeat_ngram=0)
@@ -63,7 +61,7 @@ def served(tmp_path_factory):
     cfg_file = tmp / "serve.toml"
     cfg_file.write_text(f"""
 model_dir = "models"
-db = "feedback.db"
+db = "{db}"
 api_keys = ["{KEY}"]
 max_batch = 8
 max_wait_ms = 60
@@ -89,9 +87,38 @@ weight = 1
     cfg = load_serve_config(cfg_file)
     running = Running(create_app(cfg))
     client = httpx.Client(base_url=running.url, headers={"X-API-Key": KEY}, timeout=60)
-    yield {"url": running.url, "client": client, "cfg": cfg, "tmp": tmp}
-    client.close()
-    running.stop()
+    return {"url": running.url, "client": client, "cfg": cfg, "tmp": tmp, "running": running}
+
+
+def stop_served(s: dict) -> None:
+    s["client"].close()
+    s["running"].stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    s = start_served(tmp_path_factory.mktemp("serve"), "feedback.db")
+    yield s
+    stop_served(s)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def served_db(request, tmp_path_factory):
+    """The same server on each store backend: the SQLite one above, then one on PostgreSQL."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("served")
+        return
+    s = start_served(tmp_path_factory.mktemp("serve-pg"), request.getfixturevalue("pg_cluster").database())
+    yield s
+    stop_served(s)
+
+
+def rows(cfg, sql: str, args=()) -> list[tuple]:
+    store = FeedbackStore(cfg.db)
+    try:
+        return store.select(sql, args)
+    finally:
+        store.close()
 
 
 def post_photo(client, photo: bytes = CAT, headers=None, **fields):
@@ -213,7 +240,8 @@ def test_model_names_cannot_reach_outside_the_model_directory(served):
     assert r.status_code == 200 and r.json()["variant"] == "candidate"
 
 
-def test_ab_assignment_is_sticky_per_client_and_recorded(served):
+def test_ab_assignment_is_sticky_per_client_and_recorded(served_db):
+    served = served_db
     client, cfg = served["client"], served["cfg"]
     photo = small_photo(served["tmp"], 3)
     seen = {}
@@ -227,33 +255,36 @@ def test_ab_assignment_is_sticky_per_client_and_recorded(served):
     by_key = {post_photo(client, photo).json()["variant"] for _ in range(2)}
     assert by_key == {assign(cfg.experiment, "key:" + KEY).name}
 
-    with sqlite3.connect(cfg.db) as db:
-        rows = db.execute("SELECT client, variant, assigned, experiment FROM captions").fetchall()
+    recorded = rows(cfg, "SELECT client, variant, assigned, experiment FROM captions")
     by_client = {}
-    for client_col, variant, assigned, experiment in rows:
+    for client_col, variant, assigned, experiment in recorded:
         by_client.setdefault(client_col, set()).add(variant)
         assert experiment == "exp1"
+    stored = dict(rows(cfg, "SELECT client, variant FROM ab_assignments WHERE experiment = 'exp1'"))
     for cid, variant in seen.items():
         assert by_client[client_hash("id:" + cid)] == {variant}
-    assert not any(KEY in str(r) or "user-1" in str(r) for r in rows)  # ids and keys only as hashes
+        assert stored[client_hash("id:" + cid)] == variant  # the assignment every replica reads
+    assert not any(KEY in str(r) or "user-1" in str(r) for r in recorded)  # ids and keys only as hashes
+    assert not any(KEY in str(r) or "user-1" in str(r) for r in stored.items())
 
 
-def test_feedback_round_trip_lands_in_sqlite(served):
+def test_feedback_round_trip_lands_in_the_store(served_db):
+    served = served_db
     client, cfg = served["client"], served["cfg"]
     photo = small_photo(served["tmp"], 4)
     cap = post_photo(client, photo).json()
     r = client.post("/v1/feedback", json={"caption_id": cap["caption_id"], "rating": 2,
                                           "correction": "a green square on a white background"})
     assert r.status_code == 200 and r.json()["caption_id"] == cap["caption_id"]
-    with sqlite3.connect(cfg.db) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        rating, correction = db.execute("SELECT rating, correction FROM feedback WHERE id = ?",
-                                        (r.json()["feedback_id"],)).fetchone()
-        caption, sha = db.execute("SELECT caption, image_sha256 FROM captions WHERE id = ?",
-                                  (cap["caption_id"],)).fetchone()
-        stored = db.execute("SELECT bytes FROM images WHERE sha256 = ?", (sha,)).fetchone()[0]
+    if not cfg.db.startswith("postgresql://"):
+        with sqlite3.connect(cfg.db) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    ((rating, correction),) = rows(cfg, "SELECT rating, correction FROM feedback WHERE id = ?",
+                                   (r.json()["feedback_id"],))
+    ((caption, sha),) = rows(cfg, "SELECT caption, image_sha256 FROM captions WHERE id = ?", (cap["caption_id"],))
+    ((stored,),) = rows(cfg, "SELECT bytes FROM images WHERE sha256 = ?", (sha,))
     assert (rating, correction) == (2, "a green square on a white background")
-    assert caption == cap["caption"] and stored == photo
+    assert caption == cap["caption"] and bytes(stored) == photo
     store = FeedbackStore(cfg.db)
     assert any(c.caption_id == cap["caption_id"] and c.image == photo for c in store.corrections())
     store.close()
@@ -299,6 +330,8 @@ def test_models_listing_and_docs(served):
     assert all(len(v["version"]) == 12 for v in models["variants"])
     # how each variant captions: the candidate is the default with a search of its own
     assert all(v["precision"] in ("fp32", "bf16") for v in models["variants"])
+    # nothing promoted or retired: the config's weights take new traffic
+    assert [(v["status"], v["new_traffic_weight"]) for v in models["variants"]] == [("live", 1.0), ("live", 1.0)]
     from captioner.service.serve import swagger_assets
 
     docs = client.get("/docs")  # served from the swagger-ui-bundle package; off without it

@@ -1,5 +1,5 @@
 """`captioner` command line: caption, prepare, train, evaluate, compare, export, ensemble, average,
-models, serve, app, ab-report, finetune."""
+models, serve, app, ab-report, promote, retire, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -349,21 +349,66 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     from captioner.service.ab import build_report, format_report
     from captioner.service.feedback import FeedbackStore
 
-    if not Path(args.db).is_file():
-        print(f"error: {args.db}: feedback database not found", file=sys.stderr)
-        return 2
-    store = FeedbackStore(args.db)
-    experiments = [args.experiment] if args.experiment else store.experiments()
-    if not experiments:
-        print(f"no captions recorded in {args.db} yet")
-        return 0
-    for i, name in enumerate(experiments):
-        rep = build_report(name, store.traffic(name), store.ratings(name), alpha=args.alpha)
-        if args.json:
-            print(json.dumps(asdict(rep)))
-        else:
-            print(("\n" if i else "") + format_report(rep))
-    store.close()
+    store = FeedbackStore(args.db, create=False)
+    try:
+        experiments = [args.experiment] if args.experiment else store.experiments()
+        if not experiments:
+            print(f"no captions recorded in {store.name} yet")
+            return 0
+        for i, name in enumerate(experiments):
+            rep = build_report(name, store.traffic(name), store.ratings(name), alpha=args.alpha,
+                               status=store.experiment_state(name).status)
+            if args.json:
+                print(json.dumps(asdict(rep)))
+            else:
+                print(("\n" if i else "") + format_report(rep))
+    finally:
+        store.close()
+    return 0
+
+
+def _experiment_store(args: argparse.Namespace):
+    """(store, experiment name, the config's variant names or None) for promote and retire:
+    --config gives all three, --db and --experiment override it."""
+    from captioner.errors import ConfigError
+    from captioner.service.config import load_serve_config
+    from captioner.service.feedback import FeedbackStore
+
+    cfg = load_serve_config(args.config) if args.config else None
+    db = args.db or (cfg.db if cfg else None)
+    experiment = args.experiment or (cfg.experiment.name if cfg else None)
+    if db is None or experiment is None:
+        raise ConfigError("name the store and the experiment: --config serve.toml, or --db and --experiment")
+    variants = [v.name for v in cfg.experiment.variants] if cfg and experiment == cfg.experiment.name else None
+    return FeedbackStore(db, create=False), experiment, variants
+
+
+def _print_state(experiment: str, state, variants) -> None:
+    names = sorted(set(variants or []) | set(state.status))
+    print(f"experiment {experiment}: " + ", ".join(f"{n} {state.of(n)}" for n in names))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    store, experiment, variants = _experiment_store(args)
+    try:
+        state = store.promote(experiment, args.variant, retire_others=args.retire_others, variants=variants)
+    finally:
+        store.close()
+    _print_state(experiment, state, variants)
+    print(f"{args.variant} now takes every new client on every replica of {store.name}; "
+          + ("every other client moves to it on its next request" if args.retire_others else
+             "clients already assigned keep their variant until it is retired"))
+    return 0
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    store, experiment, variants = _experiment_store(args)
+    try:
+        state = store.retire(experiment, args.variant, variants=variants)
+    finally:
+        store.close()
+    _print_state(experiment, state, variants)
+    print(f"{args.variant} takes no traffic now; its clients move to a live variant on their next request")
     return 0
 
 
@@ -502,21 +547,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--config", default=None, help="serve config, JSON or TOML: models, A/B experiment, limits, keys")
-    p.add_argument("--db", default=None, help="SQLite feedback store (default: the config's, captioner.db)")
+    p.add_argument("--db", default=None, help="feedback store: a SQLite file or a postgresql:// URL "
+                                                 "(default: the config's, captioner.db)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("app", help="Streamlit web app (needs the serve extra)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--config", default=None, help="serve config: the same models and feedback store")
-    p.add_argument("--db", default=None, help="SQLite feedback store (default: the config's, captioner.db)")
+    p.add_argument("--db", default=None, help="feedback store: a SQLite file or a postgresql:// URL "
+                                                 "(default: the config's, captioner.db)")
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("ab-report", help="per-variant traffic and ratings, and whether they differ")
-    p.add_argument("--db", required=True, help="SQLite feedback store written by serve or app")
+    p.add_argument("--db", required=True, help="feedback store written by serve or app: a SQLite file or "
+                                                  "a postgresql:// URL")
     p.add_argument("--experiment", default=None, help="one experiment (default: every one in the store)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--json", action="store_true", help="one JSON object per experiment")
     p.set_defaults(func=cmd_ab_report)
+
+    for name, func, what in (("promote", cmd_promote, "make a variant the default for new traffic on every "
+                                                      "replica (assigned clients keep theirs until it is retired)"),
+                             ("retire", cmd_retire, "take a variant out of service: its clients move to a live one")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("variant", help="the variant's name, as in the serve config and ab-report")
+        p.add_argument("--config", default=None, help="serve config: its store, experiment and variant names")
+        p.add_argument("--db", default=None, help="the store: a SQLite file or a postgresql:// URL (default: the "
+                                                  "config's)")
+        p.add_argument("--experiment", default=None, help="the experiment (default: the config's)")
+        if name == "promote":
+            p.add_argument("--retire-others", action="store_true",
+                           help="also retire every other variant: all clients move to this one")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("finetune", help="continue training a model on its users' corrected captions")
     p.add_argument("--db", required=True, help="SQLite feedback store with corrections")

@@ -14,6 +14,7 @@ from captioner.errors import ConfigError
 if TYPE_CHECKING:
     from captioner.inference.api import Captioner
     from captioner.data.images import ImageLimits
+    from captioner.service.feedback import ExperimentState, FeedbackStore
 
 DEFAULT_CHECKPOINT = "default"  # a variant's checkpoint naming the model shipped in the package
 
@@ -101,6 +102,37 @@ def assign(experiment: Experiment, client_id: str) -> Variant:
         if point < edge and v.weight > 0:
             return v
     return next(v for v in reversed(experiment.variants) if v.weight > 0)
+
+
+def live_experiment(experiment: Experiment, state: "ExperimentState") -> Experiment:
+    """The experiment as new traffic sees it, given the store's state: a promoted variant takes
+    all new clients; otherwise the config's weights, with retired variants at 0. A promoted or
+    retired name this config lacks is ignored; were every variant retired, the config's weights stand."""
+    promoted = state.promoted
+    if promoted is not None and experiment.variant(promoted) is not None:
+        weights = {v.name: float(v.name == promoted) for v in experiment.variants}
+    else:
+        weights = {v.name: (0.0 if v.name in state.retired else v.weight) for v in experiment.variants}
+    if sum(weights.values()) <= 0:
+        return experiment
+    return Experiment(experiment.name, tuple(Variant(v.name, v.checkpoint, weights[v.name])
+                                             for v in experiment.variants))
+
+
+def sticky_assign(store: "FeedbackStore", experiment: Experiment, client_id: str) -> Variant:
+    """The client's variant, stored so that every replica on one database gives the same one: a
+    client's first request stores `assign(live experiment)` (insert if absent, then read back:
+    replicas racing on one client agree); later requests get the stored variant until it is
+    retired, when the client moves to the live experiment's choice. A stored variant this
+    replica's config lacks is served as the replica's own choice and left stored as it is."""
+    stored, state = store.lookup(experiment.name, client_id)
+    fresh = assign(live_experiment(experiment, state), client_id)
+    if stored is None:
+        stored = store.assign_once(experiment.name, client_id, fresh.name)
+    elif stored in state.retired and stored != fresh.name:
+        stored = store.assign_once(experiment.name, client_id, fresh.name, replace=stored)
+    variant = experiment.variant(stored)
+    return variant if variant is not None and stored not in state.retired else fresh
 
 
 @dataclass
@@ -237,6 +269,7 @@ class VariantReport:
     variant: str
     captions: int  # captions served to clients the experiment assigned to this variant
     stats: RatingStats
+    status: str = "live"  # "live", "promoted" (the default for new traffic) or "retired"
 
 
 @dataclass
@@ -249,10 +282,13 @@ class Report:
 
 
 def build_report(experiment: str, traffic: dict[str, int], ratings: dict[str, list[int]],
-                 alpha: float = 0.05) -> Report:
-    """Per-variant traffic and ratings -> stats, every pair compared (Bonferroni-corrected)."""
+                 alpha: float = 0.05, status: dict[str, str] | None = None) -> Report:
+    """Per-variant traffic and ratings -> stats, every pair compared (Bonferroni-corrected);
+    `status` names promoted and retired variants."""
+    status = status or {}
     names = sorted(set(traffic) | set(ratings))
-    rep = Report(experiment, [VariantReport(n, traffic.get(n, 0), rating_stats(ratings.get(n, []))) for n in names],
+    rep = Report(experiment, [VariantReport(n, traffic.get(n, 0), rating_stats(ratings.get(n, [])),
+                                            status.get(n, "live")) for n in names],
                  alpha=alpha)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
              if len(ratings.get(a, [])) >= 2 and len(ratings.get(b, [])) >= 2]
@@ -285,7 +321,8 @@ def format_report(rep: Report) -> str:
         s = v.stats
         mean = f"{s.mean:.2f}" if s.mean is not None else "-"
         ci = f"[{s.ci95[0]:.2f}, {s.ci95[1]:.2f}]" if s.ci95 else "-"
-        lines.append(f"{v.variant:16s} {v.captions:8d} {s.n:7d} {mean:>6s}  {ci}")
+        lines.append(f"{v.variant:16s} {v.captions:8d} {s.n:7d} {mean:>6s}  {ci}"
+                     + (f"  ({v.status})" if v.status != "live" else ""))
     for c in rep.comparisons:
         lines.append(f"{c.b} vs {c.a}: difference {c.diff:+.2f}, Welch t = {c.t:.2f}, df = {c.df:.1f}, "
                      f"p = {c.p:.3g}")

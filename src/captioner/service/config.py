@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.errors import ConfigError
 from captioner.service.ab import Experiment, experiment_from_dict
+from captioner.service.feedback import is_postgres_url
 
 if TYPE_CHECKING:
     from captioner.data.images import ImageLimits
@@ -21,7 +22,10 @@ class ServeConfig:
     host: str = "127.0.0.1"  # listen address; the default keeps the server local
     port: int = 8000
     model_dir: str = "models"  # variants' checkpoints must lie inside it (relative to the config file)
-    db: str = "captioner.db"  # SQLite feedback store (relative to the config file)
+    # the feedback and A/B store: a SQLite file (relative to the config file), or a PostgreSQL
+    # URL (postgresql://user@host:5432/name) that several replicas share
+    db: str = "captioner.db"
+    db_pool: int = 8  # PostgreSQL connections one server process opens at most
     api_keys: list = field(default_factory=list)  # accepted keys; none = open (plus CAPTIONER_API_KEYS)
     max_batch: int = 16  # photos per model call at most; 1 = no micro-batching
     max_wait_ms: float = 10.0  # how long the first photo of a batch waits for others to join it
@@ -96,7 +100,7 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
         if "experiment" in loaded:
             loaded["experiment"] = experiment_from_dict(loaded["experiment"], f"{path}: experiment")
         for key in ("model_dir", "db"):
-            if isinstance(loaded.get(key), str):
+            if isinstance(loaded.get(key), str) and not is_postgres_url(loaded[key]):
                 loaded[key] = str(path.parent / Path(loaded[key]).expanduser())
         values.update(loaded)
     values.update({k: v for k, v in explicit.items() if v is not None})
@@ -111,7 +115,7 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
             raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
     for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_scans", "max_images", "max_beam_size",
                  "max_len", "max_n_best", "threads", "decode_workers", "max_in_flight", "keep_alive_s",
-                 "max_connections"):
+                 "max_connections", "db_pool"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}field {name}: must be at least 1")
     if not 0 <= cfg.port <= 65535:

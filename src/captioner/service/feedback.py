@@ -1,5 +1,11 @@
-"""The feedback store: captions served, the photos they were made from, and users' ratings and
-corrections, in one SQLite file (WAL mode: many readers and concurrent writers)."""
+"""The feedback store: captions served, the photos they were made from, users' ratings and
+corrections, and the A/B experiment's live state (sticky assignments, promoted and retired
+variants).
+
+One store, two backends behind it: a SQLite file (the embedded default, WAL mode: many readers
+and concurrent writers on one machine) or a PostgreSQL database (`postgresql://...`, psycopg 3)
+that several server replicas share. Both get the same schema from one ordered list of
+migrations, each applied once and recorded in `schema_version`."""
 from __future__ import annotations
 
 import hashlib
@@ -8,46 +14,92 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from captioner.errors import CaptionerError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    sha256 TEXT PRIMARY KEY,          -- of the uploaded bytes: one row per distinct photo
-    bytes BLOB NOT NULL,              -- the photo as uploaded, so finetune can use it
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS captions (
-    id TEXT PRIMARY KEY,              -- the caption_id given to the client
-    created REAL NOT NULL,            -- unix time
-    source TEXT NOT NULL,             -- "api" or "app"
-    client TEXT NOT NULL,             -- SHA-256 prefix of the client id (never a raw key)
-    experiment TEXT NOT NULL,
-    variant TEXT NOT NULL,
-    assigned INTEGER NOT NULL,        -- 1: the experiment chose the variant; 0: the client did
-    model TEXT NOT NULL,              -- model name
-    model_version TEXT NOT NULL,      -- checkpoint hash
-    image_sha256 TEXT REFERENCES images(sha256),
-    caption TEXT NOT NULL,
-    score REAL NOT NULL,
-    options TEXT NOT NULL             -- search options as JSON
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    caption_id TEXT NOT NULL REFERENCES captions(id),
-    created REAL NOT NULL,
-    rating INTEGER CHECK (rating IS NULL OR rating BETWEEN 1 AND 5),
-    correction TEXT
-);
-CREATE INDEX IF NOT EXISTS captions_variant ON captions(experiment, variant);
-CREATE INDEX IF NOT EXISTS feedback_caption ON feedback(caption_id);
-"""
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+# The schema, as an ordered list of (description, statements). Never edit a migration that has
+# shipped: append a new one. {pk}, {blob} and {real} are each backend's column types.
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    ("captions, photos and feedback", [
+        """CREATE TABLE IF NOT EXISTS images (
+            sha256 TEXT PRIMARY KEY,          -- of the uploaded bytes: one row per distinct photo
+            bytes {blob} NOT NULL,            -- the photo as uploaded, so finetune can use it
+            created {real} NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS captions (
+            id TEXT PRIMARY KEY,              -- the caption_id given to the client
+            created {real} NOT NULL,          -- unix time
+            source TEXT NOT NULL,             -- "api" or "app"
+            client TEXT NOT NULL,             -- SHA-256 prefix of the client id (never a raw key)
+            experiment TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            assigned INTEGER NOT NULL,        -- 1: the experiment chose the variant; 0: the client did
+            model TEXT NOT NULL,              -- model name
+            model_version TEXT NOT NULL,      -- checkpoint hash
+            image_sha256 TEXT REFERENCES images(sha256),
+            caption TEXT NOT NULL,
+            score {real} NOT NULL,
+            options TEXT NOT NULL             -- search options as JSON
+        )""",
+        """CREATE TABLE IF NOT EXISTS feedback (
+            id {pk},
+            caption_id TEXT NOT NULL REFERENCES captions(id),
+            created {real} NOT NULL,
+            rating INTEGER CHECK (rating IS NULL OR rating BETWEEN 1 AND 5),
+            correction TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS captions_variant ON captions(experiment, variant)",
+        "CREATE INDEX IF NOT EXISTS feedback_caption ON feedback(caption_id)",
+    ]),
+    ("A/B: sticky assignments, promoted and retired variants, their history", [
+        """CREATE TABLE IF NOT EXISTS ab_assignments (
+            experiment TEXT NOT NULL,
+            client TEXT NOT NULL,             -- SHA-256 prefix of the client id, as in captions
+            variant TEXT NOT NULL,
+            created {real} NOT NULL,
+            PRIMARY KEY (experiment, client)
+        )""",
+        """CREATE TABLE IF NOT EXISTS ab_variants (
+            experiment TEXT NOT NULL,         -- a variant without a row here is live
+            variant TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('live', 'promoted', 'retired')),
+            updated {real} NOT NULL,
+            PRIMARY KEY (experiment, variant)
+        )""",
+        """CREATE TABLE IF NOT EXISTS ab_events (
+            id {pk},
+            experiment TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            action TEXT NOT NULL,             -- "promote" or "retire"
+            created {real} NOT NULL
+        )""",
+    ]),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class FeedbackError(CaptionerError):
     """Feedback that cannot be stored: unknown caption id, rating out of range, nothing given."""
+
+
+class StoreError(CaptionerError):
+    """The store cannot be opened or used: file not found, driver missing, a newer schema."""
+
+
+class StoreUnavailable(StoreError):
+    """The store is busy (locked past the timeout) or unreachable right now: nothing was stored;
+    retry later. The server answers 503 with Retry-After."""
+
+
+class ExperimentStateError(CaptionerError):
+    """A promotion or retirement that cannot be done: unknown variant, or none would stay live."""
 
 
 @dataclass
@@ -76,24 +128,72 @@ class Correction:
     caption: str
 
 
+@dataclass
+class ExperimentState:
+    """What the store says about an experiment's variants: promoted or retired (the others are live)."""
+
+    experiment: str
+    status: dict[str, str] = field(default_factory=dict)  # variant -> "promoted" | "retired"
+
+    @property
+    def promoted(self) -> str | None:
+        return next((v for v, s in sorted(self.status.items()) if s == "promoted"), None)
+
+    @property
+    def retired(self) -> set[str]:
+        return {v for v, s in self.status.items() if s == "retired"}
+
+    def of(self, variant: str) -> str:
+        return self.status.get(variant, "live")
+
+
 def client_hash(client: str) -> str:
     return hashlib.sha256(client.encode()).hexdigest()[:16]
 
 
-class FeedbackStore:
-    """SQLite store; one connection per thread, so the server's threads can all write."""
+def is_postgres_url(db: str | Path) -> bool:
+    return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 10.0):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.busy_timeout_s = busy_timeout_s
+
+def redact(db: str | Path) -> str:
+    """The store's name for messages and logs: a URL's password replaced by ***."""
+    text = str(db)
+    if not is_postgres_url(text):
+        return text
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --- the two backends: connections, transactions, dialect -------------------------------------
+
+class _Tx:
+    """A transaction's handle: execute(sql, args) with ? placeholders on either backend."""
+
+    def __init__(self, conn: Any, postgres: bool):
+        self.conn, self.postgres = conn, postgres
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        if self.postgres:
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        return self.conn.execute(sql, tuple(args))
+
+
+class _SQLite:
+    """A SQLite file; one connection per thread, so the server's threads can all write."""
+
+    types = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "real": "REAL"}
+
+    def __init__(self, path: Path, busy_timeout_s: float):
+        self.path, self.busy_timeout_s = path, busy_timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
         # every live thread's connection, for close(); a server's worker threads come and go
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._conn().executescript(SCHEMA)
 
-    def _conn(self) -> sqlite3.Connection:
+    def conn(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             # check_same_thread=False only so that close() can close it: each thread uses its own
@@ -111,83 +211,237 @@ class FeedbackStore:
                 self._all = [x for x in self._all if x[0].is_alive()] + [(threading.current_thread(), db)]
         return db
 
-    def _write(self, statements: list[tuple[str, tuple]]) -> None:
-        """Run statements in one transaction (BEGIN IMMEDIATE: writers queue, never deadlock)."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
+    @contextmanager
+    def transaction(self, write: bool) -> Iterator[_Tx]:
+        """BEGIN IMMEDIATE for writers (they queue on the lock, never deadlock), BEGIN for readers."""
         try:
-            for sql, args in statements:
-                db.execute(sql, args)
+            db = self.conn()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"the feedback store {self.path} is busy ({e}); retry shortly") from None
+        try:
+            yield _Tx(db, False)
             db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreUnavailable(f"the feedback store {self.path} is busy ({e}); retry shortly") from None
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
+    def has_table(self, tx: _Tx, name: str) -> bool:
+        return tx.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() \
+            is not None
+
+    def migration_lock(self, tx: _Tx) -> None:
+        pass  # BEGIN IMMEDIATE already holds the one write lock
+
+    def close(self) -> None:
+        with self._lock:
+            for _, db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+class _Postgres:
+    """A PostgreSQL database shared by every replica: a small pool of connections per process."""
+
+    types = {"pk": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", "blob": "BYTEA",
+             "real": "DOUBLE PRECISION"}
+    LOCK_KEY = 0x63617074696F6E  # pg_advisory_xact_lock key of the migrations: "caption"
+
+    def __init__(self, url: str, pool_size: int, timeout_s: float):
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError(f"{redact(url)}: a PostgreSQL store needs psycopg 3: "
+                             f"pip install \"captioner[postgres]\"") from None
+        self.psycopg, self.url, self.timeout_s = psycopg, url, timeout_s
+        self.name = redact(url)
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._closed = False
+
+    def _connect(self) -> Any:
+        try:
+            return self.psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, round(self.timeout_s)))
+        except self.psycopg.ProgrammingError as e:  # a malformed URL
+            raise StoreError(f"{self.name}: not a valid PostgreSQL URL: {e}") from None
+        except self.psycopg.OperationalError as e:
+            raise StoreUnavailable(f"cannot reach the feedback database {self.name}: "
+                                   f"{str(e).strip().splitlines()[-1]}") from None
+
+    @contextmanager
+    def transaction(self, write: bool) -> Iterator[_Tx]:
+        """A pooled connection in one transaction (committed when the block ends)."""
+        if not self._slots.acquire(timeout=self.timeout_s):
+            raise StoreUnavailable(f"every connection to the feedback database {self.name} is busy; retry shortly")
+        conn = None
+        try:
+            with self._lock:
+                while self._idle and conn is None:
+                    conn = self._idle.pop()
+                    if conn.closed or conn.broken:
+                        conn = None
+            conn = conn or self._connect()
+            try:
+                with conn.transaction():
+                    yield _Tx(conn, True)
+            except self.psycopg.OperationalError as e:  # connection lost, server shutting down
+                conn.close()
+                raise StoreUnavailable(f"the feedback database {self.name} failed: "
+                                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+                                       ) from None
+        finally:
+            if conn is not None:
+                if conn.closed or conn.broken or self._closed:
+                    conn.close()
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+            self._slots.release()
+
+    def has_table(self, tx: _Tx, name: str) -> bool:
+        return tx.execute("SELECT to_regclass(?)", (name,)).fetchone()[0] is not None
+
+    def migration_lock(self, tx: _Tx) -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (self.LOCK_KEY,))  # held until this transaction ends
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+class FeedbackStore:
+    """The feedback and A/B store on SQLite (a file path) or PostgreSQL (a postgresql:// URL).
+
+    `create=False` refuses a SQLite file that does not exist yet (for readers such as ab-report);
+    `pool_size` bounds one process's PostgreSQL connections; `busy_timeout_s` is how long a write
+    waits for a lock or a free connection before StoreUnavailable."""
+
+    def __init__(self, db: str | Path, busy_timeout_s: float = 10.0, pool_size: int = 8, create: bool = True):
+        self.db = db
+        self.name = redact(db)
+        if is_postgres_url(db):
+            self.kind = "postgres"
+            self._backend: _SQLite | _Postgres = _Postgres(str(db), pool_size, busy_timeout_s)
+        else:
+            self.kind = "sqlite"
+            path = Path(db).expanduser()
+            if not create and not path.is_file():
+                raise StoreError(f"{path}: feedback database not found")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot create the feedback database's folder: {e.strerror}") from None
+            self.path = path
+            self._backend = _SQLite(path, busy_timeout_s)
+        self.migrate()
+
+    # -- schema --
+
+    def schema_version(self) -> int:
+        with self._backend.transaction(write=False) as tx:
+            if not self._backend.has_table(tx, "schema_version"):
+                return 0
+            return int(tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+
+    def migrate(self) -> int:
+        """Apply the migrations this database lacks, each once, under a lock that lets one
+        process migrate while the others (replicas starting at once) wait; returns the version."""
+        current = self.schema_version()
+        if current == SCHEMA_VERSION:
+            return current  # the usual case: no write lock taken
+        with self._backend.transaction(write=True) as tx:
+            self._backend.migration_lock(tx)
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                       "description TEXT NOT NULL, applied {real} NOT NULL)".format(**self._backend.types))
+            current = int(tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"{self.name}: the database's schema is version {current}, newer than this "
+                                 f"captioner knows ({SCHEMA_VERSION}): upgrade captioner")
+            for version, (description, statements) in enumerate(MIGRATIONS[current:], start=current + 1):
+                for sql in statements:
+                    tx.execute(sql.format(**self._backend.types))
+                tx.execute("INSERT INTO schema_version (version, description, applied) VALUES (?, ?, ?)",
+                           (version, description, time.time()))
+        return max(current, SCHEMA_VERSION)
+
+    def select(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of one read-only query (? placeholders), on either backend: for tests and tools."""
+        with self._backend.transaction(write=False) as tx:
+            return [tuple(r) for r in tx.execute(sql, args).fetchall()]
+
+    # -- captions and feedback --
+
     def record_caption(self, s: Served) -> str:
-        """Store a served caption (and its photo, once per distinct photo); returns its id."""
+        """Store a served caption (and its photo, once per distinct photo); returns its id.
+        Committed before it returns."""
         caption_id = uuid.uuid4().hex
         now = time.time()
         sha = hashlib.sha256(s.image).hexdigest() if s.image is not None else None
-        statements = []
-        if s.image is not None:
-            statements.append(("INSERT OR IGNORE INTO images (sha256, bytes, created) VALUES (?, ?, ?)",
-                               (sha, s.image, now)))
-        statements.append((
-            "INSERT INTO captions (id, created, source, client, experiment, variant, assigned, model, "
-            "model_version, image_sha256, caption, score, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (caption_id, now, s.source, client_hash(s.client), s.experiment, s.variant, int(s.assigned),
-             s.model, s.model_version, sha, s.caption, float(s.score), json.dumps(s.options, sort_keys=True))))
-        self._write(statements)
+        with self._backend.transaction(write=True) as tx:
+            if s.image is not None:
+                tx.execute("INSERT INTO images (sha256, bytes, created) VALUES (?, ?, ?) "
+                           "ON CONFLICT (sha256) DO NOTHING", (sha, s.image, now))
+            tx.execute(
+                "INSERT INTO captions (id, created, source, client, experiment, variant, assigned, model, "
+                "model_version, image_sha256, caption, score, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (caption_id, now, s.source, client_hash(s.client), s.experiment, s.variant, int(s.assigned),
+                 s.model, s.model_version, sha, s.caption, float(s.score), json.dumps(s.options, sort_keys=True)))
         return caption_id
 
     def add_feedback(self, caption_id: str, rating: int | None = None, correction: str | None = None) -> int:
-        """Store a rating (1-5) and/or a corrected caption for a served caption; returns its row id."""
+        """Store a rating (1-5) and/or a corrected caption for a served caption; returns its row id.
+        Committed before it returns."""
         if rating is None and not (correction and correction.strip()):
             raise FeedbackError("feedback needs a rating (1-5) or a corrected caption")
         if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
             raise FeedbackError(f"rating must be an integer from 1 to 5, not {rating!r}")
         correction = correction.strip() if correction and correction.strip() else None
-        db = self._conn()
-        if db.execute("SELECT 1 FROM captions WHERE id = ?", (caption_id,)).fetchone() is None:
+        with self._backend.transaction(write=False) as tx:
+            known = tx.execute("SELECT 1 FROM captions WHERE id = ?", (caption_id,)).fetchone() is not None
+        if not known:
             raise FeedbackError(f"no caption with id {caption_id!r}")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = db.execute("INSERT INTO feedback (caption_id, created, rating, correction) VALUES (?, ?, ?, ?)",
-                             (caption_id, time.time(), rating, correction))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return int(cur.lastrowid)
+        with self._backend.transaction(write=True) as tx:
+            row = tx.execute("INSERT INTO feedback (caption_id, created, rating, correction) VALUES (?, ?, ?, ?) "
+                             "RETURNING id", (caption_id, time.time(), rating, correction)).fetchone()
+        return int(row[0])
 
     def caption(self, caption_id: str) -> dict | None:
-        row = self._conn().execute(
-            "SELECT id, source, experiment, variant, assigned, model, model_version, image_sha256, caption, score, "
-            "options FROM captions WHERE id = ?", (caption_id,)).fetchone()
-        if row is None:
-            return None
         keys = ("id", "source", "experiment", "variant", "assigned", "model", "model_version", "image_sha256",
                 "caption", "score", "options")
-        out = dict(zip(keys, row))
+        rows = self.select(f"SELECT {', '.join(keys)} FROM captions WHERE id = ?", (caption_id,))
+        if not rows:
+            return None
+        out = dict(zip(keys, rows[0]))
         out["options"] = json.loads(out["options"])
         return out
 
     def experiments(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT experiment FROM captions ORDER BY experiment")]
+        return [r[0] for r in self.select("SELECT DISTINCT experiment FROM captions ORDER BY experiment")]
 
     def traffic(self, experiment: str) -> dict[str, int]:
         """Captions served per variant, counting only clients the experiment assigned."""
-        rows = self._conn().execute("SELECT variant, COUNT(*) FROM captions WHERE experiment = ? AND assigned = 1 "
-                                    "GROUP BY variant", (experiment,))
-        return {v: n for v, n in rows}
+        rows = self.select("SELECT variant, COUNT(*) FROM captions WHERE experiment = ? AND assigned = 1 "
+                           "GROUP BY variant", (experiment,))
+        return {v: int(n) for v, n in rows}
 
     def ratings(self, experiment: str) -> dict[str, list[int]]:
         """Ratings per variant (assigned traffic only); a caption rated twice counts its last rating."""
-        rows = self._conn().execute(
+        rows = self.select(
             "SELECT c.variant, f.rating FROM feedback f JOIN captions c ON c.id = f.caption_id "
             "WHERE c.experiment = ? AND c.assigned = 1 AND f.rating IS NOT NULL AND f.id = "
-            "(SELECT MAX(g.id) FROM feedback g WHERE g.caption_id = f.caption_id AND g.rating IS NOT NULL)",
-            (experiment,))
+            "(SELECT MAX(g.id) FROM feedback g WHERE g.caption_id = f.caption_id AND g.rating IS NOT NULL) "
+            "ORDER BY f.id", (experiment,))
         out: dict[str, list[int]] = {}
         for variant, rating in rows:
             out.setdefault(variant, []).append(int(rating))
@@ -195,17 +449,101 @@ class FeedbackStore:
 
     def corrections(self) -> list[Correction]:
         """Every corrected caption with its photo (the latest correction per caption)."""
-        rows = self._conn().execute(
+        rows = self.select(
             "SELECT f.caption_id, i.bytes, f.correction FROM feedback f JOIN captions c ON c.id = f.caption_id "
             "JOIN images i ON i.sha256 = c.image_sha256 WHERE f.correction IS NOT NULL AND f.id = "
             "(SELECT MAX(g.id) FROM feedback g WHERE g.caption_id = f.caption_id AND g.correction IS NOT NULL) "
             "ORDER BY f.id")
         return [Correction(cid, bytes(img), text) for cid, img, text in rows]
 
+    # -- A/B: sticky assignments, promotion, retirement --
+
+    def experiment_state(self, experiment: str) -> ExperimentState:
+        rows = self.select("SELECT variant, status FROM ab_variants WHERE experiment = ? AND status != 'live'",
+                           (experiment,))
+        return ExperimentState(experiment, dict(rows))
+
+    def lookup(self, experiment: str, client: str) -> tuple[str | None, ExperimentState]:
+        """The client's stored variant (None: not assigned yet) and the experiment's state, read together."""
+        with self._backend.transaction(write=False) as tx:
+            row = tx.execute("SELECT variant FROM ab_assignments WHERE experiment = ? AND client = ?",
+                             (experiment, client_hash(client))).fetchone()
+            status = tx.execute("SELECT variant, status FROM ab_variants WHERE experiment = ? AND status != 'live'",
+                                (experiment,)).fetchall()
+        return (row[0] if row else None), ExperimentState(experiment, {v: s for v, s in status})
+
+    def assign_once(self, experiment: str, client: str, variant: str, replace: str | None = None) -> str:
+        """Store `variant` as the client's unless it already has one (or, with `replace`, unless it
+        has one other than `replace`); returns the variant stored now. Replicas racing on one new
+        client all read back the one row that won."""
+        h = client_hash(client)
+        with self._backend.transaction(write=True) as tx:
+            if replace is None:
+                tx.execute("INSERT INTO ab_assignments (experiment, client, variant, created) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (experiment, client) DO NOTHING", (experiment, h, variant, time.time()))
+            else:
+                tx.execute("UPDATE ab_assignments SET variant = ?, created = ? "
+                           "WHERE experiment = ? AND client = ? AND variant = ?",
+                           (variant, time.time(), experiment, h, replace))
+            return tx.execute("SELECT variant FROM ab_assignments WHERE experiment = ? AND client = ?",
+                              (experiment, h)).fetchone()[0]
+
+    def known_variants(self, experiment: str) -> set[str]:
+        """Every variant the store has seen in an experiment: served, assigned, promoted or retired."""
+        rows = self.select("SELECT variant FROM captions WHERE experiment = ? UNION "
+                           "SELECT variant FROM ab_assignments WHERE experiment = ? UNION "
+                           "SELECT variant FROM ab_variants WHERE experiment = ?", (experiment,) * 3)
+        return {r[0] for r in rows}
+
+    def _set_status(self, tx: _Tx, experiment: str, variant: str, status: str, action: str | None) -> None:
+        now = time.time()
+        tx.execute("INSERT INTO ab_variants (experiment, variant, status, updated) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (experiment, variant) DO UPDATE SET status = excluded.status, updated = excluded.updated",
+                   (experiment, variant, status, now))
+        if action:
+            tx.execute("INSERT INTO ab_events (experiment, variant, action, created) VALUES (?, ?, ?, ?)",
+                       (experiment, variant, action, now))
+
+    def _check_known(self, experiment: str, variant: str, variants: Sequence[str] | None) -> list[str]:
+        known = sorted(variants if variants is not None else self.known_variants(experiment))
+        if variant not in known:
+            raise ExperimentStateError(
+                f"no variant {variant!r} in experiment {experiment!r}"
+                + (f"; it has {', '.join(known)}" if known else "; the store has seen no traffic for it yet"))
+        return known
+
+    def promote(self, experiment: str, variant: str, retire_others: bool = False,
+                variants: Sequence[str] | None = None) -> ExperimentState:
+        """Make `variant` the default for new traffic (every replica reads it on its next request);
+        clients already assigned keep their variant until it is retired. `retire_others` retires
+        every other variant too. `variants`: the experiment's variants (default: those the store has seen)."""
+        known = self._check_known(experiment, variant, variants)
+        with self._backend.transaction(write=True) as tx:
+            tx.execute("UPDATE ab_variants SET status = 'live', updated = ? "
+                       "WHERE experiment = ? AND status = 'promoted' AND variant != ?", (time.time(), experiment, variant))
+            self._set_status(tx, experiment, variant, "promoted", "promote")
+            if retire_others:
+                for other in known:
+                    if other != variant:
+                        self._set_status(tx, experiment, other, "retired", "retire")
+        return self.experiment_state(experiment)
+
+    def retire(self, experiment: str, variant: str, variants: Sequence[str] | None = None) -> ExperimentState:
+        """Take `variant` out of service: no new traffic, and its sticky clients move to another
+        variant on their next request. Refused for the promoted variant and for the last live one."""
+        known = self._check_known(experiment, variant, variants)
+        with self._backend.transaction(write=True) as tx:
+            status = dict(tx.execute("SELECT variant, status FROM ab_variants WHERE experiment = ?",
+                                     (experiment,)).fetchall())
+            if status.get(variant) == "promoted":
+                raise ExperimentStateError(f"{variant!r} is the promoted variant of {experiment!r}: promote "
+                                           f"another one before retiring it")
+            if not [v for v in known if v != variant and status.get(v, "live") != "retired"]:
+                raise ExperimentStateError(f"retiring {variant!r} would leave experiment {experiment!r} no live "
+                                           f"variant")
+            self._set_status(tx, experiment, variant, "retired", "retire")
+        return self.experiment_state(experiment)
+
     def close(self) -> None:
-        """Close every thread's connection (the store reopens on next use)."""
-        with self._lock:
-            for _, db in self._all:
-                db.close()
-            self._all.clear()
-        self._local = threading.local()
+        """Close the store's connections (it reopens them on next use)."""
+        self._backend.close()

@@ -16,7 +16,6 @@ import hmac
 import logging
 import os
 import queue
-import sqlite3
 import sys
 import threading
 import time
@@ -35,11 +34,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from captioner import __version__
-from captioner.service.ab import ServedModel, assign, load_variants
+from captioner.service.ab import ServedModel, live_experiment, load_variants, sticky_assign
 from captioner.inference.api import Caption
 from captioner.service.config import ServeConfig
 from captioner.errors import ImageError, OptionError
-from captioner.service.feedback import FeedbackError, FeedbackStore, Served
+from captioner.service.feedback import FeedbackError, FeedbackStore, Served, StoreUnavailable
 
 log = logging.getLogger("captioner.service.serve")
 RETRY_AFTER = {"Retry-After": "1"}  # on 503: the server is busy, not broken
@@ -443,13 +442,18 @@ class Service:
         return "ip:" + (request.client.host if request.client else "unknown")
 
     def pick(self, client: str, requested: str | None) -> tuple[ServedModel, bool]:
-        """(variant's model, whether the experiment assigned it) for this client."""
+        """(variant's model, whether the experiment assigned it) for this client: the one it asked
+        for, or its sticky assignment, which the store keeps for every replica (blocking: call it
+        from a worker thread)."""
         if requested:
             if requested not in self.models:
                 raise ApiError(404, "unknown_model",
                                f"no model variant {requested!r}; this server has {', '.join(self.models)}")
             return self.models[requested], False
-        return self.models[assign(self.cfg.experiment, client).name], True
+        try:
+            return self.models[sticky_assign(self.store, self.cfg.experiment, client).name], True
+        except StoreUnavailable as e:
+            raise store_busy(e) from None
 
     def timed_out(self) -> ApiError:
         return ApiError(503, "timeout", f"the caption was not ready within {self.cfg.request_timeout_s:g} s: "
@@ -467,7 +471,7 @@ class Service:
                       ) -> list[dict]:
         deadline = time.monotonic() + self.cfg.request_timeout_s
         check_options(opts, self.cfg)
-        served, assigned = self.pick(client, opts.model)
+        served, assigned = await self.within(run_in_threadpool(self.pick, client, opts.model), deadline)
         try:
             served.captioner.check_search(opts.beam_size, opts.max_len, opts.n_best)
         except OptionError as e:
@@ -510,9 +514,14 @@ class Service:
             return results
 
         try:
-            return await run_in_threadpool(record)
-        except sqlite3.OperationalError as e:
-            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
+            return await run_in_threadpool(record)  # committed before the client hears of it
+        except StoreUnavailable as e:
+            raise store_busy(e) from None
+
+
+def store_busy(e: StoreUnavailable) -> ApiError:
+    """Busy (locked past the timeout) or unreachable: nothing was stored; the client retries."""
+    return ApiError(503, "store_busy", f"{e}", RETRY_AFTER)
 
 
 def result_dict(caption_id: str, cap: Caption, served: ServedModel, experiment: str, attention: bool) -> dict:
@@ -568,7 +577,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
     """The FastAPI app: loads the experiment's variants (unless given) and opens the store."""
     torch.set_num_threads(cfg.threads)
     models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits())
-    svc = Service(cfg, models, FeedbackStore(cfg.db))
+    svc = Service(cfg, models, FeedbackStore(cfg.db, pool_size=cfg.db_pool))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -644,8 +653,14 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
     async def list_models(request: Request) -> dict:
         """The experiment and its model variants."""
         svc.client(request)
+        try:
+            state = await run_in_threadpool(svc.store.experiment_state, svc.cfg.experiment.name)
+        except StoreUnavailable as e:
+            raise store_busy(e) from None
+        live = live_experiment(svc.cfg.experiment, state)
         return {"experiment": svc.cfg.experiment.name, "variants": [
             {"name": m.variant.name, "model": m.captioner.name, "version": m.version, "weight": m.variant.weight,
+             "status": state.of(m.variant.name), "new_traffic_weight": live.variant(m.variant.name).weight,
              "precision": m.captioner.precision}
             for m in svc.models.values()]}
 
@@ -674,8 +689,8 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         svc.client(request)
         try:
             fid = await run_in_threadpool(svc.store.add_feedback, body.caption_id, body.rating, body.correction)
-        except sqlite3.OperationalError as e:  # locked past the busy timeout: nothing was stored
-            raise ApiError(503, "store_busy", f"the feedback store is busy ({e}); retry shortly", RETRY_AFTER) from None
+        except StoreUnavailable as e:  # locked past the busy timeout, or unreachable: nothing was stored
+            raise store_busy(e) from None
         except FeedbackError as e:
             status = 404 if "no caption" in str(e) else 422
             raise ApiError(status, "unknown_caption" if status == 404 else "invalid_feedback", str(e)) from None
