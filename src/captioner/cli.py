@@ -127,6 +127,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     captioner = Captioner.load(args.model, precision=args.precision)
     # options are checked before any photo is read: a bad one fails at once, not after a batch
     captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
+    if args.objects == "on" and args.objects_threshold is not None:
+        captioner.model.object_namer(args.objects_threshold)
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
