@@ -22,7 +22,7 @@ from captioner.models.recognition import RecognizedObject, Recognizer, name_obje
 
 # Recognised words whose score reaches this are put into the caption (tuned on Flickr8k dev and
 # the COCO dev photos: benchmarks/objects.py, docs/objects.md).
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.4
 COUNT_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many",
                "some", "few", "multiple", "lots", "group", "pair", "couple", "bunch"}
 
