@@ -54,6 +54,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="decoder weights in matrix products: auto (default) = the model's own, bf16 only "
                         "on a CPU with native bfloat16")
+    p.add_argument("--objects", choices=("on", "off"), default="on",
+                   help="name objects the encoder recognises in the caption and list them (default on; "
+                        "off = the captions of the model alone)")
+    p.add_argument("--objects-threshold", type=float, default=None,
+                   help="with --objects on: recognition score an object needs to be put into the caption "
+                        "(default: the tuned value)")
 
 
 
@@ -125,6 +131,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.seed is not None and args.temperature is None:
         print("error: --seed applies to sampling only: give --temperature too, or leave --seed out", file=sys.stderr)
         return 2
+    if args.objects == "on" and args.objects_threshold is not None:
+        captioner.model.object_namer(args.objects_threshold)
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
@@ -142,7 +150,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         caps = captioner.caption_features(feats, beam_size=args.beam_size, max_len=args.max_len,
                                           n_best=args.n_best, length_penalty=args.length_penalty,
                                           no_repeat_ngram=args.no_repeat_ngram, temperature=args.temperature,
-                                          top_p=args.top_p, seed=args.seed)
+                                          top_p=args.top_p, seed=args.seed, objects=args.objects == "on")
         for p, c in zip(good, caps):
             if args.json:
                 print(json.dumps({"image": str(p), **c.to_dict()}))
@@ -173,7 +181,8 @@ def _caption_to_file(args: argparse.Namespace) -> int:
     env = setup(args.device)
     captioner = Captioner.load(args.model, device=env.device, precision=args.precision)
     search = dict(beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
-                  length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+                  length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                  objects=args.objects == "on")
     result = caption_collection(captioner, photos, args.out, batch_size=args.batch_size, workers=args.workers,
                                 search=search, env=env, progress=not args.no_progress,
                                 alt_text_csv=args.alt_text_csv)
@@ -252,12 +261,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores, notes = evaluate(captioner.model, data.data, args.split, search, layout=data.layout,
                              cache_dir=data.cache_dir, captions_out=out, progress=not args.json,
                              data_format=data.data_format, image_root=data.image_root,
-                             device=str(captioner.device))
+                             device=str(captioner.device), objects=args.objects == "on",
+                             objects_threshold=args.objects_threshold)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model {captioner.name} ({captioner.info['path']}), {args.split} split, beam {args.beam_size}, "
           f"length penalty {search.length_penalty}, no-repeat n-gram {search.no_repeat_ngram}, "
-          f"precision {captioner.precision}")
+          f"precision {captioner.precision}, objects {args.objects}")
     for k, v in scores.items():
         print(f"{k:>8}: {v:.4f}")
     if out:

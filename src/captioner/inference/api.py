@@ -13,6 +13,7 @@ from captioner.models.encoders import Encoder, build_encoder, preprocess
 from captioner.errors import OptionError
 from captioner.data.images import ImageInput, ImageLimits
 from captioner.models.model import CaptionModel
+from captioner.models.recognition import RecognizedObject
 from captioner.inference.precision import bf16_linears, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
@@ -29,18 +30,23 @@ class Caption:
     words: list[str]
     attention: np.ndarray | None = None  # (len(words), grid, grid) weights; each map sums to 1
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # next-best (text, score)
+    # what the encoder's ImageNet classifier recognises, named through the lexicon, best first
+    # (empty with objects off)
+    objects: list[RecognizedObject] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"caption": self.text, "score": self.score,
-                "alternatives": [{"caption": t, "score": s} for t, s in self.alternatives]}
+                "alternatives": [{"caption": t, "score": s} for t, s in self.alternatives],
+                "objects": [o.to_dict() for o in self.objects]}
 
 
 class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
-                 limits: ImageLimits | None = None, precision: str | None = "fp32"):
-        """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
+                 limits: ImageLimits | None = None, precision: str | None = "fp32", objects: bool = True):
+        """`objects`: name recognised objects in captions and list them (`Caption.objects`) unless
+        a call says otherwise. `precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
         `captioner.inference.precision`), or None/"auto" for the model's own (`model.precision`,
         as exported) where the CPU does bf16 natively. The model is changed in place."""
         self.model = model.eval().to(device)
@@ -51,15 +57,17 @@ class Captioner:
         if self.precision == "bf16":
             bf16_linears(self.model.decoder)
         self._encoder: Encoder | None = None
+        self.objects = objects
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
-             limits: ImageLimits | None = None, precision: str | None = "auto") -> "Captioner":
+             limits: ImageLimits | None = None, precision: str | None = "auto",
+             objects: bool = True) -> "Captioner":
         """A saved model: a checkpoint file, or None / "default" for the shipped model."""
         path = resolve_checkpoint(path)
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits, precision)
+        return cls(model, info, device, limits, precision, objects)
 
     @property
     def encoder(self) -> Encoder:
@@ -124,20 +132,37 @@ class Captioner:
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 25,
                          n_best: int = 1, length_penalty: float | None = None,
                          no_repeat_ngram: int | None = None, temperature: float | None = None,
-                         top_p: float | None = None, seed: int | None = None) -> list[Caption]:
+                         top_p: float | None = None, seed: int | None = None, objects: bool | None = None) -> list[Caption]:
         """Region features -> captions. Beam search by default; with a `temperature` the
         captions are sampled instead (n_best of them per image, best first; top_p for
-        nucleus sampling, seed for repeatable draws)."""
+        nucleus sampling, seed for repeatable draws). `objects` (default: `self.objects`): list
+        the recognised objects and, in beam search, put a confident one into the caption."""
         self.check_search(beam_size, max_len, max(n_best, 1), temperature, top_p)
+        objects = self.objects if objects is None else objects
         if temperature is not None:
-            return self._sampled(feats, max_len, max(n_best, 1), temperature, 1.0 if top_p is None else top_p,
+            caps = self._sampled(feats, max_len, max(n_best, 1), temperature, 1.0 if top_p is None else top_p,
                                  seed)
+            if objects:
+                for cap, found in zip(caps, self.model.object_namer().recognize(feats)):
+                    cap.objects = found
+            return caps
         search = self.model.search_config(beam_size, max_len, n_best, length_penalty, no_repeat_ngram)
-        hyps = self.model.generate(feats, search)
+        if objects:
+            namer = self.model.object_namer()
+            named = namer.generate(feats, search)
+            hyps, vocab = named.hyps, namer.model.vocab
+        else:
+            named, hyps, vocab = None, self.model.generate(feats, search), self.model.vocab
         out = []
         for b in range(feats.size(0)):
             rows = [(hyps.tokens[b, k], float(hyps.scores[b, k]), hyps.alphas[b, k]) for k in range(hyps.tokens.size(1))]
-            out.append(self._caption(rows))
+            if named is None:
+                out.append(self._caption(rows))
+            else:
+                fix = lambda ids, e=named.constraint[b]: namer.words_of(ids, e)  # noqa: E731
+                cap = self._caption(rows, fix)
+                cap.objects = named.objects[b]
+                out.append(cap)
         return out
 
     def _sampled(self, feats: torch.Tensor, max_len: int, n: int, temperature: float, top_p: float,
@@ -152,12 +177,22 @@ class Captioner:
             out.append(self._caption(sorted(rows, key=lambda row: -row[1])))
         return out
 
-    def _caption(self, rows: list[tuple[torch.Tensor, float, torch.Tensor]]) -> Caption:
-        """(tokens, score, alphas) of one image's hypotheses, best first -> Caption."""
+    def _caption(self, rows: list[tuple[torch.Tensor, float, torch.Tensor]], words_of=None) -> Caption:
+        """(tokens, score, alphas) of one image's hypotheses, best first -> Caption; `words_of`
+        turns ids into words where the plain vocab's decoding will not do (grown vocab, grammar)."""
         grid = self.model.encoder_cfg.grid_size
-        texts = [self.model.vocab.decode(tokens.tolist()) for tokens, _, _ in rows]
+        if words_of is None:
+            texts = [self.model.vocab.decode(tokens.tolist()) for tokens, _, _ in rows]
+        else:
+            texts = [" ".join(words_of(tokens.tolist())) for tokens, _, _ in rows]
         words = texts[0].split()
-        attention = rows[0][2][:len(words)].float().reshape(len(words), grid, grid).cpu().numpy()
+        n_ids = int(((rows[0][0] != self.model.vocab.eos_id) & (rows[0][0] != self.model.vocab.pad_id)).sum())
+        # grammar may drop or add a word ("a broccoli" -> "broccoli"): attention keeps one map per
+        # emitted token, cut or padded by repeating the last to the words shown
+        maps = rows[0][2][:max(n_ids, 1)]
+        if maps.size(0) < len(words):
+            maps = torch.cat([maps, maps[-1:].expand(len(words) - maps.size(0), -1)])
+        attention = maps[:len(words)].float().reshape(len(words), grid, grid).cpu().numpy()
         return Caption(texts[0], rows[0][1], words, attention,
                        [(t, score) for t, (_, score, _) in zip(texts[1:], rows[1:])])
 
@@ -170,5 +205,6 @@ class Captioner:
     def caption(self, image: ImageInput, **search) -> Caption:
         """Caption one photo (path, bytes or PIL image). Options: beam_size, max_len, n_best,
         length_penalty and no_repeat_ngram (default: the values the model was tuned with); or
-        temperature, top_p and seed to sample instead of searching."""
+        temperature, top_p and seed to sample instead of searching; objects=True/False to name
+        recognised objects or not (default: the constructor's `objects`)."""
         return self.caption_batch([image], **search)[0]

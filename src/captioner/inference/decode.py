@@ -161,3 +161,128 @@ def _draw(logits: torch.Tensor, top_p: float, generator: torch.Generator | None)
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+                            cfg: SearchConfig, constraints: list[list[int]], banned_ids: tuple[int, ...] = (),
+                            base_vocab: int | None = None) -> tuple[Hypotheses, torch.Tensor]:
+    """Constrained beam search (Anderson et al., 2017) for one phrase per image: the caption must
+    contain `constraints[b]` (a token sequence; [] = no constraint, the search of `beam_search`).
+
+    The constraint is a finite-state machine whose state is how many of the phrase's tokens the
+    caption has emitted so far (0 .. len). Each state keeps its own bank of K beams, so an image
+    has S = longest phrase + 1 banks and all B x S x K rows advance through `decoder.step`
+    together. A beam in state s < len moves to s + 1 only by emitting the phrase's next token;
+    once a phrase has started it must be completed. The answer is the best finished hypothesis
+    of the final state; where none finished it, that of state 0 (the unconstrained search).
+    Word ids >= `base_vocab` (words the vocab was grown with) are reachable only through a
+    constraint, and each step's probabilities are renormalised over the ids below it, so a grown
+    word's probability is measured against the vocabulary the decoder was trained on.
+    Returns the hypotheses and a (B,) bool tensor: did the image's caption meet its constraint.
+    """
+    B, K = features.size(0), cfg.beam_size
+    if K < 1:
+        raise ValueError("beam_size must be at least 1")
+    if len(constraints) != B:
+        raise ValueError(f"{len(constraints)} constraints for {B} images")
+    device = features.device
+    lengths_c = torch.tensor([len(c) for c in constraints], device=device)  # (B,)
+    S = int(lengths_c.max()) + 1 if B else 1
+    # phrase[b, s] = the token that moves a beam from state s to s + 1 (-1: none)
+    phrase = torch.full((B, S), -1, dtype=torch.long, device=device)
+    for b, c in enumerate(constraints):
+        if c:
+            phrase[b, :len(c)] = torch.tensor(c, device=device)
+    R = S * K  # rows per image
+    state = decoder.init_state(features)
+    state = {k: v.repeat_interleave(R, 0) for k, v in state.items()}  # (B*S*K, ...)
+    sums = torch.full((B, S, K), float("-inf"), device=device)
+    sums[:, 0, 0] = 0.0
+    lengths = torch.zeros(B, S, K, device=device)
+    finished = torch.zeros(B, S, K, dtype=torch.bool, device=device)
+    tokens = torch.full((B * R,), bos_id, dtype=torch.long, device=device)
+    seqs = torch.empty(B, S, K, 0, dtype=torch.long, device=device)
+    alphas = torch.empty(B, S, K, 0, state["alpha"].size(-1), device=device)
+    offsets = (torch.arange(B, device=device) * R)[:, None, None]  # (B, 1, 1)
+    banks = torch.arange(S, device=device)
+    final = banks[None, :] == lengths_c[:, None]  # (B, S): the state where the constraint is met
+    middle = (banks[None, :] > 0) & (banks[None, :] < lengths_c[:, None])  # inside a phrase
+
+    for t in range(cfg.max_len + 1):
+        logprobs, state = decoder.step(tokens, state)
+        V = logprobs.size(-1)
+        logprobs = logprobs.view(B, S, K, V).clone()
+        if base_vocab is not None and base_vocab < V:
+            logprobs = logprobs - logprobs[..., :base_vocab].logsumexp(-1, keepdim=True)
+        for i in banned_ids:
+            logprobs[..., i] = float("-inf")
+        if cfg.no_repeat_ngram > 0 and seqs.size(-1) >= cfg.no_repeat_ngram:
+            _ban_repeated_ngrams(logprobs.view(B * S, K, V), seqs.view(B * S, K, -1), cfg.no_repeat_ngram)
+        if t == cfg.max_len:
+            logprobs[..., :] = float("-inf")
+            logprobs[..., eos_id] = 0.0
+        # staying in a state: any word but the phrase's next one (and no grown word); inside a
+        # phrase nothing but its next token, and no ending
+        stay = logprobs.clone()
+        if base_vocab is not None and base_vocab < V:
+            stay[..., base_vocab:] = float("-inf")
+        nxt = phrase.clamp(min=0)[:, :, None, None].expand(B, S, K, 1)
+        has_next = (phrase >= 0)[:, :, None, None].expand(B, S, K, 1)
+        stay.scatter_(-1, nxt, torch.where(has_next, float("-inf"), stay.gather(-1, nxt)))
+        stay[middle] = float("-inf")
+        stay[finished] = float("-inf")
+        stay[..., pad_id] = torch.where(finished, 0.0, float("-inf"))
+        # moving on: from state s - 1 by its phrase token, into state s
+        adv = torch.full_like(logprobs, float("-inf"))
+        adv.scatter_(-1, nxt, torch.where(has_next & ~finished[..., None], logprobs.gather(-1, nxt),
+                                          float("-inf")))
+        adv = torch.cat([torch.full_like(adv[:, :1], float("-inf")), adv[:, :-1]], 1)  # (B, S, K, V): into s
+        adv_sums = torch.cat([torch.full_like(sums[:, :1], float("-inf")), sums[:, :-1]], 1)
+        adv_len = torch.cat([lengths[:, :1], lengths[:, :-1]], 1)
+        adv_fin = torch.cat([finished[:, :1], finished[:, :-1]], 1)
+        cand_sum = torch.cat([sums[..., None] + stay, adv_sums[..., None] + adv], 2)  # (B, S, 2K, V)
+        cand_len = torch.cat([lengths + (~finished).float(), adv_len + (~adv_fin).float()], 2)[..., None]
+        cand_score = cand_sum / cand_len.clamp(min=1) ** cfg.length_penalty
+        top_score, top_idx = cand_score.view(B, S, 2 * K * V).topk(K, -1)  # (B, S, K)
+        src, word = top_idx // V, top_idx % V  # src < K: same state's beam; >= K: previous state's
+        sums = cand_sum.view(B, S, 2 * K * V).gather(-1, top_idx)
+        lengths = cand_len.expand(B, S, 2 * K, V).reshape(B, S, 2 * K * V).gather(-1, top_idx)
+        src_bank = banks[None, :, None] - (src >= K).long()  # (B, S, K)
+        src_beam = src % K
+        flat = (offsets + src_bank.clamp(min=0) * K + src_beam).view(-1)  # (B*S*K,)
+        state = {k: v.index_select(0, flat) for k, v in state.items()}
+        old = (src_bank.clamp(min=0) * K + src_beam).view(B, R)  # source rows within the image
+        was_finished = finished.view(B, R).gather(1, old).view(B, S, K)
+        finished = was_finished | (word == eos_id)
+        prev = seqs.view(B, R, -1)
+        seqs = torch.cat([prev.gather(1, old[:, :, None].expand_as(prev)).view(B, S, K, -1), word[..., None]], -1)
+        step_alpha = state["alpha"].view(B, S, K, 1, -1) * (~was_finished).float()[..., None, None]
+        prev_a = alphas.view(B, R, *alphas.shape[3:])
+        alphas = torch.cat([prev_a.gather(1, old[:, :, None, None].expand_as(prev_a)).view(B, S, K, *alphas.shape[3:]),
+                            step_alpha], 3)
+        tokens = word.view(-1)
+        alive = torch.isfinite(sums)
+        if bool((finished | ~alive).all()):
+            break
+
+    scores = sums / lengths.clamp(min=1) ** cfg.length_penalty
+    best = scores.max(-1).values  # (B, S)
+    met_score = best.masked_fill(~final, float("-inf")).max(-1).values  # (B,)
+    met = torch.isfinite(met_score)
+    bank = torch.where(met, lengths_c, torch.zeros_like(lengths_c))  # (B,)
+    pick_bank = bank[:, None, None]
+    scores = scores.gather(1, pick_bank.expand(B, 1, K))[:, 0]
+    sums = sums.gather(1, pick_bank.expand(B, 1, K))[:, 0]
+    seqs = seqs.gather(1, pick_bank[..., None].expand(B, 1, K, seqs.size(-1)))[:, 0]
+    alphas = alphas.gather(1, pick_bank[..., None, None].expand(B, 1, K, *alphas.shape[3:]))[:, 0]
+    order = scores.argsort(-1, descending=True)
+    n = min(cfg.n_best, K)
+    pick = order[:, :n]
+    hyps = Hypotheses(
+        tokens=seqs.gather(1, pick[:, :, None].expand(B, n, seqs.size(-1))),
+        scores=scores.gather(1, pick),
+        logprobs=sums.gather(1, pick),
+        alphas=alphas.gather(1, pick[:, :, None, None].expand(B, n, *alphas.shape[2:])),
+    )
+    return hyps, met & (lengths_c > 0)

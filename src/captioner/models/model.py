@@ -109,6 +109,22 @@ class CaptionModel(nn.Module):
                       max_len=max_len, n=n, temperature=temperature, top_p=top_p,
                       banned_ids=(v.bos_id, v.unk_id), generator=generator)
 
-    def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
+    def object_namer(self, threshold: float | None = None):
+        """This model's `objects.ObjectNamer` (built once: a grown-vocab copy and the recognizer);
+        `threshold` overrides the tuned one."""
+        from captioner.models.objects import ObjectNamer
+
+        namer = self.__dict__.get("_object_namer")  # not a submodule: never in the state dict
+        if namer is None:
+            namer = ObjectNamer(self)
+            self.__dict__["_object_namer"] = namer
+        if threshold is not None:
+            namer.threshold = threshold
+        return namer
+
+    def captions(self, features: torch.Tensor, search: SearchConfig, objects: bool = False) -> list[str]:
+        """Best caption per image; with `objects`, naming a confidently recognised object."""
+        if objects:
+            return self.object_namer().captions(features, search)
         hyps = self.generate(features, search)
         return [self.vocab.decode(row[0].tolist()) for row in hyps.tokens]

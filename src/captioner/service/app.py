@@ -99,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             n_alt = 0
             st.caption("No alternatives at beam size 1 (greedy search).")
+        objects = st.toggle("Name objects", value=True,
+                            help="put what the encoder's ImageNet classifier recognises into the caption")
         served = models[variant]
         st.caption(f"{served.captioner.name}, version {served.version}")
 
@@ -119,17 +121,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         st.image(picture, width="stretch")
 
-    key = (hashlib.sha256(photo).hexdigest(), variant, beam_size, n_alt)
+    key = (hashlib.sha256(photo).hexdigest(), variant, beam_size, n_alt, objects)
     if st.session_state.get("key") != key:
         try:
             with st.spinner("Captioning..."):
-                cap = served.captioner.caption(picture, beam_size=beam_size, n_best=n_alt + 1)
+                cap = served.captioner.caption(picture, beam_size=beam_size, n_best=n_alt + 1, objects=objects)
         except CaptionerError as e:
             st.error(f"Cannot caption this photo: {e}")
             return
         cid = store.record_caption(Served("app", "web-app", cfg.experiment.name, variant, False,
                                           served.captioner.name, served.version, cap.text, cap.score,
-                                          {"beam_size": beam_size, "n_best": n_alt + 1},
+                                          {"beam_size": beam_size, "n_best": n_alt + 1, "objects": objects},
                                           photo if cfg.store_images else None))
         st.session_state.update(key=key, caption=cap, caption_id=cid)
     cap, cid = st.session_state["caption"], st.session_state["caption_id"]
@@ -138,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         st.markdown(f'<p id="caption-text" style="font-size:1.8rem;font-weight:600">{html.escape(cap.text)}</p>',
                     unsafe_allow_html=True)
         st.caption(f"score {cap.score:.3f} (length-normalised log-probability) · caption id {cid}")
+        if cap.objects:
+            st.markdown("**Objects recognised:** " + ", ".join(
+                f"{html.escape(o.name)} ({o.score:.2f})" for o in cap.objects))
         if cap.alternatives:
             st.table([{"alternative": t, "score": round(s, 3)} for t, s in cap.alternatives])
         st.subheader("Where it looked for each word")

@@ -84,6 +84,7 @@ class SearchOptions(BaseModel):
     max_len: StrictInt = Field(25, ge=1, description="most words per caption")
     n_best: StrictInt = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
     attention: StrictBool = Field(False, description="also return the words and one attention map per word")
+    objects: StrictBool = Field(True, description="name objects the encoder recognises in the caption and list them")
     model: StrictStr | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
 
 
@@ -96,11 +97,18 @@ class Alternative(BaseModel):
     score: float
 
 
+class RecognizedObjectModel(BaseModel):
+    name: str = Field(description="the caption word for what the encoder's ImageNet classifier recognises")
+    score: float = Field(description="its probability (summed over the classes with this name)")
+
+
 class CaptionResult(BaseModel):
     caption_id: str = Field(description="send it back with POST /v1/feedback")
     caption: str
     score: float = Field(description="length-normalised log-probability (higher is better)")
     alternatives: list[Alternative]
+    objects: list[RecognizedObjectModel] = Field(
+        default_factory=list, description="recognised objects, best first (empty with objects off)")
     model: str
     model_version: str = Field(description="hash of the checkpoint file")
     experiment: str
@@ -128,7 +136,7 @@ class Job:
     """One photo waiting for the model."""
 
     variant: str
-    options: tuple[int, int, int]  # (beam_size, max_len, n_best): photos batch only with their equals
+    options: tuple[int, int, int, bool]  # (beam_size, max_len, n_best, objects): photos batch only with their equals
     pixels: torch.Tensor  # (3, S, S), preprocessed for this variant's encoder
     future: Future = field(default_factory=Future)
 
@@ -216,11 +224,12 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
             feats = captioner.encode_pixels(torch.stack([j.pixels for j in group]), chunk=encode_chunk)  # (B, N, C)
             t1 = time.perf_counter()
             stage_s["encode"] += t1 - t0
-            by_options: dict[tuple[int, int, int], list[int]] = {}
+            by_options: dict[tuple[int, int, int, bool], list[int]] = {}
             for i, job in enumerate(group):
                 by_options.setdefault(job.options, []).append(i)
-            for (beam_size, max_len, n_best), rows in by_options.items():
-                caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best)
+            for (beam_size, max_len, n_best, objects), rows in by_options.items():
+                caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best,
+                                                  objects=objects)
                 for i, cap in zip(rows, caps):
                     group[i].future.set_result(cap)
             stage_s["search"] += time.perf_counter() - t1
@@ -497,7 +506,7 @@ class Service:
                     self.decoded += len(photos)
 
         pixels = await self.within(run_in_threadpool(prepare), deadline)
-        options = (opts.beam_size, opts.max_len, opts.n_best)
+        options = (opts.beam_size, opts.max_len, opts.n_best, opts.objects)
         futures = [self.batcher.submit(Job(served.variant.name, options, p)) for p in pixels]
         caps: list[Caption] = await self.within(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
                                                 deadline)
@@ -508,7 +517,8 @@ class Service:
                 cid = self.store.record_caption(Served(
                     "api", client, self.cfg.experiment.name, served.variant.name, assigned,
                     served.captioner.name, served.version, cap.text, cap.score,
-                    {"beam_size": opts.beam_size, "max_len": opts.max_len, "n_best": opts.n_best},
+                    {"beam_size": opts.beam_size, "max_len": opts.max_len, "n_best": opts.n_best,
+                     "objects": opts.objects},
                     data if self.cfg.store_images else None))
                 results.append(result_dict(cid, cap, served, self.cfg.experiment.name, opts.attention))
             return results
@@ -545,6 +555,7 @@ def caption_body(cfg: ServeConfig) -> dict:
                                **{name: {"type": "integer", "default": default, "minimum": 1, "maximum": limits[name]}
                                   for name, default in (("beam_size", 3), ("max_len", 25), ("n_best", 1))},
                                "attention": {"type": "boolean", "default": False},
+                               "objects": {"type": "boolean", "default": True},
                                "model": {"type": "string"}}}},
             "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}},
         },
@@ -728,6 +739,7 @@ async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
     try:
         opts = SearchOptions(beam_size=_form_int(form, "beam_size", 3), max_len=_form_int(form, "max_len", 25),
                              n_best=_form_int(form, "n_best", 1), attention=_form_bool(form, "attention", False),
+                             objects=_form_bool(form, "objects", True),
                              model=(str(form["model"]) if form.get("model") else None))
     except ValidationError as e:
         raise ApiError(422, "invalid_request", validation_message(e.errors())) from None

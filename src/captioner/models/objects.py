@@ -1,0 +1,164 @@
+"""Novel-object captioning: the encoder's own ImageNet recognition, named through the lexicon,
+put into the caption by constrained beam search (Anderson et al., 2017), with words outside the
+training vocabulary given their proxy word's weights (Hendricks et al., 2016).
+
+`ObjectNamer(model)` wraps a trained `CaptionModel` without changing it: it holds a copy whose
+vocab is grown with the lexicon's words, and the recognizer. With objects off the original model
+decodes exactly as before.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from captioner.data.vocab import Vocab
+from captioner.inference.decode import Hypotheses, SearchConfig, constrained_beam_search
+from captioner.models.lexicon import LexiconEntry, lexicon_words
+from captioner.models.recognition import RecognizedObject, Recognizer, name_objects
+
+# Recognised words whose score reaches this are put into the caption (tuned on Flickr8k dev and
+# the COCO dev photos: benchmarks/objects.py, docs/objects.md).
+DEFAULT_THRESHOLD = 0.4
+COUNT_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many",
+               "some", "few", "multiple", "lots", "group", "pair", "couple", "bunch"}
+
+
+def grow_vocab(model: nn.Module, proxies: Mapping[str, str]) -> list[int]:
+    """Add words to a `CaptionModel`'s vocab in place; each new word's input embedding and output
+    row (weights and bias) start as a copy of its proxy word's (the transfer of Hendricks et al.,
+    2016). `proxies`: new word -> an in-vocab word. Words already in the vocab are skipped.
+    Works for every decoder of the zoo: it grows each word embedding and output layer the
+    decoder holds (ensemble members and tuned tops included). Returns the new words' ids."""
+    vocab: Vocab = model.vocab
+    index = {t: i for i, t in enumerate(vocab.tokens)}
+    new = [w for w in dict.fromkeys(proxies) if w not in index]
+    for w in new:
+        if proxies[w] not in index:
+            raise ValueError(f"proxy {proxies[w]!r} of {w!r} is not in the vocab")
+    if not new:
+        return []
+    V0 = len(vocab)
+    src = torch.tensor([index[proxies[w]] for w in new])
+    for module in model.decoder.modules():
+        emb = getattr(module, "embed", None)
+        if isinstance(emb, nn.Embedding) and emb.num_embeddings == V0:
+            grown = nn.Embedding(V0 + len(new), emb.embedding_dim, padding_idx=emb.padding_idx)
+            grown.weight.data = torch.cat([emb.weight.data, emb.weight.data[src]])
+            module.embed = grown
+        out = getattr(module, "out", None)
+        if out is not None and getattr(out, "out_features", None) == V0:
+            out.weight = _cat_rows(out.weight, src)
+            if out.bias is not None:
+                out.bias = _cat_rows(out.bias, src)
+            out.out_features = V0 + len(new)
+        bias = getattr(module, "out_bias", None)
+        if isinstance(bias, nn.Parameter) and bias.numel() == V0:
+            module.out_bias = nn.Parameter(torch.cat([bias.data, bias.data[src]]))
+        if getattr(module, "_out_bf16", None) is not None:
+            module.bf16_inference()  # a tied output layer kept in bfloat16: re-read the grown embedding
+    model.vocab = Vocab(list(vocab.tokens) + new)
+    return list(range(V0, V0 + len(new)))
+
+
+def _cat_rows(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    grown = torch.cat([t.data, t.data[src]])
+    return nn.Parameter(grown, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else grown
+
+
+@dataclass
+class NamedCaptions:
+    """What the objects search gives per image: best hypotheses, the recognised objects (best
+    first), and the word put into the caption (None: no object was confident enough)."""
+
+    hyps: Hypotheses
+    objects: list[list[RecognizedObject]]
+    constraint: list[LexiconEntry | None] = field(default_factory=list)
+    met: list[bool] = field(default_factory=list)
+
+
+class ObjectNamer:
+    """Recognition + grown-vocab copy of a `CaptionModel` + constrained search."""
+
+    def __init__(self, model: nn.Module, threshold: float = DEFAULT_THRESHOLD, mode: str = "stock",
+                 top_k: int = 5):
+        self.threshold = threshold
+        self.top_k = top_k
+        self.model = copy.deepcopy(model).eval()
+        self.base_vocab = len(model.vocab)
+        words = lexicon_words()
+        proxies: dict[str, str] = {}
+        for entry in words.values():
+            for tok in {*entry.tokens, *_tokens(entry.plural)}:
+                proxies.setdefault(tok, entry.proxy)
+        grow_vocab(self.model, proxies)
+        self.words = words
+        tuned_top = getattr(self.model.decoder, "top", None)
+        self.recognizer = Recognizer(model.encoder_cfg, mode, tuned_top)
+        device = next(model.parameters()).device
+        self.recognizer.to(device)
+
+    def recognize(self, features: torch.Tensor) -> list[list[RecognizedObject]]:
+        """Region features (B, N, C) -> per photo its named objects, best first."""
+        return name_objects(self.recognizer(features), top_k=self.top_k)
+
+    def constraints(self, objects: list[list[RecognizedObject]]) -> list[LexiconEntry | None]:
+        """The word to put into each caption: the best object, where it reaches the threshold."""
+        return [self.words[o[0].name] if o and o[0].score >= self.threshold else None for o in objects]
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
+        objects = self.recognize(features)
+        chosen = self.constraints(objects)
+        vocab = self.model.vocab
+        index = {t: i for i, t in enumerate(vocab.tokens)}
+        phrases = [[index[t] for t in e.tokens] if e is not None else [] for e in chosen]
+        hyps, met = constrained_beam_search(
+            self.model.decoder, features, vocab.bos_id, vocab.eos_id, vocab.pad_id, search, phrases,
+            banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
+        return NamedCaptions(hyps, objects, chosen, met.tolist())
+
+    def words_of(self, ids: list[int], entry: LexiconEntry | None) -> list[str]:
+        """Token ids -> words, with the article and number made right for the inserted word."""
+        words = self.model.vocab.decode(ids).split()
+        return fix_grammar(words, entry) if entry is not None else words
+
+    def captions(self, features: torch.Tensor, search: SearchConfig) -> list[str]:
+        out = self.generate(features, search)
+        return [" ".join(self.words_of(row[0].tolist(), e)) for row, e in zip(out.hyps.tokens, out.constraint)]
+
+
+def _tokens(text: str | None) -> list[str]:
+    from captioner.data.vocab import tokenize
+
+    return tokenize(text or "")
+
+
+def fix_grammar(words: list[str], entry: LexiconEntry) -> list[str]:
+    """Make the words before an inserted lexicon phrase agree with it: "a espresso" -> "an
+    espresso", "a broccoli" -> "broccoli" (mass noun), "two cat" -> "two cats"."""
+    phrase = entry.tokens
+    n = len(phrase)
+    out = list(words)
+    i = 0
+    while i + n <= len(out):
+        if out[i:i + n] != phrase:
+            i += 1
+            continue
+        prev = out[i - 1] if i > 0 else None
+        if prev in COUNT_WORDS or (i > 1 and out[i - 2] in COUNT_WORDS and prev == "of"):
+            plural = _tokens(entry.plural)
+            out[i:i + n] = plural
+            i += len(plural)
+            continue
+        if prev in ("a", "an"):
+            if entry.article:
+                out[i - 1] = entry.article
+            else:
+                del out[i - 1]
+                i -= 1
+        i += n
+    return out

