@@ -64,6 +64,8 @@ def test_backward_reaches_every_parameter(decoder):
     decoder(feats, tokens).logsumexp(-1).mean().backward()
     for name, p in decoder.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.endswith("att_score.bias"):  # softmax over regions ignores a shared shift: zero up to rounding
+            continue
         assert p.grad.abs().sum() > 0, name
 
 

@@ -120,9 +120,10 @@ def test_caption_json_records_carry_objects():
 
 def test_api_schema_has_objects():
     pytest.importorskip("fastapi")
-    from captioner.service.serve import CAPTION_BODY, CaptionRequest, CaptionResult
+    from captioner.service.config import ServeConfig
+    from captioner.service.serve import CaptionRequest, CaptionResult, caption_body
 
     result = CaptionResult.model_json_schema()
     assert "objects" in result["properties"]
     assert CaptionRequest.model_json_schema()["properties"]["objects"]["default"] is True
-    assert "objects" in CAPTION_BODY["content"]["multipart/form-data"]["schema"]["properties"]
+    assert "objects" in caption_body(ServeConfig())["content"]["multipart/form-data"]["schema"]["properties"]

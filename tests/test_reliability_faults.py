@@ -53,7 +53,8 @@ def tiny_model(seed: int = 0) -> CaptionModel:
 def train_command(data: Path, out: Path, model_file: Path, cache: Path) -> list[str]:
     sets = {"data": data, "out": out, "model": model_file, "cache_dir": cache, "epochs": 4, "batch_size": 8,
             "warmup_steps": 2, "lr": 0.01, "patience": 10, "val_beam_size": 1, "val_max_len": 6,
-            "progress": "false", "min_word_count": 1, "threads": 1}
+            "progress": "false", "min_word_count": 1, "threads": 1,
+            "encoder": "", "mirror_prob": 0, "scst_epochs": 0, "scst_soup": 1}  # plain cross-entropy
     return [sys.executable, "-m", "captioner.cli", "train"] + [
         a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 

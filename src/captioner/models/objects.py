@@ -94,8 +94,11 @@ class ObjectNamer:
         for entry in words.values():
             for tok in {*entry.tokens, *_tokens(entry.plural)}:
                 proxies.setdefault(tok, entry.proxy)
-        grow_vocab(self.model, proxies)
-        self.words = words
+        # a model whose vocabulary lacks a word's proxy (a small custom one) cannot name that word
+        known = set(model.vocab.tokens)
+        grow_vocab(self.model, {w: p for w, p in proxies.items() if p in known})
+        nameable = set(self.model.vocab.tokens)
+        self.words = {name: e for name, e in words.items() if set(e.tokens) <= nameable}
         tuned_top = getattr(self.model.decoder, "top", None)
         self.recognizer = Recognizer(model.encoder_cfg, mode, tuned_top)
         device = next(model.parameters()).device
@@ -107,7 +110,7 @@ class ObjectNamer:
 
     def constraints(self, objects: list[list[RecognizedObject]]) -> list[LexiconEntry | None]:
         """The word to put into each caption: the best object, where it reaches the threshold."""
-        return [self.words[o[0].name] if o and o[0].score >= self.threshold else None for o in objects]
+        return [self.words.get(o[0].name) if o and o[0].score >= self.threshold else None for o in objects]
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
