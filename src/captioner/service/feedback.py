@@ -281,7 +281,6 @@ class _Postgres:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool_size)
-        self._closed = False
 
     def _connect(self) -> Any:
         try:
@@ -312,7 +311,7 @@ class _Postgres:
                 raise StoreUnavailable(f"the feedback database {self.name} failed: {_one_line(e, self.url)}") from None
         finally:
             if conn is not None:
-                if conn.closed or conn.broken or self._closed:
+                if conn.closed or conn.broken:
                     conn.close()
                 else:
                     with self._lock:
