@@ -187,3 +187,6 @@ def test_an_unreachable_or_bad_postgres_url_is_a_clear_error_without_the_passwor
     assert err.startswith("error: cannot reach the feedback database") and "s3cret-pw" not in err
     with pytest.raises(StoreError, match="not a valid PostgreSQL URL"):
         FeedbackStore("postgresql://x@127.0.0.1/db?nonsense_option=1")
+    with pytest.raises(StoreError, match="not a valid PostgreSQL URL") as e:  # libpq quotes the URL it cannot parse
+        FeedbackStore("postgresql://someone:s3cret-pw@[::1/db")
+    assert "s3cret-pw" not in str(e.value)

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from captioner.service.ab import load_variants
     from captioner.service.config import load_serve_config
     from captioner.errors import CaptionerError
-    from captioner.service.feedback import FeedbackError, FeedbackStore, Served
+    from captioner.service.feedback import FeedbackError, FeedbackStore, Served, StoreUnavailable
     from captioner.data.images import example_photos, examples_dir
     from captioner.inference.plots import attention_overlay
 
@@ -129,10 +129,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         except CaptionerError as e:
             st.error(f"Cannot caption this photo: {e}")
             return
-        cid = store.record_caption(Served("app", "web-app", cfg.experiment.name, variant, False,
-                                          served.captioner.name, served.version, cap.text, cap.score,
-                                          {"beam_size": beam_size, "n_best": n_alt + 1, "objects": objects},
-                                          photo if cfg.store_images else None))
+        try:
+            cid = store.record_caption(Served("app", "web-app", cfg.experiment.name, variant, False,
+                                              served.captioner.name, served.version, cap.text, cap.score,
+                                              {"beam_size": beam_size, "n_best": n_alt + 1, "objects": objects},
+                                              photo if cfg.store_images else None))
+        except StoreUnavailable as e:
+            st.error(f"Cannot store this caption right now: {e}")
+            return
         st.session_state.update(key=key, caption=cap, caption_id=cid)
     cap, cid = st.session_state["caption"], st.session_state["caption_id"]
 
@@ -158,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 try:
                     store.add_feedback(cid, rating=rating, correction=correction or None)
                     st.success("Thank you: feedback stored.")
-                except FeedbackError as e:
+                except (FeedbackError, StoreUnavailable) as e:
                     st.warning(str(e))
 
 

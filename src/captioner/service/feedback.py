@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 from captioner.errors import CaptionerError
 
@@ -160,11 +159,12 @@ def redact(db: str | Path) -> str:
     text = str(db)
     if not is_postgres_url(text):
         return text
-    parts = urlsplit(text)
-    if parts.password is None:
+    scheme, rest = text.split("://", 1)
+    cut = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0], default=len(rest))
+    userinfo, at, host = rest[:cut].rpartition("@")
+    if not at or ":" not in userinfo:
         return text
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[cut:]}"
 
 
 # --- the two backends: connections, transactions, dialect -------------------------------------
@@ -246,6 +246,23 @@ class _SQLite:
         self._local = threading.local()
 
 
+def _one_line(e: Exception, url: str = "") -> str:
+    """A driver's message on one line (libpq's span several, indented), `url` in it redacted:
+    libpq quotes a URL it cannot parse, password and all."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if url:
+        text = text.replace(url, redact(url))
+        password = redact_password(url)
+        if password and len(password) >= 4:
+            text = text.replace(password, "***")
+    return text
+
+
+def redact_password(url: str) -> str | None:
+    userinfo = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].rpartition("@")[0]
+    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+
+
 class _Postgres:
     """A PostgreSQL database shared by every replica: a small pool of connections per process."""
 
@@ -264,16 +281,14 @@ class _Postgres:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool_size)
-        self._closed = False
 
     def _connect(self) -> Any:
         try:
             return self.psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, round(self.timeout_s)))
         except self.psycopg.ProgrammingError as e:  # a malformed URL
-            raise StoreError(f"{self.name}: not a valid PostgreSQL URL: {e}") from None
+            raise StoreError(f"{self.name}: not a valid PostgreSQL URL: {_one_line(e, self.url)}") from None
         except self.psycopg.OperationalError as e:
-            raise StoreUnavailable(f"cannot reach the feedback database {self.name}: "
-                                   f"{str(e).strip().splitlines()[-1]}") from None
+            raise StoreUnavailable(f"cannot reach the feedback database {self.name}: {_one_line(e, self.url)}") from None
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator[_Tx]:
@@ -293,12 +308,10 @@ class _Postgres:
                     yield _Tx(conn, True)
             except self.psycopg.OperationalError as e:  # connection lost, server shutting down
                 conn.close()
-                raise StoreUnavailable(f"the feedback database {self.name} failed: "
-                                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-                                       ) from None
+                raise StoreUnavailable(f"the feedback database {self.name} failed: {_one_line(e, self.url)}") from None
         finally:
             if conn is not None:
-                if conn.closed or conn.broken or self._closed:
+                if conn.closed or conn.broken:
                     conn.close()
                 else:
                     with self._lock:

@@ -152,7 +152,8 @@ class MicroBatcher:
         self.batches = 0  # model calls made
         self.images = 0  # photos captioned
         self.largest = 0  # largest batch so far
-        self.busy_s = 0.0  # seconds spent in model calls (busy_s / uptime: how loaded the model is)
+        self.busy_s = 0.0  # seconds spent in finished model calls (busy() adds the one running now)
+        self._running_since: float | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="captioner-batcher", daemon=True)
@@ -170,6 +171,12 @@ class MicroBatcher:
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def busy(self) -> float:
+        """Seconds spent in model calls, the one running now included (busy / uptime: how loaded
+        the model is). Never less than the stage times a finished request's client can see."""
+        since = self._running_since  # read first: a call ending meanwhile is then counted, maybe twice, never not
+        return self.busy_s + (time.perf_counter() - since if since is not None else 0.0)
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
@@ -196,7 +203,11 @@ class MicroBatcher:
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if not jobs:
                 continue
-            t0 = time.perf_counter()
+            # counted before the model runs: a client holding its caption finds its batch counted
+            self.batches += 1
+            self.images += len(jobs)
+            self.largest = max(self.largest, len(jobs))
+            t0 = self._running_since = time.perf_counter()
             try:
                 self.run(jobs)
             except BaseException as e:  # never leave a client waiting
@@ -204,9 +215,7 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(e)
             self.busy_s += time.perf_counter() - t0
-            self.batches += 1
-            self.images += len(jobs)
-            self.largest = max(self.largest, len(jobs))
+            self._running_since = None
 
 
 def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int,
@@ -227,12 +236,14 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
             by_options: dict[tuple[int, int, int, bool], list[int]] = {}
             for i, job in enumerate(group):
                 by_options.setdefault(job.options, []).append(i)
+            done = []
             for (beam_size, max_len, n_best, objects), rows in by_options.items():
                 caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best,
                                                   objects=objects)
-                for i, cap in zip(rows, caps):
-                    group[i].future.set_result(cap)
+                done += [(group[i], cap) for i, cap in zip(rows, caps)]
             stage_s["search"] += time.perf_counter() - t1
+            for job, cap in done:  # after the timings: a client holding its caption sees them counted
+                job.future.set_result(cap)
         except Exception as e:
             for job in group:
                 if not job.future.done():
@@ -480,14 +491,15 @@ class Service:
                       ) -> list[dict]:
         deadline = time.monotonic() + self.cfg.request_timeout_s
         check_options(opts, self.cfg)
-        served, assigned = await self.within(run_in_threadpool(self.pick, client, opts.model), deadline)
-        try:
-            served.captioner.check_search(opts.beam_size, opts.max_len, opts.n_best)
-        except OptionError as e:
-            raise ApiError(422, "option_out_of_range", str(e)) from None
         names = ["image"] if len(photos) == 1 else [f"images[{i}]" for i in range(len(photos))]
 
-        def prepare() -> list[torch.Tensor]:
+        def prepare() -> tuple[ServedModel, bool, list[torch.Tensor]]:
+            """The client's variant (a store read), then its photos decoded: one worker-thread hop."""
+            served, assigned = self.pick(client, opts.model)
+            try:
+                served.captioner.check_search(opts.beam_size, opts.max_len, opts.n_best)
+            except OptionError as e:
+                raise ApiError(422, "option_out_of_range", str(e)) from None
             if not self.decoding.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
                 raise self.timed_out()
             t0 = time.perf_counter()
@@ -498,14 +510,14 @@ class Service:
                         out.append(served.captioner.preprocess(data, name=name))
                     except ImageError as e:
                         raise image_error(e, self.formats) from None
-                return out
+                return served, assigned, out
             finally:
                 self.decoding.release()
                 with self._timing_lock:
                     self.stage_s["decode"] += time.perf_counter() - t0
                     self.decoded += len(photos)
 
-        pixels = await self.within(run_in_threadpool(prepare), deadline)
+        served, assigned, pixels = await self.within(run_in_threadpool(prepare), deadline)
         options = (opts.beam_size, opts.max_len, opts.n_best, opts.objects)
         futures = [self.batcher.submit(Job(served.variant.name, options, p)) for p in pixels]
         caps: list[Caption] = await self.within(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
@@ -587,8 +599,9 @@ def swagger_assets() -> "Path | None":
 def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """The FastAPI app: loads the experiment's variants (unless given) and opens the store."""
     torch.set_num_threads(cfg.threads)
+    store = FeedbackStore(cfg.db, pool_size=cfg.db_pool)  # first: an unreachable database fails fast
     models = models if models is not None else load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits())
-    svc = Service(cfg, models, FeedbackStore(cfg.db, pool_size=cfg.db_pool))
+    svc = Service(cfg, models, store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -656,7 +669,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         passes and searches, and the request threads' photo decoding."""
         b, t = svc.batcher, svc.stage_s
         return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
-                "largest_batch": b.largest, "model_busy_s": round(b.busy_s, 3), "queued": b.pending(),
+                "largest_batch": b.largest, "model_busy_s": round(b.busy(), 3), "queued": b.pending(),
                 "encode_s": round(t["encode"], 3), "search_s": round(t["search"], 3),
                 "decode_s": round(t["decode"], 3), "photos_decoded": svc.decoded}
 
