@@ -13,7 +13,7 @@ from captioner.models.encoders import Encoder, build_encoder, preprocess
 from captioner.errors import OptionError
 from captioner.data.images import ImageInput, ImageLimits
 from captioner.models.model import CaptionModel
-from captioner.inference.precision import bf16_linears, resolve_precision
+from captioner.inference.precision import apply_precision, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
 MAX_BEAM_SIZE = 64
@@ -40,16 +40,16 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
                  limits: ImageLimits | None = None, precision: str | None = "fp32"):
-        """`precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
-        `captioner.inference.precision`), or None/"auto" for the model's own (`model.precision`,
-        as exported) where the CPU does bf16 natively. The model is changed in place."""
+        """`precision`: "fp32", "bf16" or "int8" (the decoder's matrix products on bfloat16 or
+        per-channel int8 weights, see `captioner.inference.precision`), or None/"auto": fp32 for
+        a model that asks for it (`model.precision`, as exported), else bf16 where the CPU does
+        bf16 natively and int8 on other CPUs. The model is changed in place."""
         self.model = model.eval().to(device)
         self.info = info or {}
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
         self.precision = resolve_precision(precision, model.precision, self.device)
-        if self.precision == "bf16":
-            bf16_linears(self.model.decoder)
+        apply_precision(self.model.decoder, self.precision)
         self._encoder: Encoder | None = None
 
     @classmethod
