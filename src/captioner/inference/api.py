@@ -57,7 +57,7 @@ class Captioner:
         if lean:
             fuse_for_inference(self.model.decoder)  # before the precision: the fused weights convert too
         apply_precision(self.model.decoder, self.precision)
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | torch.jit.ScriptModule | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
