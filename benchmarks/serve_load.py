@@ -12,6 +12,9 @@ throughput and p50/p99 latency per mode, and the throughput ratio, with where th
 per photo (from the server's /healthz counters): the model's (`model_ms_per_photo`), split into
 its encoder passes and searches (`encode_ms_per_photo`, `search_ms_per_photo`), and the request
 threads' photo decoding (`decode_ms_per_photo`), which runs beside the model on the same cores.
+Before each round and after the last, one forward pass of the stock EfficientNet-Lite0 with one
+torch thread is timed in this process (no server running): throughput is also given in photos per
+that time (`photos_per_lite0_forward`; issue 36's bar: >= 1.0, batching >= 1.0x one at a time).
 The server serves the shipped default model, or `--model PATH` (any exported checkpoint) as its
 one variant.
 """
@@ -32,8 +35,6 @@ import time
 import uuid
 from pathlib import Path
 
-
-from readme_blocks import markers, replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "examples").glob("*.jpg"))
@@ -217,6 +218,33 @@ def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Pa
         server.stop()
 
 
+def stock_forward_ms(repeats: int = 10) -> float:
+    """Median time of one forward pass of the stock EfficientNet-Lite0 (ImageNet classifier,
+    eager, channels-last) on one example photo with one torch thread, in this process: the
+    yardstick of the throughput bar (photos per single-thread Lite0 forward time). Measured
+    between load rounds, while no server runs, so it sees the same machine in the same run."""
+    import torch
+
+    from captioner.models.encoders import get_encoder_config, preprocess, pretrained_backbone
+
+    cfg = get_encoder_config("efficientnet-lite0")
+    net = pretrained_backbone(cfg).eval().to(memory_format=torch.channels_last)
+    x = preprocess(PHOTOS[0], cfg)[None].contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            net(x)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                net(x)
+                times.append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 STAGES = ("model", "encode", "search", "decode")  # the model's time, its two parts, and the request threads'
 
 
@@ -233,7 +261,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 README = REPO / "README.md"
-MARKERS = markers("serve-load")
+MARKERS = ("<!-- serve-load:start -->", "<!-- serve-load:end -->")  # the README's generated block
 
 
 def readme_block(result: dict) -> str:
@@ -254,6 +282,8 @@ def readme_block(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
+    from readme_blocks import replace_block  # benchmarks/readme_blocks.py, where the README keeps its blocks
+
     replace_block("serve-load", readme_block(result), README)
 
 
@@ -282,8 +312,10 @@ def main(argv=None) -> dict:
     modes = {"batched": 16, "one_at_a_time": 1}
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     rounds: dict[tuple[str, int], list[dict]] = {(m, t): [] for m in modes for t in thread_counts}
+    forward_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            forward_ms.append(stock_forward_ms())
             for (mode, threads) in rounds:
                 res = run_mode(modes[mode], threads, args, Path(tmp))
                 rounds[mode, threads].append(res)
@@ -296,6 +328,10 @@ def main(argv=None) -> dict:
     summary = {m: max((v for k, v in by_threads.items() if k.startswith(m + "@")), key=lambda v: v["throughput_rps"])
                for m in modes}
     ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
+    forward_ms.append(stock_forward_ms())
+    lite0_ms = statistics.median(forward_ms)
+    for m in summary.values():  # throughput in photos per single-thread stock Lite0 forward time
+        m["photos_per_lite0_forward"] = round(m["throughput_rps"] * lite0_ms / 1000, 2)
     result = {
         "model": str(args.model) if args.model else "default",
         "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
@@ -303,6 +339,10 @@ def main(argv=None) -> dict:
         "summary": summary, "throughput_ratio": round(ratio, 2),
         "bar_2x_met": bool(ratio >= 2.0 and summary["batched"]["failed"] == 0
                            and summary["one_at_a_time"]["failed"] == 0),
+        "stock_lite0_forward_ms_one_thread": round(lite0_ms, 2), "stock_lite0_forward_ms_each": [round(t, 2) for t in forward_ms],
+        "photos_per_lite0_forward": summary["batched"]["photos_per_lite0_forward"],
+        "bar_lite0_met": bool(summary["batched"]["photos_per_lite0_forward"] >= 1.0 and ratio >= 1.0
+                              and summary["batched"]["failed"] == 0),
         "runs": {f"{m}@{t}": rs for (m, t), rs in rounds.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": list(os.getloadavg())},
