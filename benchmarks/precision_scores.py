@@ -29,10 +29,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def captioner(*args: str) -> str:
     """Run the CLI with this interpreter; its stdout (its stderr passes through)."""
-    done = subprocess.run([sys.executable, "-m", "captioner.cli", *args], stdout=subprocess.PIPE, text=True)
+    done = subprocess.run([sys.executable, "-m", "captioner.cli", *args], stdout=subprocess.PIPE, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"error: captioner {' '.join(args)} failed (exit {done.returncode})")
     return done.stdout
+
+
+def captions_changed(a: Path, b: Path) -> int:
+    """How many photos two evaluate captions files caption differently."""
+    ours = {r["image"]: r["caption"] for r in json.loads(Path(a).read_text())}
+    return sum(ours.get(r["image"]) != r["caption"] for r in json.loads(Path(b).read_text()))
+
+
+def summarise(result: dict, folder: Path, tag: str = "") -> dict:
+    """The gaps to fp32: CIDEr-D and how many captions differ."""
+    fp32 = result["scores"]["fp32"]["CIDEr"]
+    result["cider_gap_to_fp32"] = {m: round(s["CIDEr"] - fp32, 4) for m, s in result["scores"].items()}
+    result["captions_changed_from_fp32"] = {
+        m: captions_changed(folder / f"{tag}fp32-captions.json", folder / f"{tag}{m}-captions.json") for m in result["scores"]}
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,26 +55,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", default="default")
     p.add_argument("--data", default=None, help="the Flickr8k folder (default: the training config's)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precision_scores.json"))
+    p.add_argument("--tag", default="", help="prefix of the captions files (e.g. native-), so runs under other "
+                                             "kernels keep theirs")
     args = p.parse_args(argv)
-    folder = Path(args.out).parent / "precision"
+    folder = (Path(args.out).parent / "precision").resolve()
+    rel = lambda path: str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
     modes = ["fp32", "int8"] + (["bf16"] if native_bf16() else [])
     result: dict = {"checkpoint": args.checkpoint, "split": "test", "beam_size": 3, "cpu": cpu_info(),
                     "scores": {}, "minutes": {}, "compare_to_fp32": {}}
     for mode in modes:
-        captions = folder / f"{mode}-captions.json"
+        captions = folder / f"{args.tag}{mode}-captions.json"
         cmd = ["evaluate", "--checkpoint", args.checkpoint, "--split", "test", "--precision", mode,
-               "--captions-out", str(captions), "--json"] + (["--data", args.data] if args.data else [])
+               "--captions-out", rel(captions), "--json"] + (["--data", args.data] if args.data else [])
         started = time.perf_counter()
         out = captioner(*cmd)
         result["minutes"][mode] = round((time.perf_counter() - started) / 60, 2)
         result["scores"][mode] = json.loads(out.strip().splitlines()[-1])
         print(f"{mode}: {result['scores'][mode]}", file=sys.stderr)
     for mode in modes[1:]:
-        out = captioner("compare", str(folder / "fp32-captions.json"), str(folder / f"{mode}-captions.json"), "--json")
+        out = captioner("compare", rel(folder / f"{args.tag}fp32-captions.json"), rel(folder / f"{args.tag}{mode}-captions.json"), "--json")
         result["compare_to_fp32"][mode] = json.loads(out)
-    fp32 = result["scores"]["fp32"]["CIDEr"]
-    result["cider_gap_to_fp32"] = {m: round(s["CIDEr"] - fp32, 4) for m, s in result["scores"].items()}
+    summarise(result, folder, args.tag)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
