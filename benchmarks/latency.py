@@ -1,7 +1,7 @@
 """Caption latency against the encoder's own: one photo at a time, models already loaded,
 everything compared measured in the same rounds.
 
-    python benchmarks/latency.py [--model PATH] [--rounds 20] [--out benchmarks/results/latency-native.json]
+    python benchmarks/latency.py [--model PATH] [--rounds 20] [--threads N] [--out benchmarks/results/latency-native.json]
 
 Each round takes the next example photo and times, one after another: one forward pass of the
 stock EfficientNet-Lite0 (the ImageNet classifier with its shipped weights, eager, on the
@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, one per core)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency-native.json"))
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.threads < 0:
+        p.error("--threads must be 0 (torch's default) or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     captioners = {"fp32": Captioner.load(args.model, precision="fp32"),
