@@ -191,8 +191,8 @@ def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
                            "mean": round(statistics.fmean(ms), 1) if ms else None}}
 
 
-def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Path) -> dict:
-    server = Server(max_batch, threads, workdir, args.max_wait_ms, args.encode_chunk, args.model)
+def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Path, encode_chunk: int = 4) -> dict:
+    server = Server(max_batch, threads, workdir, args.max_wait_ms, encode_chunk, args.model)
     try:
         load(server.port, args.clients, min(3.0, args.seconds), 8)  # warm-up: encoder, allocator, caches
         before = server.get("/healthz")
@@ -297,7 +297,9 @@ def main(argv=None) -> dict:
                    help="torch threads in the server; with a list, each mode runs at each count and is "
                         "compared at its best (default 1,2)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching: the first photo's longest wait")
-    p.add_argument("--encode-chunk", type=int, default=4, help="photos per encoder call within a batch")
+    p.add_argument("--encode-chunk", default="4",
+                   help="photos per encoder call within a batch; with a list (e.g. 1,4) batching runs at each, "
+                        "compared at its best (default 4)")
     p.add_argument("--model", type=Path, help="serve this checkpoint instead of the shipped default model")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
@@ -309,7 +311,10 @@ def main(argv=None) -> dict:
         result = json.loads(Path(args.out).read_text())
         update_readme(result)
         return result
-    modes = {"batched": 16, "one_at_a_time": 1}
+    chunks = [int(c) for c in str(args.encode_chunk).split(",")]
+    # batching at each encode chunk; one photo at a time has nothing to chunk
+    modes = {**{("batched" if len(chunks) == 1 else f"batched-chunk{c}"): (16, c) for c in chunks},
+             "one_at_a_time": (1, chunks[0])}
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     rounds: dict[tuple[str, int], list[dict]] = {(m, t): [] for m in modes for t in thread_counts}
     forward_ms: list[float] = []
@@ -317,7 +322,7 @@ def main(argv=None) -> dict:
         for r in range(args.rounds):
             forward_ms.append(stock_forward_ms())
             for (mode, threads) in rounds:
-                res = run_mode(modes[mode], threads, args, Path(tmp))
+                res = run_mode(modes[mode][0], threads, args, Path(tmp), modes[mode][1])
                 rounds[mode, threads].append(res)
                 print(f"round {r + 1} {mode:14s} {threads} thr {res['throughput_rps']:6.2f} req/s  p50 {res['latency_ms']['p50']:7.1f} ms  "
                       f"p99 {res['latency_ms']['p99']:7.1f} ms  failed {res['failed']}  mean batch {res['mean_batch']}  "
@@ -325,8 +330,10 @@ def main(argv=None) -> dict:
                       flush=True)
     by_threads = {f"{m}@{t}": {**summarise(rs), "server_threads": t} for (m, t), rs in rounds.items()}
     # each mode at its best thread count: one photo at a time can be slower with more threads
-    summary = {m: max((v for k, v in by_threads.items() if k.startswith(m + "@")), key=lambda v: v["throughput_rps"])
-               for m in modes}
+    summary = {m: {**max((v for k, v in by_threads.items() if k.startswith(m + "@")), key=lambda v: v["throughput_rps"]),
+                   "encode_chunk": modes[m][1]} for m in modes}
+    if len(chunks) > 1:  # batching at its best encode chunk
+        summary["batched"] = max((summary[m] for m in modes if m.startswith("batched")), key=lambda v: v["throughput_rps"])
     ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
     forward_ms.append(stock_forward_ms())
     lite0_ms = statistics.median(forward_ms)
@@ -335,7 +342,7 @@ def main(argv=None) -> dict:
     result = {
         "model": str(args.model) if args.model else "default",
         "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
-        "server_threads": thread_counts, "by_threads": by_threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": args.encode_chunk, "request": "multipart upload of an example photo, beam 3, max_len 25",
+        "server_threads": thread_counts, "by_threads": by_threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": chunks, "request": "multipart upload of an example photo, beam 3, max_len 25",
         "summary": summary, "throughput_ratio": round(ratio, 2),
         "bar_2x_met": bool(ratio >= 2.0 and summary["batched"]["failed"] == 0
                            and summary["one_at_a_time"]["failed"] == 0),
