@@ -12,6 +12,9 @@ throughput and p50/p99 latency per mode, and the throughput ratio, with where th
 per photo (from the server's /healthz counters): the model's (`model_ms_per_photo`), split into
 its encoder passes and searches (`encode_ms_per_photo`, `search_ms_per_photo`), and the request
 threads' photo decoding (`decode_ms_per_photo`), which runs beside the model on the same cores.
+Before each round and after the last, one forward pass of the stock EfficientNet-Lite0 with one
+torch thread is timed in this process (no server running): throughput is also given in photos per
+that time (`photos_per_lite0_forward`; issue 36's bar: >= 1.0, batching >= 1.0x one at a time).
 The server serves the shipped default model, or `--model PATH` (any exported checkpoint) as its
 one variant.
 """
@@ -190,8 +193,8 @@ def load(port: int, clients: int, seconds: float, max_requests: int) -> dict:
                            "mean": round(statistics.fmean(ms), 1) if ms else None}}
 
 
-def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Path) -> dict:
-    server = Server(max_batch, threads, workdir, args.max_wait_ms, args.encode_chunk, args.model)
+def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Path, encode_chunk: int = 4) -> dict:
+    server = Server(max_batch, threads, workdir, args.max_wait_ms, encode_chunk, args.model)
     try:
         load(server.port, args.clients, min(3.0, args.seconds), 8)  # warm-up: encoder, allocator, caches
         before = server.get("/healthz")
@@ -215,6 +218,33 @@ def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Pa
         return result
     finally:
         server.stop()
+
+
+def stock_forward_ms(repeats: int = 10) -> float:
+    """Median time of one forward pass of the stock EfficientNet-Lite0 (ImageNet classifier,
+    eager, channels-last) on one example photo with one torch thread, in this process: the
+    yardstick of the throughput bar (photos per single-thread Lite0 forward time). Measured
+    between load rounds, while no server runs, so it sees the same machine in the same run."""
+    import torch
+
+    from captioner.models.encoders import get_encoder_config, preprocess, pretrained_backbone
+
+    cfg = get_encoder_config("efficientnet-lite0")
+    net = pretrained_backbone(cfg).eval().to(memory_format=torch.channels_last)
+    x = preprocess(PHOTOS[0], cfg)[None].contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            net(x)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                net(x)
+                times.append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
 
 
 STAGES = ("model", "encode", "search", "decode")  # the model's time, its two parts, and the request threads'
@@ -254,6 +284,8 @@ def readme_block(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
+    from readme_blocks import replace_block  # benchmarks/readme_blocks.py, where the README keeps its blocks
+
     replace_block("serve-load", readme_block(result), README)
 
 
@@ -267,7 +299,9 @@ def main(argv=None) -> dict:
                    help="torch threads in the server; with a list, each mode runs at each count and is "
                         "compared at its best (default 1,2)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching: the first photo's longest wait")
-    p.add_argument("--encode-chunk", type=int, default=4, help="photos per encoder call within a batch")
+    p.add_argument("--encode-chunk", default="4",
+                   help="photos per encoder call within a batch; with a list (e.g. 1,4) batching runs at each, "
+                        "compared at its best (default 4)")
     p.add_argument("--model", type=Path, help="serve this checkpoint instead of the shipped default model")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     p.add_argument("--readme", action="store_true", help="also rewrite the README's quote of the results")
@@ -279,13 +313,18 @@ def main(argv=None) -> dict:
         result = json.loads(Path(args.out).read_text())
         update_readme(result)
         return result
-    modes = {"batched": 16, "one_at_a_time": 1}
+    chunks = [int(c) for c in str(args.encode_chunk).split(",")]
+    # batching at each encode chunk; one photo at a time has nothing to chunk
+    modes = {**{("batched" if len(chunks) == 1 else f"batched-chunk{c}"): (16, c) for c in chunks},
+             "one_at_a_time": (1, chunks[0])}
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     rounds: dict[tuple[str, int], list[dict]] = {(m, t): [] for m in modes for t in thread_counts}
+    forward_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            forward_ms.append(stock_forward_ms())
             for (mode, threads) in rounds:
-                res = run_mode(modes[mode], threads, args, Path(tmp))
+                res = run_mode(modes[mode][0], threads, args, Path(tmp), modes[mode][1])
                 rounds[mode, threads].append(res)
                 print(f"round {r + 1} {mode:14s} {threads} thr {res['throughput_rps']:6.2f} req/s  p50 {res['latency_ms']['p50']:7.1f} ms  "
                       f"p99 {res['latency_ms']['p99']:7.1f} ms  failed {res['failed']}  mean batch {res['mean_batch']}  "
@@ -293,16 +332,26 @@ def main(argv=None) -> dict:
                       flush=True)
     by_threads = {f"{m}@{t}": {**summarise(rs), "server_threads": t} for (m, t), rs in rounds.items()}
     # each mode at its best thread count: one photo at a time can be slower with more threads
-    summary = {m: max((v for k, v in by_threads.items() if k.startswith(m + "@")), key=lambda v: v["throughput_rps"])
-               for m in modes}
+    summary = {m: {**max((v for k, v in by_threads.items() if k.startswith(m + "@")), key=lambda v: v["throughput_rps"]),
+                   "encode_chunk": modes[m][1]} for m in modes}
+    if len(chunks) > 1:  # batching at its best encode chunk
+        summary["batched"] = max((summary[m] for m in modes if m.startswith("batched")), key=lambda v: v["throughput_rps"])
     ratio = summary["batched"]["throughput_rps"] / max(summary["one_at_a_time"]["throughput_rps"], 1e-9)
+    forward_ms.append(stock_forward_ms())
+    lite0_ms = statistics.median(forward_ms)
+    for m in summary.values():  # throughput in photos per single-thread stock Lite0 forward time
+        m["photos_per_lite0_forward"] = round(m["throughput_rps"] * lite0_ms / 1000, 2)
     result = {
         "model": str(args.model) if args.model else "default",
         "clients": args.clients, "seconds_per_round": args.seconds, "rounds": args.rounds,
-        "server_threads": thread_counts, "by_threads": by_threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": args.encode_chunk, "request": "multipart upload of an example photo, beam 3, max_len 25",
+        "server_threads": thread_counts, "by_threads": by_threads, "max_wait_ms": args.max_wait_ms, "encode_chunk": chunks, "request": "multipart upload of an example photo, beam 3, max_len 25",
         "summary": summary, "throughput_ratio": round(ratio, 2),
         "bar_2x_met": bool(ratio >= 2.0 and summary["batched"]["failed"] == 0
                            and summary["one_at_a_time"]["failed"] == 0),
+        "stock_lite0_forward_ms_one_thread": round(lite0_ms, 2), "stock_lite0_forward_ms_each": [round(t, 2) for t in forward_ms],
+        "photos_per_lite0_forward": summary["batched"]["photos_per_lite0_forward"],
+        "bar_lite0_met": bool(summary["batched"]["photos_per_lite0_forward"] >= 1.0 and ratio >= 1.0
+                              and summary["batched"]["failed"] == 0),
         "runs": {f"{m}@{t}": rs for (m, t), rs in rounds.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": list(os.getloadavg())},

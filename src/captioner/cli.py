@@ -51,9 +51,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="rank beams by logprob / length**this (default: the model's tuned value)")
     p.add_argument("--no-repeat-ngram", type=int, default=None,
                    help="never repeat an n-gram of this size; 0 = off (default: the model's tuned value)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="decoder weights in matrix products: auto (default) = the model's own, bf16 only "
-                        "on a CPU with native bfloat16")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="decoder weights in matrix products: auto (default) = bf16 on a CPU with native "
+                        "bfloat16, per-channel int8 on other CPUs, fp32 for models that ask for it "
+                        "(docs/speed.md)")
     p.add_argument("--objects", choices=("on", "off"), default="on",
                    help="name objects the encoder recognises in the caption and list them (default on; "
                         "off = the captions of the model alone)")
@@ -535,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
     p.add_argument("--length-penalty", type=float, default=None, help="the beam ranking exponent to ship")
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="the decoder precision to caption with where the CPU has native bf16 (see README)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
+                   help="the decoder precision the model was scored with: fp32 keeps `auto` on fp32; "
+                        "bf16 or int8 let `auto` pick bf16 or int8 per CPU (docs/speed.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ensemble", help="join trained checkpoints (same vocab and encoder) into one model")

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from captioner.models.checkpoint import default_model_path, load_checkpoint, resolve_checkpoint  # noqa: F401
-from captioner.models.encoders import Encoder, build_encoder, preprocess
+from captioner.models.decoders import fuse_for_inference
+from captioner.models.encoders import Encoder, build_encoder, frozen_encoder, preprocess
 from captioner.errors import OptionError
 from captioner.data.images import ImageInput, ImageLimits
 from captioner.models.model import CaptionModel
 from captioner.models.recognition import RecognizedObject
-from captioner.inference.precision import bf16_linears, resolve_precision
+from captioner.inference.precision import apply_precision, resolve_precision
 
 # Bounds on what any caller may ask of a search: decoding cost grows with both.
 MAX_BEAM_SIZE = 64
@@ -44,35 +45,49 @@ class Captioner:
     """Photo in, caption out. `Captioner.load()` gives the shipped default model."""
 
     def __init__(self, model: CaptionModel, info: dict | None = None, device: str = "cpu",
-                 limits: ImageLimits | None = None, precision: str | None = "fp32", objects: bool = True):
+                 limits: ImageLimits | None = None, precision: str | None = "fp32", lean: bool = True,
+                 objects: bool = True):
         """`objects`: name recognised objects in captions and list them (`Caption.objects`) unless
-        a call says otherwise. `precision`: "fp32", "bf16" (the decoder's matrix products on bfloat16 weights, see
-        `captioner.inference.precision`), or None/"auto" for the model's own (`model.precision`,
-        as exported) where the CPU does bf16 natively. The model is changed in place."""
+        a call says otherwise. `precision`: "fp32", "bf16" or "int8" (the decoder's matrix products on bfloat16 or
+        per-channel int8 weights, see `captioner.inference.precision`), or None/"auto": fp32 for
+        a model that asks for it (`model.precision`, as exported), else bf16 where the CPU does
+        bf16 natively and int8 on other CPUs. `lean`: search on fused decoder weights and a
+        traced, frozen encoder (same captions, fewer and larger kernels; `fuse_for_inference`,
+        `encoders.freeze`); False runs the modules as trained. The model is changed in place:
+        its weights stay as they are, the fused copies are held apart and dropped if trained."""
         self.model = model.eval().to(device)
         self.info = info or {}
         self.device = torch.device(device)
         self.limits = limits or ImageLimits()  # which photos it opens: pixel cap, formats
         self.precision = resolve_precision(precision, model.precision, self.device)
-        if self.precision == "bf16":
-            bf16_linears(self.model.decoder)
-        self._encoder: Encoder | None = None
+        self.lean = lean
+        # the object namer's grown-vocab copy is made from the trained weights, before they are
+        # fused or converted (an int8 layer has no rows to grow), then converted the same way
+        decoders = [self.model.decoder, self.model.object_namer().model.decoder]
+        for decoder in decoders:
+            if lean:
+                fuse_for_inference(decoder)  # before the precision: the fused weights convert too
+            apply_precision(decoder, self.precision)
+        self._encoder: Encoder | torch.jit.ScriptModule | None = None
         self.objects = objects
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu",
-             limits: ImageLimits | None = None, precision: str | None = "auto",
+             limits: ImageLimits | None = None, precision: str | None = "auto", lean: bool = True,
              objects: bool = True) -> "Captioner":
         """A saved model: a checkpoint file, or None / "default" for the shipped model."""
         path = resolve_checkpoint(path)
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
-        return cls(model, info, device, limits, precision, objects)
+        return cls(model, info, device, limits, precision, lean, objects)
 
     @property
-    def encoder(self) -> Encoder:
-        if self._encoder is None:  # built on first use: loading a checkpoint stays cheap
-            self._encoder = build_encoder(self.model.encoder_cfg).to(self.device)
+    def encoder(self) -> Encoder | torch.jit.ScriptModule:
+        """The frozen encoder (traced and frozen when `lean`), built on first use: loading a
+        checkpoint stays cheap."""
+        if self._encoder is None:
+            encoder = build_encoder(self.model.encoder_cfg).to(self.device)
+            self._encoder = frozen_encoder(encoder) if self.lean else encoder
         return self._encoder
 
     @property

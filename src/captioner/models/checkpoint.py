@@ -362,7 +362,7 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
         model.no_repeat_ngram = int(decode.get("no_repeat_ngram", 0))
         model.precision = str(decode.get("precision", "fp32"))
         if model.precision not in PRECISIONS:
-            raise ValueError(f"decode precision must be {' or '.join(PRECISIONS)}, not {model.precision!r}")
+            raise ValueError(f"decode precision must be {', '.join(PRECISIONS)}, not {model.precision!r}")
         # settings of 0.1 whose trials lost (docs/experiments.md): their off values still load
         if decode.get("mirror_views", False) is not False:
             raise ValueError("decode mirror_views (reading each photo's mirror image too) was removed in "

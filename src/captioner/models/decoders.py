@@ -53,6 +53,56 @@ def _lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+class Stamp:
+    """Which weights an inference-only derivative (fused matrices, a frozen trace) was made
+    from, and their in-place versions then: `fresh` turns false once training changes any of
+    them, so the derivative is never used stale. Derivatives are held outside the module tree,
+    so state dicts, `.to()` and optimizers never see them."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.seen = [(t, t._version) for t in tensors]
+
+    @property
+    def fresh(self) -> bool:
+        return all(t._version == v for t, v in self.seen)
+
+
+def _inference_only(module: nn.Module) -> bool:
+    return not module.training and not torch.is_grad_enabled()
+
+
+def fuse_for_inference(decoder: nn.Module) -> int:
+    """Give every part of `decoder` that has a leaner inference path (`fuse_for_inference()`)
+    its fused weights; how many parts did. Search then uses them under `torch.no_grad()` in
+    eval mode, with the same captions; training never sees them."""
+    parts = [m for m in decoder.modules() if callable(getattr(m, "fuse_for_inference", None))]
+    for m in parts:
+        m.fuse_for_inference()
+    return len(parts)
+
+
+class _FusedAttentionStep(nn.Module):
+    """A `SoftAttentionLSTM` step's weights merged for search: each step multiplies the hidden
+    state once (deep output, attention and gate, LSTM recurrence together), the context once
+    (LSTM input and deep output together), and looks the word's LSTM input up in a table
+    (embedding times input weights, bias included) instead of multiplying it."""
+
+    def __init__(self, dec: "SoftAttentionLSTM"):
+        super().__init__()
+        D = dec.cfg.region_dim
+        H, E = dec.cfg.hidden_dim, dec.cfg.embed_dim
+        rec = dec.recurrent_gates.weight.detach()  # (4H, D + H): [context; h]
+        with torch.no_grad():
+            self.hidden = nn.Linear(H, E + dec.att_hidden_beta.out_features + 4 * H)
+            self.hidden.weight.copy_(torch.cat([dec.out_hidden.weight, dec.att_hidden_beta.weight, rec[:, D:]]))
+            self.hidden.bias.copy_(torch.cat([dec.out_hidden.bias, dec.att_hidden_beta.bias, rec.new_zeros(4 * H)]))
+            self.context = nn.Linear(D, 4 * H + E, bias=False)
+            self.context.weight.copy_(torch.cat([rec[:, :D], dec.out_context.weight]))
+            self.register_buffer("word_gates", dec.word_gates(dec.embed.weight).detach())  # (V, 4H)
+        self.requires_grad_(False)
+        self.to(rec.device)
+
+
 @dataclass
 class AttentionLSTMConfig:
     embed_dim: int = 512  # word embedding size (also the deep-output size)
@@ -98,13 +148,53 @@ class SoftAttentionLSTM(nn.Module):
     def init_state(self, features: torch.Tensor) -> State:
         regions = self.drop(F.relu(self.region_proj(features)))  # (B, N, D)
         mean = regions.mean(1)  # (B, D)
-        return {
+        state = {
             "regions": regions,
             "regions_att": self.att_regions(regions),  # (B, N, A)
             "h": torch.tanh(self.init_h(mean)),
             "c": torch.tanh(self.init_c(mean)),
             "alpha": features.new_zeros(features.shape[:2]),
         }
+        if self._use_fused():
+            state["hidden"] = self._fused[0].hidden(state["h"])  # (B, E + A + D + 4H)
+        return state
+
+    # --- lean search path ------------------------------------------------------------
+    _fused: tuple[_FusedAttentionStep, Stamp] | None = None
+
+    def fuse_for_inference(self) -> None:
+        """Merge the step's weights for search (`_FusedAttentionStep`); kept outside the module
+        tree, used only under no_grad in eval mode while these weights are unchanged."""
+        sources = [self.embed.weight, self.word_gates.weight, self.word_gates.bias, self.recurrent_gates.weight,
+                   self.att_hidden_beta.weight, self.att_hidden_beta.bias, self.out_hidden.weight,
+                   self.out_hidden.bias, self.out_context.weight]
+        self.__dict__["_fused"] = (_FusedAttentionStep(self), Stamp(sources))
+
+    def inference_modules(self) -> list[nn.Module]:
+        """For `precision`: the fused step's matrices switch precision with the rest."""
+        return [self._fused[0]] if self._fused is not None else []
+
+    def _use_fused(self) -> bool:
+        return self._fused is not None and _inference_only(self) and self._fused[1].fresh
+
+    def _fused_step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """`step` on the fused weights: three matrix products instead of seven."""
+        fused = self._fused[0]
+        A, D, E = self.cfg.attention_dim, self.cfg.region_dim, self.cfg.embed_dim
+        hidden = state["hidden"]  # the current h times [L_h; W_h and f_beta; LSTM recurrence]
+        hb = hidden[:, E:E + A + D]
+        e = self.att_score(torch.tanh(state["regions_att"] + hb[:, None, :A])).squeeze(-1)  # (B, N)
+        alpha = e.softmax(-1)
+        if self.cfg.attention == "local":
+            alpha = self._local(alpha, state["h"])
+        context = torch.sigmoid(hb[:, A:]) * (alpha[:, :, None] * state["regions"]).sum(1)  # (B, D)
+        ctx = fused.context(context)  # (B, 4H + E)
+        G = ctx.size(1) - E
+        gates = fused.word_gates[prev_tokens] + hidden[:, E + A + D:] + ctx[:, :G]
+        h, c = _lstm_update(gates, state["c"])
+        hidden = fused.hidden(h)
+        logits = self.out(self.embed(prev_tokens) + hidden[:, :E] + ctx[:, G:])
+        return logits.log_softmax(-1), {**state, "h": h, "c": c, "alpha": alpha, "hidden": hidden}
 
     def _cell(self, word_gates: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One LSTM step given the word's gate contribution; returns the context too."""
@@ -168,6 +258,8 @@ class SoftAttentionLSTM(nn.Module):
         return self.forward_with_attention(features, tokens, rows)[0]
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if "hidden" in state and self._use_fused():
+            return self._fused_step(prev_tokens, state)
         emb = self.drop(self.embed(prev_tokens))  # (B, E)
         context, state = self._cell(self.word_gates(emb), state)
         return self._logits(emb, state["h"], context).log_softmax(-1), state
@@ -603,7 +695,22 @@ class WithTunedTop(nn.Module):
         return self.inner(self.top(features), tokens, rows)
 
     def init_state(self, features: torch.Tensor) -> State:
-        return self.inner.init_state(self.top(features))
+        frozen = self._frozen
+        use = frozen is not None and _inference_only(self) and frozen[1].fresh
+        return self.inner.init_state((frozen[0] if use else self.top)(features))
+
+    _frozen: tuple[nn.Module, Stamp] | None = None
+
+    def fuse_for_inference(self) -> None:
+        """Trace and freeze the top for search (`encoders.freeze`: batch norm folded), kept
+        outside the module tree; used only under no_grad in eval mode while its weights are unchanged."""
+        from captioner.models.encoders import freeze
+
+        cfg = self.top.cfg
+        weight = next(self.top.parameters())
+        example = weight.new_zeros(1, cfg.grid_size ** 2, cfg.feature_dim)
+        sources = list(self.top.parameters()) + list(self.top.buffers())
+        self.__dict__["_frozen"] = (freeze(self.top, example), Stamp(sources))
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         return self.inner.step(prev_tokens, state)

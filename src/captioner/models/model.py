@@ -80,7 +80,9 @@ class CaptionModel(nn.Module):
         # Beam ranking exponent this model was tuned with on dev; saved with its checkpoint.
         self.length_penalty = 1.0
         self.no_repeat_ngram = 0  # n-gram blocking size this model was tuned with (0 = off)
-        self.precision = "fp32"  # decoder precision it was scored with: fp32, or bf16 (captioner.precision)
+        # decoder precision it was scored with: fp32 (auto keeps fp32), or bf16 / int8 (auto picks per CPU;
+        # captioner.inference.precision)
+        self.precision = "fp32"
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens)
