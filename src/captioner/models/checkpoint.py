@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import MISSING, fields
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from captioner.models.decoders import DECODERS
+from captioner.models.decoders import DECODERS, WithTunedTop
 from captioner.models.encoders import ENCODERS, EncoderConfig
 from captioner.errors import CheckpointError
 from captioner.files import atomic_write, remove_stale_temps
@@ -345,7 +346,9 @@ def _check_shapes(model: CaptionModel, state: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
     """Validate the checkpoint's fields, check its weights' shapes against a meta-device build,
-    then rebuild the model from its config and load its weights (float32)."""
+    then rebuild the model from its config and load its weights (float32). A recognition head
+    made for exactly this file (`recognition_head_path`) is attached (`model.recognition_head`)."""
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     try:
         with torch.device("meta"):
@@ -371,4 +374,72 @@ def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:
             raise ValueError("decode encoder_precision bf16 was removed in captioner 0.2 (the encoder runs in fp32)")
     except Exception as e:
         raise CheckpointError(f"checkpoint does not match its own config: {e}", path) from None
+    sidecar = recognition_head_path(path)
+    if model.encoder_cfg.split and isinstance(model.decoder, WithTunedTop) and sidecar.exists():
+        model.attach_recognition_head(load_recognition_head(sidecar, ckpt.get("checksum")))
     return model.eval(), ckpt
+
+
+# --- the recognition head: a sidecar file bound to one checkpoint --------------------------------
+
+HEAD_FORMAT = "captioner-recognition-head"
+HEAD_FORMAT_VERSION = 1
+HEAD_FIELDS = {"format", "format_version", "checkpoint_checksum", "weight", "bias", "meta"}
+HEAD_SHAPE = (1000, 1280)  # ImageNet-1k classes x the tuned top's channels (every EfficientNet-Lite head)
+
+
+def recognition_head_path(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's recognition head lies: `default.pt` -> `default.recognition.pt`."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".recognition.pt")
+
+
+def save_recognition_head(path: str | Path, weight: torch.Tensor, bias: torch.Tensor, checkpoint_checksum: str,
+                          meta: dict | None = None) -> None:
+    """Write a recognition head (`weight` (1000, 1280), `bias` (1000,), stored fp16) bound to the
+    checkpoint whose content checksum is `checkpoint_checksum`, atomically."""
+    atomic_torch_save({"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION,
+                       "checkpoint_checksum": str(checkpoint_checksum),
+                       "weight": weight.detach().cpu().half().contiguous(),
+                       "bias": bias.detach().cpu().half().contiguous(), "meta": dict(meta or {})}, path)
+
+
+def load_recognition_head(path: str | Path, checkpoint_checksum: str | None) -> torch.nn.Linear | None:
+    """The recognition head in `path` as a float32 Linear(1280, 1000), checked field by field
+    (`CheckpointError` naming the problem for a file that is not a valid head); None, with a
+    warning, where the head was made for another checkpoint (a stale sidecar after a re-export):
+    recognition then falls back to the stock classifier."""
+    path = Path(path)
+    try:
+        head = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"not a readable recognition head: {_why_unreadable(e, path)}", path) from None
+    if not isinstance(head, dict) or head.get("format") != HEAD_FORMAT:
+        raise CheckpointError(f"not a recognition head (no 'format': {HEAD_FORMAT!r} field)", path)
+    if head.get("format_version") != HEAD_FORMAT_VERSION:
+        raise CheckpointError(f"recognition head format version {head.get('format_version')!r}: this captioner "
+                              f"reads {HEAD_FORMAT_VERSION}; rebuild it with release/recognition_head.py", path)
+    unknown = sorted(map(str, set(head) - HEAD_FIELDS))
+    if unknown:
+        raise CheckpointError(f"recognition head: unknown field(s) {', '.join(unknown)}", path)
+    for key, shape in (("weight", HEAD_SHAPE), ("bias", HEAD_SHAPE[:1])):
+        t = head.get(key)
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float16, torch.float32):
+            raise CheckpointError(f"recognition head: field {key} must be a float16 or float32 tensor", path)
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"recognition head: field {key} has shape {tuple(t.shape)}, not {shape}", path)
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"recognition head: field {key} holds NaN or infinite values", path)
+    bound = head.get("checkpoint_checksum")
+    if not isinstance(bound, str):
+        raise CheckpointError("recognition head: field checkpoint_checksum must be a string", path)
+    if checkpoint_checksum is None or bound != checkpoint_checksum:
+        warnings.warn(f"{path}: this recognition head was made for another checkpoint ({bound[:20]}...); "
+                      "recognising with the stock classifier instead (rebuild it: release/recognition_head.py)",
+                      stacklevel=2)
+        return None
+    linear = torch.nn.Linear(HEAD_SHAPE[1], HEAD_SHAPE[0])
+    with torch.no_grad():
+        linear.weight.copy_(head["weight"].float())
+        linear.bias.copy_(head["bias"].float())
+    return linear.requires_grad_(False).eval()

@@ -694,10 +694,15 @@ class WithTunedTop(nn.Module):
                 ) -> torch.Tensor:
         return self.inner(self.top(features), tokens, rows)
 
-    def init_state(self, features: torch.Tensor) -> State:
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """The top's output on cached features: what the inner decoder attends over (and what a
+        recognition head classifies, `objects.ObjectNamer`, so the top runs once for both)."""
         frozen = self._frozen
         use = frozen is not None and _inference_only(self) and frozen[1].fresh
-        return self.inner.init_state((frozen[0] if use else self.top)(features))
+        return (frozen[0] if use else self.top)(features)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        return self.inner.init_state(self.regions(features))
 
     _frozen: tuple[nn.Module, Stamp] | None = None
 

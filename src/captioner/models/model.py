@@ -111,6 +111,18 @@ class CaptionModel(nn.Module):
                       max_len=max_len, n=n, temperature=temperature, top_p=top_p,
                       banned_ids=(v.bos_id, v.unk_id), generator=generator)
 
+    @property
+    def recognition_head(self) -> nn.Linear | None:
+        """The recognition head made for this model's tuned top (a Linear(1280, 1000) on its
+        pooled output, `models.recognition`), attached by `load_checkpoint` from the checkpoint's
+        sidecar file; None: no head (recognition uses the stock classifier)."""
+        return self.__dict__.get("_recognition_head")
+
+    def attach_recognition_head(self, head: nn.Linear | None) -> None:
+        """Use `head` (made for this model's tuned top) for recognition; None: the stock classifier."""
+        self.__dict__["_recognition_head"] = head  # not a submodule: never in the state dict
+        self.__dict__.pop("_object_namer", None)  # a namer built before recognises the old way
+
     def object_namer(self, threshold: float | None = None):
         """This model's `objects.ObjectNamer` (built once: a grown-vocab copy and the recognizer);
         `threshold` overrides the tuned one."""

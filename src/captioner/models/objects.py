@@ -17,6 +17,7 @@ from torch import nn
 
 from captioner.data.vocab import Vocab
 from captioner.inference.decode import Hypotheses, SearchConfig, constrained_beam_search
+from captioner.models.decoders import WithTunedTop
 from captioner.models.lexicon import LexiconEntry, lexicon_words
 from captioner.models.recognition import RecognizedObject, Recognizer, name_objects
 
@@ -83,8 +84,10 @@ class NamedCaptions:
 class ObjectNamer:
     """Recognition + grown-vocab copy of a `CaptionModel` + constrained search."""
 
-    def __init__(self, model: nn.Module, threshold: float = DEFAULT_THRESHOLD, mode: str = "stock",
+    def __init__(self, model: nn.Module, threshold: float = DEFAULT_THRESHOLD, mode: str | None = None,
                  top_k: int = 5):
+        """`mode`: how to recognise (`recognition.RECOGNITION_MODES`); None: with the model's
+        recognition head where it has one (`CaptionModel.recognition_head`), else "stock"."""
         self.threshold = threshold
         self.top_k = top_k
         self.model = copy.deepcopy(model).eval()
@@ -99,14 +102,19 @@ class ObjectNamer:
         grow_vocab(self.model, {w: p for w, p in proxies.items() if p in known})
         nameable = set(self.model.vocab.tokens)
         self.words = {name: e for name, e in words.items() if set(e.tokens) <= nameable}
-        tuned_top = getattr(self.model.decoder, "top", None)
-        self.recognizer = Recognizer(model.encoder_cfg, mode, tuned_top)
+        head = getattr(model, "recognition_head", None)
+        tuned = isinstance(self.model.decoder, WithTunedTop)
+        if mode is None:
+            mode = "head" if head is not None and tuned else "stock"
+        tuned_top = self.model.decoder.top if tuned else None
+        self.recognizer = Recognizer(model.encoder_cfg, mode, tuned_top, head)
         device = next(model.parameters()).device
         self.recognizer.to(device)
 
-    def recognize(self, features: torch.Tensor) -> list[list[RecognizedObject]]:
-        """Region features (B, N, C) -> per photo its named objects, best first."""
-        return name_objects(self.recognizer(features), top_k=self.top_k)
+    def recognize(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> list[list[RecognizedObject]]:
+        """Region features (B, N, C) -> per photo its named objects, best first. `regions`: the
+        tuned top's output on them, where the caller has it (not run again then)."""
+        return name_objects(self.recognizer(features, regions), top_k=self.top_k)
 
     def constraints(self, objects: list[list[RecognizedObject]]) -> list[LexiconEntry | None]:
         """The word to put into each caption: the best object, where it reaches the threshold."""
@@ -114,13 +122,21 @@ class ObjectNamer:
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
-        objects = self.recognize(features)
+        decoder = self.model.decoder
+        if self.recognizer.takes_regions and isinstance(decoder, WithTunedTop):
+            # the tuned top runs once: its output feeds the recognition head and the search
+            # (WithTunedTop's init_state would run it again; its step is the inner decoder's)
+            features = decoder.regions(features)
+            objects = self.recognize(features, regions=features)
+            decoder = decoder.inner
+        else:
+            objects = self.recognize(features)
         chosen = self.constraints(objects)
         vocab = self.model.vocab
         index = {t: i for i, t in enumerate(vocab.tokens)}
         phrases = [[index[t] for t in e.tokens] if e is not None else [] for e in chosen]
         hyps, met = constrained_beam_search(
-            self.model.decoder, features, vocab.bos_id, vocab.eos_id, vocab.pad_id, search, phrases,
+            decoder, features, vocab.bos_id, vocab.eos_id, vocab.pad_id, search, phrases,
             banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
         return NamedCaptions(hyps, objects, chosen, met.tolist())
 

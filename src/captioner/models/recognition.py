@@ -4,9 +4,17 @@ lexicon (`captioner.models.lexicon`).
 
 For a plain encoder the cached regions are the head's output: the classifier is global average
 pooling and `_fc`, nearly free. For a tuned encoder (`EncoderConfig.split`) the cache holds the
-frozen bottom's output; the stock (untrained) top blocks and head run on it before pooling, so
-the probabilities are exactly the stock classifier's (the tuned top has drifted away from the
-ImageNet head: `mode="tuned"` applies `_fc` to the tuned top's output instead, see docs/objects.md).
+frozen bottom's output, and three modes recognise from it:
+
+- "stock": the stock (untrained) top blocks and head run on it before pooling and `_fc`, so the
+  probabilities are exactly the stock classifier's, at 58% of the frozen bottom's FLOPs;
+- "head": a linear head on the pooled output of the model's own tuned top (which the captioner
+  runs anyway), made to agree with the stock classifier (release/recognition_head.py; shipped
+  as a sidecar of the checkpoint, `checkpoint.load_recognition_head`): one pooled linear layer;
+- "tuned": `_fc` on the tuned top's pooled output (free, but the tuned top has drifted away from
+  the ImageNet head; kept for comparison, docs/objects.md).
+
+"head" and "tuned" take the tuned top's output (`regions`) where the caller has it already.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from torch import nn
 from captioner.models.encoders import EncoderConfig, TunedTop, pretrained_backbone
 from captioner.models.lexicon import load_lexicon
 
-RECOGNITION_MODES = ("stock", "tuned")
+RECOGNITION_MODES = ("stock", "head", "tuned")
 
 
 @dataclass(frozen=True)
@@ -35,19 +43,25 @@ class RecognizedObject:
 class Recognizer(nn.Module):
     """Cached region features (B, N, C) -> ImageNet-1k probabilities (B, 1000)."""
 
-    def __init__(self, cfg: EncoderConfig, mode: str = "stock", tuned_top: nn.Module | None = None):
+    def __init__(self, cfg: EncoderConfig, mode: str = "stock", tuned_top: nn.Module | None = None,
+                 head: nn.Linear | None = None):
         super().__init__()
         if mode not in RECOGNITION_MODES:
             raise ValueError(f"recognition mode {mode!r}: one of {', '.join(RECOGNITION_MODES)}")
-        if mode == "tuned" and tuned_top is None and cfg.split:
-            raise ValueError("recognition mode 'tuned' needs the model's tuned top")
+        if cfg.split and mode in ("tuned", "head") and tuned_top is None:
+            raise ValueError(f"recognition mode {mode!r} needs the model's tuned top")
+        if mode == "head" and head is None:
+            raise ValueError("recognition mode 'head' needs a recognition head")
         self.cfg = cfg
         self.mode = mode
-        backbone = pretrained_backbone(cfg)
-        self.fc = backbone._fc
         self.top: nn.Module | None = None
+        if mode == "head" and cfg.split:
+            self.fc = head
+        else:
+            backbone = pretrained_backbone(cfg)
+            self.fc = backbone._fc
         if cfg.split:
-            if mode == "tuned":
+            if mode in ("tuned", "head"):
                 self.top = tuned_top
             else:
                 self.top = TunedTop(cfg)
@@ -58,13 +72,21 @@ class Recognizer(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
+    @property
+    def takes_regions(self) -> bool:
+        """Whether it classifies the tuned top's output, so a caller that has run the tuned top
+        can hand it over (`forward(features, regions)`) instead of running it again."""
+        return bool(self.cfg.split) and self.mode in ("tuned", "head")
+
     def train(self, mode: bool = True) -> "Recognizer":
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        regions = self.top(features) if self.top is not None else features.float()  # (B, N, 1280)
-        return self.fc(regions.mean(1)).softmax(-1)
+    def forward(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """`regions`: the tuned top's output on `features` (B, N, 1280), where the caller has it."""
+        if regions is None or not self.takes_regions:
+            regions = self.top(features) if self.top is not None else features  # (B, N, 1280)
+        return self.fc(regions.float().mean(1)).softmax(-1)
 
 
 def name_objects(probs: torch.Tensor, top_k: int = 5, min_score: float = 0.01) -> list[list[RecognizedObject]]:
