@@ -3,6 +3,7 @@ dev photos, the threshold tuned on the dev sets; writes benchmarks/results/objec
 captions files `captioner compare` reads (into --out-dir).
 
     PYTHONPATH=src python benchmarks/objects.py --out-dir /tmp/objects
+    PYTHONPATH=src python benchmarks/objects.py --sets coco-mini/all --recognition stock --results R.json
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from captioner.evaluation.evaluate import decode_records
 from captioner.evaluation.metrics import score_captions
 from captioner.files import atomic_write_text
 from captioner.inference.api import Captioner
+from captioner.models.checkpoint import load_checkpoint, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"flickr8k": REPO.parent / "shared" / "data" / "flickr8k",
@@ -40,6 +42,7 @@ def run(captioner: Captioner, name: str, split: str, settings: list, out_dir: Pa
         preds = decode_records(model, cache, records, model.search_config(), objects=threshold is not None)
         scores, _ = score_captions(preds, refs, ["CIDEr"])
         tag = "off" if threshold is None else f"t{threshold}"
+        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{name}-{split}-{tag}.json"
         rows = [{"image": r.image, "caption": preds[r.image], "references": r.captions} for r in records]
         atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
@@ -61,22 +64,36 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="~/.cache/captioner")
     ap.add_argument("--thresholds", default="0.3,0.5,0.8")
     ap.add_argument("--test-threshold", type=float, default=None, help="default: the best mean dev CIDEr")
+    ap.add_argument("--recognition", choices=("auto", "stock"), default="auto",
+                    help="auto: the model's recognition head where it has one; stock: the stock classifier")
+    ap.add_argument("--sets", default="coco-mini/all,flickr8k/dev,flickr8k/test",
+                    help="which of coco-mini/all, flickr8k/dev, flickr8k/test to run")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "objects.json"))
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir).expanduser()
-    captioner = Captioner.load(precision="fp32")
+    sets = args.sets.split(",")
+    path = resolve_checkpoint(None)
+    model, ckpt = load_checkpoint(path)
+    if args.recognition == "stock":
+        model.attach_recognition_head(None)
+    captioner = Captioner(model, {"path": str(path), "name": ckpt["model"]["name"]}, precision="fp32")
     grid = [None] + [float(t) for t in args.thresholds.split(",")]
-    result = {"model": captioner.name, "precision": captioner.precision, "beam_size": 3}
-    result["coco-mini/all"] = run(captioner, "coco-mini", "all", grid, out_dir, cache_dir)
-    result["flickr8k/dev"] = run(captioner, "flickr8k", "dev", grid, out_dir, cache_dir)
-    best = args.test_threshold
-    if best is None:
-        best = max(grid[1:], key=lambda t: result["coco-mini/all"][f"t{t}"]["CIDEr"]
-                   + result["flickr8k/dev"][f"t{t}"]["CIDEr"])
-    result["chosen_threshold"] = best
-    result["flickr8k/test"] = run(captioner, "flickr8k", "test", [None, best], out_dir, cache_dir)
-    atomic_write_text(REPO / "benchmarks" / "results" / "objects.json", json.dumps(result, indent=1) + "\n")
+    result = {"model": captioner.name, "precision": captioner.precision, "beam_size": 3,
+              "recognition": captioner.model.object_namer().recognizer.mode}
+    for key in ("coco-mini/all", "flickr8k/dev"):
+        if key in sets:
+            name, split = key.split("/")
+            result[key] = run(captioner, name, split, grid, out_dir / result["recognition"], cache_dir)
+    if "flickr8k/test" in sets:
+        best = args.test_threshold
+        if best is None:
+            best = max(grid[1:], key=lambda t: sum(result[k][f"t{t}"]["CIDEr"] for k in ("coco-mini/all", "flickr8k/dev")
+                                                   if k in result))
+        result["chosen_threshold"] = best
+        result["flickr8k/test"] = run(captioner, "flickr8k", "test", [None, best], out_dir / result["recognition"],
+                                      cache_dir)
+    atomic_write_text(args.results, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: the checkpoint's sidecar (recognition_head_path)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recognition_head.json"))
     ap.add_argument("--no-mirror", action="store_true", help="train on the photos alone, not their mirror images too")
+    ap.add_argument("--pooled", default=None,
+                    help="a file keeping the tops' pooled outputs between runs (read if it exists, else written)")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = resolve_checkpoint(args.checkpoint)
@@ -125,11 +127,21 @@ def main() -> None:
         cache = build_cache(ds.image_dir, names, cfg, cache_dir, tag=ds.name, progress=False, mirror=mirror)
         return pooled(model, stock, cache, names)
 
-    x, s = features(args.data, "train")
-    if not args.no_mirror:
-        xm, sm = features(args.data, "train", mirror=True)
-        x, s = torch.cat([x, xm]), torch.cat([s, sm])
-    devs = {"flickr8k/dev": features(args.data, "dev"), "coco-mini/all": features(args.coco, "all")}
+    saved = Path(args.pooled).expanduser() if args.pooled else None
+    if saved is not None and saved.is_file():  # the pooled outputs of an earlier run of this checkpoint
+        stored = torch.load(saved, weights_only=True)
+        if stored.get("checksum") != ckpt["checksum"] or stored.get("mirror") != (not args.no_mirror):
+            raise SystemExit(f"error: {saved}: pooled outputs of another checkpoint or setting; remove it")
+        (x, s), devs = stored["train"], stored["devs"]
+    else:
+        x, s = features(args.data, "train")
+        if not args.no_mirror:
+            xm, sm = features(args.data, "train", mirror=True)
+            x, s = torch.cat([x, xm]), torch.cat([s, sm])
+        devs = {"flickr8k/dev": features(args.data, "dev"), "coco-mini/all": features(args.coco, "all")}
+        if saved is not None:
+            torch.save({"checksum": ckpt["checksum"], "mirror": not args.no_mirror, "train": (x, s),
+                        "devs": devs}, saved)
     with torch.no_grad():
         target = fc(s)
         dev = {k: (xd, fc(sd).softmax(-1)) for k, (xd, sd) in devs.items()}
