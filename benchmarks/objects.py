@@ -20,7 +20,7 @@ from captioner.evaluation.evaluate import decode_records
 from captioner.evaluation.metrics import score_captions
 from captioner.files import atomic_write_text
 from captioner.inference.api import Captioner
-from captioner.models.checkpoint import load_checkpoint, resolve_checkpoint
+from captioner.models.checkpoint import load_checkpoint, load_recognition_head, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"flickr8k": REPO.parent / "shared" / "data" / "flickr8k",
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--test-threshold", type=float, default=None, help="default: the best mean dev CIDEr")
     ap.add_argument("--recognition", choices=("auto", "stock"), default="auto",
                     help="auto: the model's recognition head where it has one; stock: the stock classifier")
+    ap.add_argument("--head", default=None,
+                    help="a recognition head file (release/recognition_head.py --out) to use instead of the sidecar")
     ap.add_argument("--sets", default="coco-mini/all,flickr8k/dev,flickr8k/test",
                     help="which of coco-mini/all, flickr8k/dev, flickr8k/test to run")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "objects.json"))
@@ -75,6 +77,8 @@ def main() -> None:
     sets = args.sets.split(",")
     path = resolve_checkpoint(None)
     model, ckpt = load_checkpoint(path)
+    if args.head:
+        model.attach_recognition_head(load_recognition_head(args.head, ckpt.get("checksum")))
     if args.recognition == "stock":
         model.attach_recognition_head(None)
     captioner = Captioner(model, {"path": str(path), "name": ckpt["model"]["name"]}, precision="fp32")

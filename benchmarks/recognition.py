@@ -31,8 +31,9 @@ from captioner.data.datasets import load_dataset
 from captioner.data.features import build_cache
 from captioner.files import atomic_write_text
 from captioner.inference.api import Captioner
-from captioner.models.checkpoint import load_checkpoint, resolve_checkpoint
+from captioner.models.checkpoint import load_checkpoint, load_recognition_head, resolve_checkpoint
 from captioner.models.encoders import build_encoder
+from captioner.models.objects import DEFAULT_THRESHOLD
 from captioner.models.recognition import Recognizer, name_objects
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +59,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--cache-dir", default="~/.cache/captioner")
+    ap.add_argument("--head", default=None,
+                    help="a recognition head file (release/recognition_head.py --out); default: the shipped sidecar")
     args = ap.parse_args()
     path = resolve_checkpoint(None)
     model, ckpt = load_checkpoint(path)
+    if args.head:
+        model.attach_recognition_head(load_recognition_head(args.head, ckpt.get("checksum")))
     if model.recognition_head is None:
-        raise SystemExit(f"error: {path}: no recognition head next to it; build it with release/recognition_head.py")
+        raise SystemExit(f"error: {path}: no recognition head next to it; pass --head (release/recognition_head.py)")
     cfg = model.encoder_cfg
     top = model.decoder.top
     modes = {"stock": Recognizer(cfg, "stock"), "tuned": Recognizer(cfg, "tuned", top),
@@ -71,7 +76,8 @@ def main() -> None:
     x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     feats = encoder(x)
     regions = top(feats)
-    out: dict = {"checkpoint": path.name, "torch_threads": torch.get_num_threads()}
+    out: dict = {"checkpoint": path.name, "head": Path(args.head).name if args.head else "sidecar",
+                 "threshold": DEFAULT_THRESHOLD, "torch_threads": torch.get_num_threads()}
     enc = flops(encoder, x)
     out["flops"] = {"encoder": enc, "tuned_top (runs for the caption anyway)": flops(top, feats),
                     "stock": flops(modes["stock"], feats), "tuned": flops(modes["tuned"], feats, regions),
@@ -127,11 +133,22 @@ def main() -> None:
                 probs[k].append(m(f, r))
         p = {k: torch.cat(v) for k, v in probs.items()}
         words = {k: name_objects(v, 1) for k, v in p.items()}
-        row = {"photos": len(names)}
+        ref = words["stock"]
+        confident = [i for i, w in enumerate(ref) if w[0].score >= DEFAULT_THRESHOLD]
+        row = {"photos": len(names), "stock_confident_photos": len(confident)}
+
+        def chosen(w):  # the word put into the caption at the default threshold, or None
+            return w[0].name if w[0].score >= DEFAULT_THRESHOLD else None
+
         for k in ("tuned", "head"):
             row[k] = {"top1_class": round(float((p[k].argmax(-1) == p["stock"].argmax(-1)).float().mean()), 4),
-                      "top1_word": round(sum(a[0].name == b[0].name for a, b in zip(words[k], words["stock"]))
-                                         / len(names), 4)}
+                      "top1_word": round(sum(a[0].name == b[0].name for a, b in zip(words[k], ref)) / len(names), 4),
+                      # where the stock classifier is confident enough to constrain the caption
+                      "top1_word_where_stock_confident": round(
+                          sum(words[k][i][0].name == ref[i][0].name for i in confident) / max(1, len(confident)), 4),
+                      # the same word constrained (or none), each at the default threshold
+                      "same_constraint": round(sum(chosen(a) == chosen(b) for a, b in zip(words[k], ref))
+                                               / len(names), 4)}
         row["mean_top1_word_score"] = {k: round(sum(w[0].score for w in v) / len(names), 4) for k, v in words.items()}
         out["agreement"][name] = row
         print(name, json.dumps(row), flush=True)

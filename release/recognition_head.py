@@ -12,10 +12,12 @@ the stock classifier on the dev sets (Flickr8k dev and the COCO dev photos, neve
   (b) distillation: a linear head initialised from `_fc` (or from (a)'s best), trained with
       Adam to match the stock classifier's softmax (KL at temperature T); T and epochs chosen on dev.
 
-Agreement is measured with the head rounded to fp16, as shipped. Writes the head (bound to the
-checkpoint's content checksum) and benchmarks/results/recognition_head.json.
+Agreement is measured with the head rounded to fp16, as shipped. Writes
+benchmarks/results/recognition_head.json, and the head (bound to the checkpoint's content
+checksum) as the checkpoint's sidecar where it meets --min-agreement (a loaded checkpoint uses
+its sidecar head for recognition), or to --out.
 
-    PYTHONPATH=src python release/recognition_head.py [--checkpoint default]
+    PYTHONPATH=src python release/recognition_head.py [--checkpoint default] [--out FILE] [--pooled FILE]
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from captioner.files import atomic_write_text
 from captioner.models.checkpoint import (load_checkpoint, recognition_head_path, resolve_checkpoint,
                                          save_recognition_head)
 from captioner.models.decoders import WithTunedTop
+from captioner.models.objects import DEFAULT_THRESHOLD
 from captioner.models.recognition import Recognizer, name_objects
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +60,11 @@ def agreement(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, stock_probs: to
     probs = F.linear(x, w.half().float(), b.half().float()).softmax(-1)
     words = name_objects(probs, 1)
     ref = name_objects(stock_probs, 1)
+    confident = [i for i, r in enumerate(ref) if r[0].score >= DEFAULT_THRESHOLD]
     return {"top1_class": round(float((probs.argmax(-1) == stock_probs.argmax(-1)).float().mean()), 4),
-            "top1_word": round(sum(a[0].name == r[0].name for a, r in zip(words, ref)) / len(ref), 4)}
+            "top1_word": round(sum(a[0].name == r[0].name for a, r in zip(words, ref)) / len(ref), 4),
+            "top1_word_where_stock_confident": round(
+                sum(words[i][0].name == ref[i][0].name for i in confident) / max(1, len(confident)), 4)}
 
 
 def ridge(x: torch.Tensor, s: torch.Tensor, alpha: float, fc) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +110,11 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--coco", default=str(REPO.parent / "shared" / "data" / "coco-mini-train2017"))
     ap.add_argument("--cache-dir", default="~/.cache/captioner")
-    ap.add_argument("--out", default=None, help="default: the checkpoint's sidecar (recognition_head_path)")
+    ap.add_argument("--out", default=None,
+                    help="write the head here whatever its agreement (an experiment); default: the checkpoint's "
+                         "sidecar (recognition_head_path), written only where the head meets --min-agreement")
+    ap.add_argument("--min-agreement", type=float, default=0.9,
+                    help="mean top-1 word agreement on the dev sets a head needs to be shipped as the sidecar")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recognition_head.json"))
     ap.add_argument("--no-mirror", action="store_true", help="train on the photos alone, not their mirror images too")
     ap.add_argument("--pooled", default=None,
@@ -174,11 +184,18 @@ def main() -> None:
     best = max((k for k in heads), key=lambda k: cands[k]["mean_top1_word"])
     result["chosen"] = best
     w, b = heads[best]
-    out = Path(args.out) if args.out else recognition_head_path(path)
-    save_recognition_head(out, w, b, ckpt["checksum"], meta={"candidate": best, "dev_agreement": cands[best]})
-    result["head_file"] = out.name
-    result["head_bytes"] = out.stat().st_size
+    result["min_agreement"] = args.min_agreement
+    result["meets_min_agreement"] = cands[best]["mean_top1_word"] >= args.min_agreement
     print("chosen:", best, json.dumps(cands[best]))
+    out = Path(args.out) if args.out else recognition_head_path(path)
+    if args.out or result["meets_min_agreement"]:
+        save_recognition_head(out, w, b, ckpt["checksum"], meta={"candidate": best, "dev_agreement": cands[best]})
+        result["head_file"] = out.name
+        result["head_bytes"] = out.stat().st_size
+    else:
+        result["head_file"] = None
+        print(f"not shipped: mean top-1 word agreement {cands[best]['mean_top1_word']} < {args.min_agreement} "
+              f"(--out FILE writes it anyway)")
     atomic_write_text(args.results, json.dumps(result, indent=1) + "\n")
 
 
