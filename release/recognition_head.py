@@ -156,9 +156,12 @@ def main() -> None:
         target = fc(s)
         dev = {k: (xd, fc(sd).softmax(-1)) for k, (xd, sd) in devs.items()}
 
+    seen = (x[:2000], target[:2000].softmax(-1))  # training photos: how much a head could fit at all
+
     def score(w, b) -> dict:
         out = {k: agreement(w, b, xd, pd) for k, (xd, pd) in dev.items()}
         out["mean_top1_word"] = round(sum(v["top1_word"] for v in out.values()) / len(dev), 4)
+        out["train (2000 of the photos trained on)"] = agreement(w, b, *seen)
         return out
 
     result = {"checkpoint": str(path.name), "checkpoint_checksum": ckpt["checksum"], "train_photos": len(x),

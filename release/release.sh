@@ -8,7 +8,8 @@
 #    on it), so they come from the train-only run it refits (SEARCH_FROM, a tune_search.py output);
 #    with TUNE=1 they are tuned on dev for this run instead (a recipe without train_on_dev);
 # 3. export: fp16 weights with the search settings, scored on the Flickr8k test split
-#    (`captioner evaluate`), then shipped as src/captioner/weights/default.pt with its scores;
+#    (`captioner evaluate`), then shipped as src/captioner/weights/default.pt with its scores,
+#    and its recognition head rebuilt (shipped only where it meets the agreement bar);
 # 4. SCST gain and bootstrap intervals (release/scst_gain.py, release/intervals.py);
 # 5. the model card and docs/results.md's blocks (release/model_card.py).
 # Writes RUN_DIR/{timing.json,lscpu.txt,length_penalty.json,test_scores.json,captions-test.json}.
@@ -59,6 +60,10 @@ captioner evaluate --data "$DATA" --split test --checkpoint "$RUN/model.pt" --ca
   --beam-size 3 --captions-out "$RUN/captions-test.json" --json | tee "$RUN/evaluate.log"
 tail -n 1 "$RUN/evaluate.log" > "$RUN/test_scores.json"
 captioner export "$RUN/model.pt" "$EXPORT_TO" --half --metrics "$RUN/test_scores.json"
+# the recognition head is bound to the exported file: the old one no longer fits; a new one ships
+# only where it agrees with the stock classifier well enough (release/recognition_head.py)
+rm -f "${EXPORT_TO%.pt}.recognition.pt"
+python3 "$here/recognition_head.py" --checkpoint "$EXPORT_TO" --data "$DATA" --cache-dir "$CACHE"
 python3 "$here/scst_gain.py" --xe "$RUN/best-xe.pt" --scst "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
   --captions-dir "$RUN/scst" --out benchmarks/results/scst_gain.json
 python3 "$here/intervals.py" --out benchmarks/results/intervals-default.json --block intervals-default --readme \
