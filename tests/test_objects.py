@@ -68,6 +68,51 @@ def test_a_word_outside_the_vocab_is_grown_from_its_proxy_and_forced_in(arch):
     assert hyps.tokens[1, 0].tolist()[:before.tokens.size(-1)] == before.tokens[1, 0].tolist()
 
 
+def _namer_over(vocab_words: list[str], favourite: str):
+    """An ObjectNamer over a tiny soft-attention model whose own caption repeats `favourite`."""
+    from captioner.models.objects import ObjectNamer
+
+    torch.manual_seed(0)
+    vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", *vocab_words])
+    model = CaptionModel(ModelConfig("t", "efficientnet-lite0", "soft-attention-lstm",
+                                     TINY["soft-attention-lstm"]), vocab).eval()
+    with torch.no_grad():
+        model.decoder.out.bias[vocab.tokens.index(favourite)] += 10.0
+    return model, ObjectNamer(model)
+
+
+def test_a_named_object_keeps_the_models_caption_and_others_are_put_in(monkeypatch):
+    from captioner.models.recognition import RecognizedObject
+
+    model, namer = _namer_over(["a", "dog", "horse", "in", "field"], favourite="dog")
+    feats = torch.randn(2, 49, 1280)
+    search = SearchConfig(beam_size=2, max_len=5)
+    plain = model.captions(feats, search)
+    assert all("dog" in c.split() and "zebra" not in c.split() for c in plain)
+    found = [[RecognizedObject("dog", 0.9)], [RecognizedObject("zebra", 0.9)]]
+    monkeypatch.setattr(namer, "recognize", lambda f: found)
+    got = namer.generate(feats, search)
+    assert got.constraint[0] is None and got.met[0]  # "dog" is there already: nothing forced
+    texts = namer.captions(feats, search)
+    assert texts[0] == plain[0]
+    assert got.constraint[1].word == "zebra" and got.met[1] and "zebra" in texts[1].split()
+
+
+def test_clothing_sports_and_scenery_are_listed_but_not_put_in(monkeypatch):
+    from captioner.models.objects import NOT_INSERTED
+    from captioner.models.recognition import RecognizedObject
+
+    model, namer = _namer_over(["a", "dog", "ski", "jersey", "in"], favourite="dog")
+    assert {"clothing", "sports", "landscape"} <= NOT_INSERTED
+    feats = torch.randn(2, 49, 1280)
+    search = SearchConfig(beam_size=2, max_len=5)
+    found = [[RecognizedObject("ski", 0.95)], [RecognizedObject("jersey", 0.95)]]
+    monkeypatch.setattr(namer, "recognize", lambda f: found)
+    got = namer.generate(feats, search)
+    assert got.constraint == [None, None] and got.objects == found
+    assert namer.captions(feats, search) == model.captions(feats, search)
+
+
 def test_grammar_article_mass_noun_and_plural():
     words = lexicon_words()
     assert fix_grammar("a man drinks a espresso".split(), words["espresso"]) == "a man drinks an espresso".split()
