@@ -1,7 +1,7 @@
 """Captions with objects on, recognised by the stock classifier against a recognition head
 (release/recognition_head.py --out FILE), on the COCO dev photos (and Flickr8k dev with --flickr):
 CIDEr per threshold, and a paired bootstrap of head against stock at the default threshold and at
-the head's best (`captioner compare`). fp32, beam 3, the shipped model and its objects rule.
+the head's best (`captioner compare`), and the README examples' captions. fp32, beam 3, the shipped model and its objects rule.
 Writes the captions files into --out-dir and benchmarks/results/recognition_captions.json.
 
     PYTHONPATH=src python benchmarks/recognition_captions.py --head FILE [--thresholds 0.3,0.4,0.5]
@@ -26,6 +26,7 @@ from captioner.models.objects import DEFAULT_THRESHOLD
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"coco-mini/all": (REPO.parent / "shared" / "data" / "coco-mini-train2017", "all"),
         "flickr8k/dev": (REPO.parent / "shared" / "data" / "flickr8k", "dev")}
+EXAMPLES = ("cat", "coffee", "rocket", "astronaut")
 
 
 def captioner_with(head_file: str | None) -> Captioner:
@@ -48,7 +49,15 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {"stock": (captioner_with(None), [DEFAULT_THRESHOLD]),
             "head": (captioner_with(args.head), [float(t) for t in args.thresholds.split(",")])}
-    result: dict = {"head": Path(args.head).name, "default_threshold": DEFAULT_THRESHOLD, "sets": {}}
+    result: dict = {"head": Path(args.head).name, "default_threshold": DEFAULT_THRESHOLD, "sets": {},
+                    "examples": {}}
+    from importlib import resources
+    photos = {n: resources.files("captioner") / "examples" / f"{n}.jpg" for n in EXAMPLES}
+    for mode, (cap, _) in runs.items():  # the README examples at the default threshold
+        cap.model.object_namer(DEFAULT_THRESHOLD)
+        for name, c in zip(photos, cap.caption_features(cap.encode(list(photos.values())))):
+            result["examples"].setdefault(name, {})[mode] = {
+                "caption": c.text, "objects": [o.to_dict() for o in c.objects[:3]]}
     for name, (root, split) in SETS.items():
         if name == "flickr8k/dev" and not args.flickr:
             continue
