@@ -8,9 +8,10 @@ recognition modes (`models.recognition`):
 
 Cost: FLOPs (torch.utils.flop_counter, no timing noise) against the encoder's (the frozen bottom
 that makes the cache), and measured time, interleaved round by round (medians): recognition alone
-against the encoder (traced and frozen, as the Captioner runs it), and a whole caption (encoder + beam 3, the default precision) with objects
-off, on with stock recognition and on with the head. The tuned top runs for the caption anyway;
-"tuned" and "head" reuse its output, so their extra cost is one pooled linear layer.
+against the encoder (traced and frozen, as the Captioner runs it), and a whole caption (encoder +
+beam 3, the default precision) with objects off, on with stock recognition and on with the head.
+The tuned top runs for the caption anyway; "tuned" and "head" reuse its output, so their extra cost
+is one pooled linear layer.
 Agreement: top-1 ImageNet class and top-1 lexicon word against the stock classifier on the COCO
 dev photos (80) and Flickr8k dev (1,000). Writes benchmarks/results/recognition.json.
 
@@ -104,9 +105,11 @@ def main() -> None:
     from importlib import resources
     photos = [resources.files("captioner") / "examples" / f"{n}.jpg" for n in EXAMPLES]
     pixels = [caps["on, head"].preprocess(p)[None] for p in photos]
-    runs = {"off": lambda px: caps["on, head"].caption_features(caps["on, head"].encode_pixels(px), objects=False),
-            "on, stock": lambda px: caps["on, stock"].caption_features(caps["on, stock"].encode_pixels(px), objects=True),
-            "on, head": lambda px: caps["on, head"].caption_features(caps["on, head"].encode_pixels(px), objects=True)}
+    def caption(cap: Captioner, objects: bool):
+        return lambda px: cap.caption_features(cap.encode_pixels(px), objects=objects)
+
+    runs = {"off": caption(caps["on, head"], False), "on, stock": caption(caps["on, stock"], True),
+            "on, head": caption(caps["on, head"], True)}
     for run in runs.values():  # warm-up: traced encoders, namers
         run(pixels[0])
     ctimes: dict[str, list[float]] = {k: [] for k in runs}

@@ -1,7 +1,8 @@
 """Captions with objects on, recognised by the stock classifier against a recognition head
 (release/recognition_head.py --out FILE), on the COCO dev photos (and Flickr8k dev with --flickr):
 CIDEr per threshold, and a paired bootstrap of head against stock at the default threshold and at
-the head's best (`captioner compare`), and the README examples' captions. fp32, beam 3, the shipped model and its objects rule.
+the head's best (`captioner compare`), and the README examples' captions. fp32, beam 3, the shipped
+model and its objects rule.
 Writes the captions files into --out-dir and benchmarks/results/recognition_captions.json.
 
     PYTHONPATH=src python benchmarks/recognition_captions.py --head FILE [--thresholds 0.3,0.4,0.5]
@@ -87,7 +88,8 @@ def main() -> None:
             row[f"head t{t} - stock, CIDEr 95% interval"] = [round(x, 4) for x in asdict(cider)["diff_interval"]]
         result["sets"][name] = row
     print(json.dumps(result, indent=1))
-    atomic_write_text(REPO / "benchmarks" / "results" / "recognition_captions.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(REPO / "benchmarks" / "results" / "recognition_captions.json",
+                      json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def main() -> None:
         w0, b0 = (fc.weight.detach(), fc.bias.detach()) if init == "_fc" else heads[init]
         for temperature in TEMPERATURES:
             for epoch, w, b in distill(x, target, w0, b0, temperature, dev):
-                name = f"(b) distillation from {'_fc' if init == '_fc' else 'best (a)'}, T {temperature:g}, epoch {epoch}"
+                start = "_fc" if init == "_fc" else "best (a)"
+                name = f"(b) distillation from {start}, T {temperature:g}, epoch {epoch}"
                 heads[name] = (w, b)
                 cands[name] = score(w, b)
                 print(name, json.dumps(cands[name]), flush=True)

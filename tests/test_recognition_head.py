@@ -75,7 +75,8 @@ def test_the_tuned_top_runs_once_for_recognition_and_search_with_the_same_captio
         want = plain.tokens[b, 0]
         if b in rows:
             phrase = [index[t] for t in named.constraint[b].tokens]
-            want = constrained_beam_search(namer.model.decoder, feats[b:b + 1], constraints=[phrase], **decode)[0].tokens[0, 0]
+            one, _ = constrained_beam_search(namer.model.decoder, feats[b:b + 1], constraints=[phrase], **decode)
+            want = one.tokens[0, 0]
         got = named.hyps.tokens[b, 0]
         n = max(len(got), len(want))
         pad = lambda t: torch.nn.functional.pad(t, (0, n - len(t)), value=v.pad_id)  # noqa: E731
