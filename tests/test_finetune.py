@@ -30,7 +30,7 @@ from conftest import COLORS, SHAPES, TINY_MODEL, make_flickr_like, make_photo
 KINDS = [(c, s) for c in COLORS for s in SHAPES]
 
 
-def train_tiny_base(data: Path, cache_dir: Path, path: Path, steps: int = 150) -> Path:
+def train_tiny_base(data: Path, cache_dir: Path, path: Path, steps: int = 80) -> Path:
     """A tiny soft-attention model that has learnt the generated photos ("a red square", ...):
     plain cross-entropy steps, no run folder, so it takes seconds."""
     ds = load_dataset(data)
@@ -46,7 +46,7 @@ def train_tiny_base(data: Path, cache_dir: Path, path: Path, steps: int = 150) -
     cfg, rng = TrainConfig(), random.Random(0)
     model.train()
     for _ in range(steps):
-        feats, seqs, rows = data_set.batch(rng.sample(range(len(data_set)), 4))
+        feats, seqs, rows = data_set.batch(rng.sample(range(len(data_set)), 6))
         loss = caption_loss(model, feats, seqs, cfg, rows)
         opt.zero_grad()
         loss.backward()
@@ -137,6 +137,7 @@ def test_new_words_need_the_minimum_count_and_start_from_their_proxy(tmp_path):
     assert len(namer.model.vocab) > len(model.vocab)  # lexicon words whose proxy (dog, horse) it knows
 
 
+@pytest.mark.slow  # two finetunes of a tiny model: ~30 s on a busy 2-core machine
 def test_finetune_refuses_a_harmful_update_and_writes_nothing(base, tmp_path, capsys):
     data, cache, base_path = base
     photos = correction_photos(tmp_path / "photos")
@@ -144,7 +145,7 @@ def test_finetune_refuses_a_harmful_update_and_writes_nothing(base, tmp_path, ca
     db = tmp_path / "feedback.db"
     fill_store(db, [(img, f"a {wrong[(c, s)][0]} {wrong[(c, s)][1]}") for img, c, s in photos for _ in range(3)])
     out = tmp_path / "candidate.pt"
-    code = main(finetune_args(db, base_path, data, cache, out, "--lr", "0.02", "--epochs", "4", "--replay-ratio",
+    code = main(finetune_args(db, base_path, data, cache, out, "--lr", "0.02", "--epochs", "3", "--replay-ratio",
                               "0.5", "--scst-epochs", "0"))
     captured = capsys.readouterr()
     assert code == 1 and not out.exists()
@@ -155,7 +156,7 @@ def test_finetune_refuses_a_harmful_update_and_writes_nothing(base, tmp_path, ca
     assert dev["diff_interval"][1] < 0 and f"{dev['before']:.3f} -> {dev['after']:.3f}" in err
     assert report["refused"] and "nothing written" in err and "--force" in err
 
-    assert main(finetune_args(db, base_path, data, cache, out, "--lr", "0.02", "--epochs", "4", "--replay-ratio",
+    assert main(finetune_args(db, base_path, data, cache, out, "--lr", "0.02", "--epochs", "3", "--replay-ratio",
                               "0.5", "--scst-epochs", "0", "--force")) == 0
     assert out.is_file() and "written anyway (--force)" in capsys.readouterr().out
 
