@@ -476,7 +476,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lines.append("warning: worse on dev beyond noise; written anyway (--force)")
     print("\n".join(lines))
     print(f"wrote {args.out}{' (fp16 weights, as the base)' if report['half'] else ''}: serve it as an A/B "
-          f"variant beside the current model (docs/training.md, Learning from feedback)")
+          f"variant beside the current model (docs/serving.md, Learning from feedback)")
     print(json.dumps(report))
     return 0
 
