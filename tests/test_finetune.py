@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ from captioner.service.feedback import Correction, FeedbackStore, Served
 from captioner.training.config import TrainConfig
 from captioner.training.crossentropy import caption_loss
 from captioner.training.dataset import TrainingSet
-from captioner.training.finetune import (FALLBACK_PROXY, grow_from_corrections, group_by_photo, new_words,
-                                         split_photos)
+from captioner.training.finetune import (FALLBACK_PROXY, gate_split, grow_from_corrections, group_by_photo,
+                                         new_words, split_photos)
 
 from conftest import COLORS, SHAPES, TINY_MODEL, make_flickr_like, make_photo
 
@@ -106,6 +105,15 @@ def test_split_is_by_photo_seeded_and_needs_two_photos():
     assert not {p.key for p in learn} & {p.key for p in check}
     with pytest.raises(Exception, match="at least 2"):
         split_photos(photos[:1], 0.2, seed=0)
+
+
+def test_the_gate_scores_a_split_the_base_never_trained_on():
+    assert gate_split({})[0] == "dev"
+    assert gate_split({"train_config": {"train_on_dev": False}})[0] == "dev"
+    split, why = gate_split({"train_config": {"train_on_dev": True}})  # a refit, as the shipped model is
+    assert split == "test" and "never saw" in why
+    assert gate_split({"train_config": {"train_on_dev": True}}, "dev")[0] == "dev"  # asked for explicitly
+    assert gate_split(read_checkpoint("default"))[0] == "test"
 
 
 def test_new_words_need_the_minimum_count_and_start_from_their_proxy(tmp_path):
@@ -195,7 +203,9 @@ def test_feedback_finetune_ab_promote_loop(base, tmp_path, capsys):
 
     data, cache, base_path = base
     (tmp_path / "models").mkdir()
-    shutil.copy(base_path, tmp_path / "models" / "current.pt")
+    # the current model as shipped: fp16 weights, scored for bf16 inference; the candidate keeps both
+    assert main(["export", str(base_path), str(tmp_path / "models" / "current.pt"), "--half", "--precision",
+                 "bf16"]) == 0
     db = tmp_path / "feedback.db"
     variants = [{"name": "current", "checkpoint": "current.pt"}]
     cfg_file = tmp_path / "serve.json"
@@ -225,7 +235,10 @@ def test_feedback_finetune_ab_promote_loop(base, tmp_path, capsys):
     assert report["photos"] == 12 and report["corrections"] == 36 and report["check_photos"] >= 1
     assert report["vocab"]["new_words"] == {"crimson": FALLBACK_PROXY}
     assert set(report["check"]) >= {"before", "after", "diff_interval"} and not report["refused"]
-    assert "crimson" in read_checkpoint(candidate)["vocab"]["tokens"]
+    ckpt = read_checkpoint(candidate)
+    assert "crimson" in ckpt["vocab"]["tokens"] and ckpt["decode"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float16 for v in ckpt["decoder_state"].values() if v.is_floating_point())
+    assert ckpt["finetune"]["config"]["db"] == str(db)
 
     variants.append({"name": "candidate", "checkpoint": "candidate.pt"})
     with TestClient(create_app(load_serve_config(serve_config(variants)))) as client:

@@ -446,7 +446,7 @@ def _format_finetune(report: dict) -> list[str]:
     if v["below_min_count"]:
         lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
                      + ", ".join(list(v["below_min_count"])[:10]))
-    for key, what in (("check", "check set (held-out corrections)"), ("dev", f"{report['dataset']} dev")):
+    for key, what in (("check", "check set (held-out corrections)"), ("dev", f"{report['dataset']} {report['gate_split']} ({report['gate_why']})")):
         r = report[key]
         lo, hi = r["diff_interval"]
         lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "
@@ -462,7 +462,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          layout=data.layout, image_root=data.image_root, out=args.out, cache_dir=data.cache_dir,
                          check_fraction=args.check_fraction, min_word_count=args.min_word_count,
                          epochs=args.epochs, lr=args.lr, replay_ratio=args.replay_ratio,
-                         scst_epochs=args.scst_epochs, dev_images=args.dev_images, force=args.force,
+                         scst_epochs=args.scst_epochs, scst_lr=args.scst_lr, scst_replay_ratio=args.scst_replay_ratio,
+                         correction_repeats=args.correction_repeats, gate_split=args.gate_split,
+                         dev_images=args.dev_images, force=args.force,
                          half=args.half, seed=args.seed, progress=not args.no_progress)
     try:
         report = finetune(cfg)
@@ -634,7 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak cross-entropy learning rate (default 1e-4)")
     p.add_argument("--replay-ratio", type=float, default=8.0,
                    help="replayed original train photos per corrected photo (default 8)")
-    p.add_argument("--dev-images", type=int, default=0, help="dev photos the check scores (default 0: all)")
+    p.add_argument("--correction-repeats", type=int, default=3,
+                   help="copies of each corrected photo per cross-entropy pass (default 3)")
+    p.add_argument("--scst-lr", type=float, default=2e-5, help="self-critical learning rate (default 2e-5)")
+    p.add_argument("--scst-replay-ratio", type=float, default=1.0,
+                   help="replayed photos per corrected photo in the self-critical stage (default 1)")
+    p.add_argument("--gate-split", choices=("auto", "dev", "test"), default="auto",
+                   help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
+                        "was refit on train + dev (the shipped model)")
+    p.add_argument("--dev-images", type=int, default=0, help="photos of the gate's split it scores (default 0: all)")
     p.add_argument("--force", action="store_true", help="write the model even if it is worse on dev beyond noise")
     p.add_argument("--half", action="store_true", help="store fp16 weights even where the base has fp32 ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the check split, the replay sample and training")
