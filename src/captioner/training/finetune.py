@@ -76,13 +76,13 @@ class FinetuneConfig:
     check_fraction: float = 0.2  # of the corrected photos, held out as the check set (at least one)
     min_word_count: int = 3  # a new word joins the vocab once the corrections use it this often
     epochs: int = 2  # cross-entropy passes over the mixed set
-    lr: float = 1e-4  # peak Adam learning rate of the cross-entropy stage (the base is trained already)
+    lr: float = 3e-5  # peak Adam learning rate of the cross-entropy stage: small, it undoes self-critical gains
     batch_size: int = 50  # captions per cross-entropy step
     replay_ratio: float = 8.0  # replayed original train photos per corrected photo learnt from
     correction_repeats: int = 3  # copies of each corrected photo per cross-entropy pass
-    scst_epochs: int = 1  # self-critical passes after cross-entropy (0 = none)
-    scst_lr: float = 2e-5  # constant learning rate of the self-critical stage
-    scst_replay_ratio: float = 1.0  # replayed photos per corrected photo in the self-critical stage
+    scst_epochs: int = 2  # self-critical passes after cross-entropy (0 = none)
+    scst_lr: float = 5e-5  # constant learning rate of the self-critical stage
+    scst_replay_ratio: float = 4.0  # replayed photos per corrected photo in the self-critical stage
     gate_split: str = "auto"  # the base's held-out split the gate scores: dev, test, or auto (see gate_split)
     dev_images: int = 0  # photos of that split the gate scores (0 = all)
     beam_size: int = 3  # the search that scores before and after
