@@ -169,8 +169,9 @@ def test_finetune_refuses_a_harmful_update_and_writes_nothing(base, tmp_path, ca
     assert out.is_file() and "written anyway (--force)" in capsys.readouterr().out
 
 
-def test_finetune_input_errors_are_one_line(base, tmp_path, capsys):
-    data, cache, base_path = base
+def test_finetune_input_errors_are_one_line(tiny_data, tmp_path, capsys):
+    data, cache, base_path = tiny_data, tmp_path / "cache", tmp_path / "base.pt"
+    save_checkpoint(base_path, CaptionModel(ModelConfig.from_dict(TINY_MODEL), Vocab.build(["a red square"], 1)))
     args = lambda db, out: finetune_args(db, base_path, data, cache, out)  # noqa: E731
     assert main(args(tmp_path / "none.db", tmp_path / "x.pt")) == 2
     assert "feedback database not found" in capsys.readouterr().err
