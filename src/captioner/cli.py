@@ -446,7 +446,8 @@ def _format_finetune(report: dict) -> list[str]:
     if v["below_min_count"]:
         lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
                      + ", ".join(list(v["below_min_count"])[:10]))
-    for key, what in (("check", "check set (held-out corrections)"), ("dev", f"{report['dataset']} {report['gate_split']} ({report['gate_why']})")):
+    gate = f"{report['dataset']} {report['gate_split']} ({report['gate_why']})"
+    for key, what in (("check", "check set (held-out corrections)"), ("dev", gate)):
         r = report[key]
         lo, hi = r["diff_interval"]
         lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "
@@ -624,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="learn from users' corrected captions; checked before it is written")
     p.add_argument("--db", required=True, help="feedback store with corrections: a SQLite file or a postgresql:// URL")
-    p.add_argument("--checkpoint", default="default", help="the base model: a checkpoint file, or default (the shipped model)")
+    p.add_argument("--checkpoint", default="default",
+                   help="the base model: a checkpoint file, or default (the shipped model)")
     _dataset_args(p)
     p.add_argument("--out", required=True, help="the new checkpoint (serve it as an A/B variant)")
     p.add_argument("--check-fraction", type=float, default=0.2,
