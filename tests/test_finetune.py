@@ -160,7 +160,7 @@ def test_finetune_refuses_a_harmful_update_and_writes_nothing(base, tmp_path, ca
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: refused: the finetuned model is worse on ")
     report = last_json(captured.out)
-    dev = report["dev"]
+    dev = report["gate"]
     assert dev["diff_interval"][1] < 0 and f"{dev['before']:.3f} -> {dev['after']:.3f}" in err
     assert report["refused"] and "nothing written" in err and "--force" in err
 

@@ -447,7 +447,7 @@ def _format_finetune(report: dict) -> list[str]:
         lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
                      + ", ".join(list(v["below_min_count"])[:10]))
     gate = f"{report['dataset']} {report['gate_split']} ({report['gate_why']})"
-    for key, what in (("check", "check set (held-out corrections)"), ("dev", gate)):
+    for key, what in (("check", "check set (held-out corrections)"), ("gate", gate)):
         r = report[key]
         lo, hi = r["diff_interval"]
         lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "
@@ -475,8 +475,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     lines = _format_finetune(report)
-    if report["dev"]["diff_interval"][1] < 0:
-        lines.append("warning: worse on dev beyond noise; written anyway (--force)")
+    if report["gate"]["diff_interval"][1] < 0:
+        lines.append(f"warning: worse on {report['gate_split']} beyond noise; written anyway (--force)")
     print("\n".join(lines))
     print(f"wrote {args.out}{' (fp16 weights, as the base)' if report['half'] else ''}: serve it as an A/B "
           f"variant beside the current model (docs/serving.md, Learning from feedback)")
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
                         "was refit on train + dev (the shipped model)")
     p.add_argument("--dev-images", type=int, default=0, help="photos of the gate's split it scores (default 0: all)")
-    p.add_argument("--force", action="store_true", help="write the model even if it is worse on dev beyond noise")
+    p.add_argument("--force", action="store_true", help="write the model even if the gate finds it worse beyond noise")
     p.add_argument("--half", action="store_true", help="store fp16 weights even where the base has fp32 ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the check split, the replay sample and training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

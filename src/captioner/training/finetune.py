@@ -353,10 +353,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
                   "below_min_count": dict(list(rare.items())[:50]), "min_word_count": cfg.min_word_count},
         "train_loss": losses, "scst_reward": rewards,
         "check": compare_captions(before_check, after_check, check_recs, cfg),
-        "dev": compare_captions(before_dev, after_dev, dev_recs, cfg),
+        "gate": compare_captions(before_dev, after_dev, dev_recs, cfg),
         "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why,
     }
-    dev = report["dev"]
+    dev = report["gate"]
     worse = dev["diff_interval"][1] < 0
     report["refused"] = worse and not cfg.force
     report["seconds"] = round(time.time() - started, 1)
@@ -370,7 +370,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                   "config": {**asdict(cfg), "db": store.name},  # never a database password
                   "corrections": report["corrections"], "new_words": proxies}
     half = _fp16(ckpt) or cfg.half
-    save_checkpoint(cfg.out, model, metrics={"finetune": {"check": report["check"], "dev": report["dev"]}},
+    save_checkpoint(cfg.out, model, metrics={"finetune": {"check": report["check"], "gate": report["gate"]}},
                     extra={"finetune": provenance}, half=half)
     report["written"], report["half"] = True, half
     return report
