@@ -634,10 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-word-count", type=int, default=3,
                    help="a new word joins the vocab once the corrections use it this often (default 3)")
     p.add_argument("--epochs", type=int, default=2, help="cross-entropy passes (default 2)")
-    p.add_argument("--scst-epochs", type=int, default=2, help="self-critical passes after them (default 2)")
+    p.add_argument("--scst-epochs", type=int, default=3, help="self-critical passes after them (default 3)")
     p.add_argument("--lr", type=float, default=3e-5, help="peak cross-entropy learning rate (default 3e-5)")
-    p.add_argument("--replay-ratio", type=float, default=8.0,
-                   help="replayed original train photos per corrected photo (default 8)")
+    p.add_argument("--replay-ratio", type=float, default=4.0,
+                   help="replayed original train photos per corrected photo (default 4)")
     p.add_argument("--correction-repeats", type=int, default=3,
                    help="copies of each corrected photo per cross-entropy pass (default 3)")
     p.add_argument("--scst-lr", type=float, default=5e-5, help="self-critical learning rate (default 5e-5)")

@@ -78,9 +78,9 @@ class FinetuneConfig:
     epochs: int = 2  # cross-entropy passes over the mixed set
     lr: float = 3e-5  # peak Adam learning rate of the cross-entropy stage: small, it undoes self-critical gains
     batch_size: int = 50  # captions per cross-entropy step
-    replay_ratio: float = 8.0  # replayed original train photos per corrected photo learnt from
+    replay_ratio: float = 4.0  # replayed original train photos per corrected photo learnt from
     correction_repeats: int = 3  # copies of each corrected photo per cross-entropy pass
-    scst_epochs: int = 2  # self-critical passes after cross-entropy (0 = none)
+    scst_epochs: int = 3  # self-critical passes after cross-entropy (0 = none)
     scst_lr: float = 5e-5  # constant learning rate of the self-critical stage
     scst_replay_ratio: float = 4.0  # replayed photos per corrected photo in the self-critical stage
     gate_split: str = "auto"  # the base's held-out split the gate scores: dev, test, or auto (see gate_split)
