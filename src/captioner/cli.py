@@ -434,20 +434,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _format_finetune(report: dict) -> list[str]:
+    """The finetune report in lines; a report cut short by a refusal has only its first parts."""
     pct = round(100 * report["confidence"])
-    v = report["vocab"]
     lines = [f"{report['corrections']} corrections of {report['photos']} photos: learnt from {report['learn_photos']}, "
-             f"checked on {report['check_photos']} held out; {report['replayed_photos']} replayed "
-             f"{report['dataset']} train photos"]
-    if v["new_words"]:
+             f"checked on {report['check_photos']} held out"
+             + (f"; {report['replayed_photos']} replayed {report['dataset']} train photos"
+                if "replayed_photos" in report else "")]
+    r = report["relevance"]
+    lines.append(f"do the corrections describe their photos? the base's captions score CIDEr-D {r['own']:.3f} "
+                 f"against their own photo's corrections, {r['others']:.3f} against other photos' ({pct}% interval "
+                 f"of the difference [{r['diff_interval'][0]:+.3f}, {r['diff_interval'][1]:+.3f}])")
+    v = report.get("vocab")
+    if v and v["new_words"]:
         shown = ", ".join(f"{w} (from {p})" for w, p in list(v["new_words"].items())[:12])
         lines.append(f"vocab {v['before']} -> {v['after']} words: {shown}"
                      + (" ..." if len(v["new_words"]) > 12 else ""))
-    if v["below_min_count"]:
+    if v and v["below_min_count"]:
         lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
                      + ", ".join(list(v["below_min_count"])[:10]))
     gate = f"{report['dataset']} {report['gate_split']} ({report['gate_why']})"
     for key, what in (("check", "check set (held-out corrections)"), ("gate", gate)):
+        if key not in report:
+            continue
         r = report[key]
         lo, hi = r["diff_interval"]
         lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "

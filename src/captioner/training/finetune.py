@@ -250,6 +250,38 @@ def gate_split(ckpt: dict, asked: str = "auto") -> tuple[str, str]:
     return "dev", "the base's dev split"
 
 
+def describes_photos(captions: dict[str, str], records: list[ImageRecord], cfg: FinetuneConfig,
+                     shifts: int = 3) -> dict:
+    """Do the corrections describe their photos? The base's caption of each corrected photo is
+    scored (CIDEr-D) against the photo's own corrections and against other photos' ones (the
+    captions shifted by 1..`shifts` places, a fixed pairing); corrections that describe their
+    photos match the base's caption of the same photo better, beyond noise (paired bootstrap
+    over photos). Corrections shuffled across photos do not."""
+    refs = {r.image: r.captions for r in records}
+    keys = sorted(refs)
+    n = len(keys)
+    shifted = [{k: captions[keys[(i + s) % n]] for i, k in enumerate(keys)} for s in range(1, min(shifts, n - 1) + 1)]
+    stats = photo_stats([{k: captions[k] for k in keys}, *shifted], refs)
+    own, others = stats[0].cider, np.mean([st.cider for st in stats[1:]], axis=0)
+    diff = own - others  # (n,)
+    draws = np.random.default_rng(cfg.seed).integers(0, n, size=(cfg.resamples, n))
+    tail = 100 * (1 - cfg.confidence) / 2
+    low, high = np.percentile(diff[draws].mean(1), [tail, 100 - tail])
+    return {"photos": n, "own": float(own.mean()), "others": float(others.mean()), "diff": float(diff.mean()),
+            "diff_interval": [float(low), float(high)]}
+
+
+def gate_verdict(gate: dict, split: str, dataset: str, confidence: float) -> str | None:
+    """The refusal message where the candidate is worse on the gate's split beyond noise (the
+    interval of the difference entirely below 0), else None."""
+    lo, hi = gate["diff_interval"]
+    if hi >= 0:
+        return None
+    return (f"refused: the finetuned model is worse on {dataset} {split} beyond noise (CIDEr-D {gate['before']:.3f} "
+            f"-> {gate['after']:.3f}, {round(100 * confidence)}% interval of the difference [{lo:+.3f}, {hi:+.3f}] "
+            f"over {gate['photos']} photos)")
+
+
 def _fp16(ckpt: dict) -> bool:
     return any(v.dtype == torch.float16 for v in ckpt["decoder_state"].values() if v.is_floating_point())
 
@@ -301,7 +333,22 @@ def finetune(cfg: FinetuneConfig) -> dict:
     search = SearchConfig(beam_size=cfg.beam_size, max_len=cfg.max_len, length_penalty=model.length_penalty,
                           no_repeat_ngram=model.no_repeat_ngram)
     log.info("scoring the base on %d check and %d %s photos (%s)", len(check_recs), len(dev_recs), gate, gate_why)
-    before_check = _captions(model, table, check_recs, search, cfg.progress)
+    before_all = _captions(model, table, learn_recs + check_recs, search, cfg.progress)
+    before_check = {r.image: before_all[r.image] for r in check_recs}
+    relevance = describes_photos(before_all, learn_recs + check_recs, cfg)
+    report: dict = {"base": str(cfg.checkpoint), "out": str(cfg.out), "store": store.name,
+                    "corrections": sum(len(p.captions) for p in photos), "photos": len(photos),
+                    "learn_photos": len(learn), "check_photos": len(check), "relevance": relevance,
+                    "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why}
+    if relevance["diff_interval"][0] <= 0 and not cfg.force:
+        lo, hi = relevance["diff_interval"]
+        report.update(refused=True, seconds=round(time.time() - started, 1))
+        raise FinetuneRefused(
+            f"refused: the corrections do not look like descriptions of their photos: the base's captions match a "
+            f"photo's own corrections no better than other photos' (CIDEr-D {relevance['own']:.3f} vs "
+            f"{relevance['others']:.3f}, {round(100 * cfg.confidence)}% interval of the difference [{lo:+.3f}, "
+            f"{hi:+.3f}] over {relevance['photos']} photos); nothing trained or written (--force trains anyway)",
+            report)
     before_dev = _captions(model, table, dev_recs, search, cfg.progress)
 
     known = set(model.vocab.tokens)
@@ -344,28 +391,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     after_check = _captions(model, table, check_recs, search, cfg.progress)
     after_dev = _captions(model, table, dev_recs, search, cfg.progress)
 
-    report = {
-        "base": str(cfg.checkpoint), "out": str(cfg.out), "store": store.name,
-        "corrections": sum(len(p.captions) for p in photos), "photos": len(photos),
-        "learn_photos": len(learn), "check_photos": len(check), "replayed_photos": len(replay),
+    report.update({
+        "replayed_photos": len(replay),
         "scst_replayed_photos": len(scst_replay) if cfg.scst_epochs else 0,
         "vocab": {"before": len(known), "after": len(model.vocab), "new_words": proxies,
                   "below_min_count": dict(list(rare.items())[:50]), "min_word_count": cfg.min_word_count},
         "train_loss": losses, "scst_reward": rewards,
         "check": compare_captions(before_check, after_check, check_recs, cfg),
         "gate": compare_captions(before_dev, after_dev, dev_recs, cfg),
-        "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why,
-    }
-    dev = report["gate"]
-    worse = dev["diff_interval"][1] < 0
-    report["refused"] = worse and not cfg.force
+    })
+    verdict = gate_verdict(report["gate"], gate, dataset.name, cfg.confidence)
+    report["refused"] = verdict is not None and not cfg.force
     report["seconds"] = round(time.time() - started, 1)
     if report["refused"]:
-        lo, hi = dev["diff_interval"]
-        raise FinetuneRefused(
-            f"refused: the finetuned model is worse on {dataset.name} {gate} beyond noise (CIDEr-D {dev['before']:.3f} "
-            f"-> {dev['after']:.3f}, {round(100 * cfg.confidence)}% interval of the difference [{lo:+.3f}, {hi:+.3f}] "
-            f"over {dev['photos']} photos); nothing written to {cfg.out} (--force writes it anyway)", report)
+        raise FinetuneRefused(f"{verdict}; nothing written to {cfg.out} (--force writes it anyway)", report)
     provenance = {"base": str(cfg.checkpoint), "base_metrics": ckpt.get("metrics", {}),
                   "config": {**asdict(cfg), "db": store.name},  # never a database password
                   "corrections": report["corrections"], "new_words": proxies}
