@@ -172,7 +172,7 @@ def main_benchmark() -> None:
         code, report, err = run_finetune(["--db", str(tmp / "harm" / "feedback.db"), "--out", str(bad), *common])
         result["harmful"] = {"exit_code": code, "written": bad.exists(), "error": err or None,
                              "seconds": round(time.time() - t0, 1),
-                             "check": report and report["check"], "gate": report and report["gate"]}
+                             **{k: (report or {}).get(k) for k in ("relevance", "check", "gate")}}
     result["bar"] = {"coco_gain_at_least": 0.02, "flickr8k_test_at_least": 0.65}
     if "coco_held_out" in result:
         result["bar"]["coco_gain_met"] = result["coco_held_out"]["diff"] >= 0.02
