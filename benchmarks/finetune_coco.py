@@ -11,8 +11,10 @@ stand for "other COCO photos": no correction of theirs is ever sent. Measured in
 - what finetune itself reported (its check set, Flickr8k dev gate, new words, time);
 - a harmful update: the same 300 captions shuffled across the 60 photos, sent the same way:
   finetune should refuse it (exit 1, nothing written).
+`--finetune-args "..."` passes options to both finetunes (e.g. `--force` trains the harmful one
+too); `--skip-harmful` leaves it out (the recipe probes in benchmarks/results/finetune_coco/).
 
-    PYTHONPATH=src nice python benchmarks/finetune_coco.py   # 10-25 min on 2 busy CPU cores
+    PYTHONPATH=src nice python benchmarks/finetune_coco.py   # 3-10 min on 2 busy CPU cores
 """
 from __future__ import annotations
 
