@@ -74,7 +74,7 @@ def correction_photos(folder: Path, per_kind: int = 2, seed: int = 500) -> list[
     return out
 
 
-def fill_store(db: Path, photos: list[tuple[bytes, str]]) -> None:
+def fill_store(db: Path | str, photos: list[tuple[bytes, str]]) -> None:
     """Record a served caption per (photo, correction) and correct it."""
     store = FeedbackStore(db)
     for image, text in photos:
@@ -279,3 +279,12 @@ def test_feedback_finetune_ab_promote_loop(base, tmp_path, capsys):
         assert all(variant(f"new{n}") == "candidate" for n in range(4))  # new traffic: the winner
         sticky = next(c for c, v in served.items() if v == "current")
         assert variant(sticky) == "current"  # an assigned user keeps its variant until it is retired
+
+
+def test_finetune_reads_corrections_from_sqlite_and_postgresql(store_db, tiny_data, tmp_path, capsys):
+    base_path = tmp_path / "base.pt"
+    save_checkpoint(base_path, CaptionModel(ModelConfig.from_dict(TINY_MODEL), Vocab.build(["a red square"], 1)))
+    photos = correction_photos(tmp_path / "p", per_kind=1)
+    fill_store(store_db, [(photos[0][0], "a red square"), (photos[0][0], "a red box")])  # two of one photo
+    assert main(finetune_args(store_db, base_path, tiny_data, tmp_path / "cache", tmp_path / "x.pt")) == 2
+    assert "the corrections cover 1 photo(s)" in capsys.readouterr().err  # read, grouped by photo
