@@ -433,22 +433,61 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_finetune(report: dict) -> list[str]:
+    """The finetune report in lines; a report cut short by a refusal has only its first parts."""
+    pct = round(100 * report["confidence"])
+    lines = [f"{report['corrections']} corrections of {report['photos']} photos: learnt from {report['learn_photos']}, "
+             f"checked on {report['check_photos']} held out"
+             + (f"; {report['replayed_photos']} replayed {report['dataset']} train photos"
+                if "replayed_photos" in report else "")]
+    r = report["relevance"]
+    lines.append(f"do the corrections describe their photos? the base's captions score CIDEr-D {r['own']:.3f} "
+                 f"against their own photo's corrections, {r['others']:.3f} against other photos' ({pct}% interval "
+                 f"of the difference [{r['diff_interval'][0]:+.3f}, {r['diff_interval'][1]:+.3f}])")
+    v = report.get("vocab")
+    if v and v["new_words"]:
+        shown = ", ".join(f"{w} (from {p})" for w, p in list(v["new_words"].items())[:12])
+        lines.append(f"vocab {v['before']} -> {v['after']} words: {shown}"
+                     + (" ..." if len(v["new_words"]) > 12 else ""))
+    if v and v["below_min_count"]:
+        lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
+                     + ", ".join(list(v["below_min_count"])[:10]))
+    gate = f"{report['dataset']} {report['gate_split']} ({report['gate_why']})"
+    for key, what in (("check", "check set (held-out corrections)"), ("gate", gate)):
+        if key not in report:
+            continue
+        r = report[key]
+        lo, hi = r["diff_interval"]
+        lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "
+                     f"({r['diff']:+.3f}, {pct}% interval of the difference [{lo:+.3f}, {hi:+.3f}])")
+    return lines
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from captioner.training.finetune import FinetuneConfig, finetune
+    from captioner.training.finetune import FinetuneConfig, FinetuneRefused, finetune
 
     data = _train_config(args)  # the dataset options, with the training config's defaults
-    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=data.data, out=args.out, epochs=args.epochs,
-                         lr=args.lr, replay_ratio=args.replay_ratio, cache_dir=data.cache_dir, half=args.half,
-                         progress=not args.no_progress)
-    report = finetune(cfg)
-    before, after = report["nll_before"], report["nll_after"]
-    print(f"{report['corrections']} corrections + {report['replayed_images']} replayed original photos, "
-          f"{report['epochs']} epochs")
-    print(f"per-word loss on the corrections: {before['corrections']:.3f} -> {after['corrections']:.3f}; "
-          f"on {report['dev_images']} original dev photos: {before['original_dev']:.3f} -> {after['original_dev']:.3f}")
-    if report["unknown_words"]:
-        print(f"note: words outside the model's vocab are learnt as <unk>: {', '.join(report['unknown_words'][:10])}")
-    print(f"wrote {args.out}")
+    cfg = FinetuneConfig(db=args.db, checkpoint=args.checkpoint, data=data.data, data_format=data.data_format,
+                         layout=data.layout, image_root=data.image_root, out=args.out, cache_dir=data.cache_dir,
+                         check_fraction=args.check_fraction, min_word_count=args.min_word_count,
+                         epochs=args.epochs, lr=args.lr, replay_ratio=args.replay_ratio,
+                         scst_epochs=args.scst_epochs, scst_lr=args.scst_lr, scst_replay_ratio=args.scst_replay_ratio,
+                         correction_repeats=args.correction_repeats, gate_split=args.gate_split,
+                         dev_images=args.dev_images, force=args.force,
+                         half=args.half, seed=args.seed, progress=not args.no_progress)
+    try:
+        report = finetune(cfg)
+    except FinetuneRefused as e:
+        print("\n".join(_format_finetune(e.report)))
+        print(json.dumps(e.report))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    lines = _format_finetune(report)
+    if report["gate"]["diff_interval"][1] < 0:
+        lines.append(f"warning: worse on {report['gate_split']} beyond noise; written anyway (--force)")
+    print("\n".join(lines))
+    print(f"wrote {args.out}{' (fp16 weights, as the base)' if report['half'] else ''}: serve it as an A/B "
+          f"variant beside the current model (docs/serving.md, Learning from feedback)")
     print(json.dumps(report))
     return 0
 
@@ -592,15 +631,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also retire every other variant: all clients move to this one")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("finetune", help="continue training a model on its users' corrected captions")
-    p.add_argument("--db", required=True, help="SQLite feedback store with corrections")
-    p.add_argument("--checkpoint", default="default", help="the base model: a checkpoint file, or default (the shipped model)")
+    p = sub.add_parser("finetune", help="learn from users' corrected captions; checked before it is written")
+    p.add_argument("--db", required=True, help="feedback store with corrections: a SQLite file or a postgresql:// URL")
+    p.add_argument("--checkpoint", default="default",
+                   help="the base model: a checkpoint file, or default (the shipped model)")
     _dataset_args(p)
-    p.add_argument("--out", required=True, help="the new checkpoint (serve it as a new variant)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--replay-ratio", type=float, default=10.0, help="original photos per corrected photo")
-    p.add_argument("--half", action="store_true", help="store the weights as fp16")
+    p.add_argument("--out", required=True, help="the new checkpoint (serve it as an A/B variant)")
+    p.add_argument("--check-fraction", type=float, default=0.2,
+                   help="corrected photos held out to check the result on (default 0.2, at least one)")
+    p.add_argument("--min-word-count", type=int, default=3,
+                   help="a new word joins the vocab once the corrections use it this often (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="cross-entropy passes (default 2)")
+    p.add_argument("--scst-epochs", type=int, default=3, help="self-critical passes after them (default 3)")
+    p.add_argument("--lr", type=float, default=3e-5, help="peak cross-entropy learning rate (default 3e-5)")
+    p.add_argument("--replay-ratio", type=float, default=4.0,
+                   help="replayed original train photos per corrected photo (default 4)")
+    p.add_argument("--correction-repeats", type=int, default=3,
+                   help="copies of each corrected photo per cross-entropy pass (default 3)")
+    p.add_argument("--scst-lr", type=float, default=5e-5, help="self-critical learning rate (default 5e-5)")
+    p.add_argument("--scst-replay-ratio", type=float, default=1.0,
+                   help="replayed photos per corrected photo in the self-critical stage (default 4)")
+    p.add_argument("--gate-split", choices=("auto", "dev", "test"), default="auto",
+                   help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
+                        "was refit on train + dev (the shipped model)")
+    p.add_argument("--dev-images", type=int, default=0, help="photos of the gate's split it scores (default 0: all)")
+    p.add_argument("--force", action="store_true", help="write the model even if the gate finds it worse beyond noise")
+    p.add_argument("--half", action="store_true", help="store fp16 weights even where the base has fp32 ones")
+    p.add_argument("--seed", type=int, default=0, help="seeds the check split, the replay sample and training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)
     return parser
