@@ -22,12 +22,32 @@ from pathlib import Path
 from captioner.files import atomic_write_text
 from latency import cpu_info
 from precision_scores import captioner, captions_changed
+from results_blocks import replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SETS = {"coco-mini/all": (SHARED / "coco-mini-train2017", "all"),
         "flickr8k/dev": (SHARED / "flickr8k", "dev"),
         "flickr8k/test": (SHARED / "flickr8k", "test")}
+
+
+LABELS = {"coco-mini/all": "COCO dev photos (80; tuning set, never trained on)",
+          "flickr8k/dev": "Flickr8k dev (1000; the shipped model trained on it)",
+          "flickr8k/test": "Flickr8k test (1000)"}
+
+
+def results_block(result: dict) -> str:
+    """docs/results.md's objects table, from this script's result."""
+    lines = [f"CIDEr-D, beam 3, {result['precision']}, threshold {result['threshold']}; "
+             f"`benchmarks/results/objects.json`.", "",
+             "| set | objects off | objects on | on − off, 95% interval | captions changed |",
+             "|---|---|---|---|---|"]
+    for name, entry in result["sets"].items():
+        (m,) = [x for x in entry["compare_on_minus_off"]["metrics"] if x["metric"] == "CIDEr"]
+        lo, hi = m["diff_interval"]
+        lines.append(f"| {LABELS.get(name, name)} | {m['a']:.3f} | {m['b']:.3f} | {m['b'] - m['a']:+.3f} "
+                     f"[{lo:+.3f}, {hi:+.3f}] | {entry['captions_changed']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         entry["captions_changed"] = captions_changed(files["off"], files["on"])
         result["sets"][name] = entry
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    if args.out == p.get_default("out"):
+        replace_block("objects", results_block(result))
     print(json.dumps({k: {o: round(v["scores"][o]["CIDEr"], 4) for o in ("off", "on")} for k, v in result["sets"].items()}))
     return result
 
