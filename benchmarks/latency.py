@@ -7,7 +7,7 @@ Each round takes the next example photo and times, one after another: one forwar
 stock EfficientNet-Lite0 (the ImageNet classifier with its shipped weights, eager, on the
 preprocessed photo; as shipped and in channels-last memory), then `Captioner.caption(path)` (file read, resize, encoder, search) with
 beam 3 in each precision (fp32, int8, auto = what users get) and fp32 with the modules as
-trained (`lean=False`), and greedy in auto. Interleaving matters: timing one mode in a block and
+trained (`lean=False`), greedy in auto, and beam 3 and greedy in auto with objects off. Interleaving matters: timing one mode in a block and
 the next in another lets a neighbour's job land on one of them only (a block of greedy calls
 once read slower than beam 3 so). The report gives each mode's median, the ratio of medians to
 the stock forward, and the median of per-round ratios (each caption over the same round's
@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, cap in captioners.items():
         modes[f"caption_beam3_{name}"] = lambda i, cap=cap: cap.caption(photos[i], beam_size=3)
     modes["caption_greedy_auto"] = lambda i: captioners["auto"].caption(photos[i], beam_size=1)
+    # named objects (on by default, docs/objects.md) cost recognition and, where the caption misses
+    # its object, a second search: the model alone for comparison
+    modes["caption_beam3_auto_objects_off"] = lambda i: captioners["auto"].caption(photos[i], beam_size=3,
+                                                                                   objects=False)
+    modes["caption_greedy_auto_objects_off"] = lambda i: captioners["auto"].caption(photos[i], beam_size=1,
+                                                                                    objects=False)
 
     times: dict[str, list[float]] = {m: [] for m in modes}
     load_before = os.getloadavg()
@@ -125,11 +131,16 @@ def main(argv: list[str] | None = None) -> dict:
         "model": captioners["auto"].info["path"].replace(str(REPO) + "/", ""),
         "auto_precision": captioners["auto"].precision, "photos": [ph.name for ph in photos],
         "rounds": args.rounds, "load_seconds_all_four": round(load_s, 1),
-        "first_call_seconds": first_call_s,  # includes building (lean: tracing and freezing) the encoder "cpu": cpu_info(),
+        "first_call_seconds": first_call_s,  # includes building (lean: tracing and freezing) the encoder
+        "cpu": cpu_info(),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "note": "shared machine (other engineers' jobs running): read the ratios, measured in the same rounds",
         "modes": rows,
         "greedy_over_beam3_auto_median_round_ratio": round(statistics.median(g / b for g, b in zip(greedy, beam)), 2),
+        "greedy_over_beam3_objects_off_median_round_ratio": round(statistics.median(
+            g / b for g, b in zip(times["caption_greedy_auto_objects_off"], times["caption_beam3_auto_objects_off"])), 2),
+        "objects_on_over_off_beam3_median_round_ratio": round(statistics.median(
+            a / b for a, b in zip(beam, times["caption_beam3_auto_objects_off"])), 2),
         "captions": {name: cap.caption(photos[0]).text for name, cap in captioners.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
