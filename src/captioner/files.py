@@ -57,6 +57,16 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def remove_stale_temps_in(folder: str | Path) -> list[Path]:
+    """`remove_stale_temps` for every file of `folder` that a killed `atomic_write` left behind
+    (`<name>.<pid>.<random>.tmp`, its writer gone). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stems = {p.name.rsplit(".", 3)[0] for p in folder.iterdir() if p.name.endswith(".tmp")}
+    return [r for stem in sorted(stems) for r in remove_stale_temps(folder / stem)]
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
     os.umask(mask)

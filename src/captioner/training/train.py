@@ -18,7 +18,7 @@ from captioner.data.features import FeatureCache
 from captioner.data.vocab import Vocab
 from captioner.distributed import DistEnv, barrier, setup
 from captioner.errors import ConfigError
-from captioner.files import atomic_write, atomic_write_text, remove_stale_temps
+from captioner.files import atomic_write, atomic_write_text, remove_stale_temps_in
 from captioner.models.checkpoint import checkpoint_dict, read_checkpoint, write_checkpoint
 from captioner.models.encoders import TunedTop
 from captioner.models.model import CaptionModel, ModelConfig
@@ -203,8 +203,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv, epochs: int 
     best_path = out / "best.pt"
     cfg, state = _open_run(cfg, out, resume, epochs)
     if env.is_main:
-        for name in ("last.pt", "best.pt", "best-xe.pt", "config.json", "metrics.jsonl"):
-            remove_stale_temps(out / name)  # temp files of a killed earlier run (only main writes these)
+        remove_stale_temps_in(out)  # temp files of a killed earlier run (only main writes these)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     model_cfg = _model_config(cfg, state)
     prepared = prepare(cfg, model_cfg.encoder, env)
