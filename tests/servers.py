@@ -105,3 +105,17 @@ class Subprocess:
 def write_config(path: Path, **fields) -> Path:
     path.write_text(json.dumps(fields, indent=1))
     return path
+
+
+def tiny_app(tmp: Path, key: str, **fields):
+    """A server app (not started) over one tiny random model in `tmp`, guarded by API key `key`,
+    at most 4 photos per request; `fields` override the config's."""
+    from captioner.service.config import load_serve_config
+    from captioner.service.serve import create_app
+
+    (tmp / "models").mkdir(exist_ok=True)
+    if not (tmp / "models" / "tiny.pt").exists():
+        tiny_checkpoint(tmp / "models" / "tiny.pt")
+    fields = {"model_dir": "models", "db": "feedback.db", "api_keys": [key], "max_images": 4,
+              "experiment": {"name": "rel", "variants": [{"name": "tiny", "checkpoint": "tiny.pt"}]}, **fields}
+    return create_app(load_serve_config(write_config(tmp / "serve.json", **fields)))

@@ -71,16 +71,9 @@ KEY = "attacks-key-7d1e"
 
 
 def make_app(tmp: Path, **fields):
-    from captioner.service.config import load_serve_config
-    from captioner.service.serve import create_app
-    from servers import tiny_checkpoint, write_config
+    from servers import tiny_app
 
-    (tmp / "models").mkdir(exist_ok=True)
-    if not (tmp / "models" / "tiny.pt").exists():
-        tiny_checkpoint(tmp / "models" / "tiny.pt")
-    fields = {"model_dir": "models", "db": "feedback.db", "api_keys": [KEY], "max_images": 4,
-              "experiment": {"name": "rel", "variants": [{"name": "tiny", "checkpoint": "tiny.pt"}]}, **fields}
-    return create_app(load_serve_config(write_config(tmp / "serve.json", **fields)))
+    return tiny_app(tmp, KEY, **fields)
 
 
 @pytest.fixture

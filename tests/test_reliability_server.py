@@ -17,12 +17,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from captioner.service.config import load_serve_config  # noqa: E402
-from captioner.service.serve import IMAGE_STATUS, create_app  # noqa: E402
+from captioner.service.serve import IMAGE_STATUS  # noqa: E402
 
 from corpus import ANY_ERROR, ANYTHING, CAT, corpus  # noqa: E402
 from reliability import count  # noqa: E402
-from servers import Running, tiny_checkpoint, write_config  # noqa: E402
+from servers import Running, tiny_app  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 
@@ -31,12 +30,7 @@ FAST = {"beam_size": "1", "max_len": "5"}
 
 
 def make_app(tmp, **fields):
-    (tmp / "models").mkdir(exist_ok=True)
-    if not (tmp / "models" / "tiny.pt").exists():
-        tiny_checkpoint(tmp / "models" / "tiny.pt")
-    fields = {"model_dir": "models", "db": "feedback.db", "api_keys": [KEY], "max_images": 4,
-              "experiment": {"name": "rel", "variants": [{"name": "tiny", "checkpoint": "tiny.pt"}]}, **fields}
-    return create_app(load_serve_config(write_config(tmp / "serve.json", **fields)))
+    return tiny_app(tmp, KEY, **fields)
 
 
 @pytest.fixture(scope="module")
