@@ -131,7 +131,7 @@ class ObjectNamer:
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
-        """The model's own captions, then a constrained search for the photos whose caption does
+        """The model's own captions, and a constrained search for the photos whose caption does
         not already name their confident object (one that does keeps its caption unchanged)."""
         decoder, inputs, regions = self.model.decoder, features, None
         if isinstance(decoder, WithTunedTop):
@@ -144,23 +144,34 @@ class ObjectNamer:
         vocab = self.model.vocab
         decode = dict(bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id, cfg=search,
                       banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
-        hyps, _ = constrained_beam_search(decoder, inputs, constraints=[[]] * len(chosen), **decode)
         index = {t: i for i, t in enumerate(vocab.tokens)}
         met = [e is not None for e in chosen]
-        rows = []
-        for b, entry in enumerate(chosen):
-            if entry is None:
-                continue
-            if names(vocab.decode(hyps.tokens[b, 0].tolist()).split(), entry):
-                chosen[b] = None  # named already, in the model's own words: nothing to insert
-            else:
-                rows.append(b)
+        # the model's own caption, except where the object's first word is one the vocab was
+        # grown with: the model never says it, and the constrained search's unconstrained bank
+        # is that same search, so those photos go straight to it
+        grown = [e is not None and index[e.tokens[0]] >= self.base_vocab for e in chosen]
+        own_rows = [b for b, g in enumerate(grown) if not g]
+        parts: list[tuple[Hypotheses, list[int]]] = []
+        rows = [b for b, g in enumerate(grown) if g]
+        if own_rows:
+            own, _ = constrained_beam_search(decoder, inputs[own_rows], constraints=[[]] * len(own_rows), **decode)
+            keep = []
+            for i, b in enumerate(own_rows):
+                entry = chosen[b]
+                if entry is not None and not names(vocab.decode(own.tokens[i, 0].tolist()).split(), entry):
+                    rows.append(b)
+                    continue
+                chosen[b] = None  # no object, or named already in the model's own words: as it is
+                keep.append(i)
+            parts.append((_take(own, keep), [own_rows[i] for i in keep]))
         if rows:
+            rows.sort()
             phrases = [[index[t] for t in chosen[b].tokens] for b in rows]
             sub, sub_met = constrained_beam_search(decoder, inputs[rows], constraints=phrases, **decode)
-            hyps = _put_rows(hyps, sub, rows, vocab.pad_id)
+            parts.append((sub, rows))
             for b, m in zip(rows, sub_met.tolist()):
                 met[b] = m
+        hyps = _assemble(parts, len(chosen), vocab.pad_id)
         return NamedCaptions(hyps, objects, chosen, met)
 
     def words_of(self, ids: list[int], entry: LexiconEntry | None) -> list[str]:
@@ -182,22 +193,29 @@ def names(words: list[str], entry: LexiconEntry) -> bool:
     return False
 
 
-def _put_rows(hyps: Hypotheses, sub: Hypotheses, rows: list[int], pad_id: int) -> Hypotheses:
-    """`hyps` with the images `rows` replaced by `sub`'s (tokens and attention padded to the longer)."""
-    T = max(hyps.tokens.size(-1), sub.tokens.size(-1))
+def _take(hyps: Hypotheses, rows: list[int]) -> Hypotheses:
+    index = torch.tensor(rows, dtype=torch.long, device=hyps.tokens.device)
+    return Hypotheses(hyps.tokens[index], hyps.scores[index], hyps.logprobs[index], hyps.alphas[index])
 
-    def pad(h: Hypotheses) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = T - h.tokens.size(-1)
-        tokens = torch.nn.functional.pad(h.tokens, (0, extra), value=pad_id)
-        alphas = torch.nn.functional.pad(h.alphas, (0, 0, 0, extra))
-        return tokens, alphas
 
-    tokens, alphas = pad(hyps)
-    sub_tokens, sub_alphas = pad(sub)
-    scores, logprobs = hyps.scores.clone(), hyps.logprobs.clone()
-    index = torch.tensor(rows, device=tokens.device)
-    tokens[index], alphas[index] = sub_tokens, sub_alphas.to(alphas.dtype)
-    scores[index], logprobs[index] = sub.scores.to(scores.dtype), sub.logprobs.to(logprobs.dtype)
+def _assemble(parts: list[tuple[Hypotheses, list[int]]], batch: int, pad_id: int) -> Hypotheses:
+    """One batch of hypotheses from parts, each covering the images `rows` (tokens and attention
+    padded to the longest)."""
+    parts = [(h, rows) for h, rows in parts if rows]
+    T = max(h.tokens.size(-1) for h, _ in parts)
+    first = parts[0][0]
+    K, N = first.tokens.size(1), first.alphas.size(-1)
+    device = first.tokens.device
+    tokens = torch.full((batch, K, T), pad_id, dtype=torch.long, device=device)
+    alphas = torch.zeros(batch, K, T, N, dtype=first.alphas.dtype, device=device)
+    scores = torch.zeros(batch, K, dtype=first.scores.dtype, device=device)
+    logprobs = torch.zeros(batch, K, dtype=first.logprobs.dtype, device=device)
+    for h, rows in parts:
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        t = h.tokens.size(-1)
+        tokens[index, :, :t] = h.tokens
+        alphas[index, :, :t] = h.alphas.to(alphas.dtype)
+        scores[index], logprobs[index] = h.scores.to(scores.dtype), h.logprobs.to(logprobs.dtype)
     return Hypotheses(tokens, scores, logprobs, alphas)
 
 
