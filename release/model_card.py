@@ -279,7 +279,9 @@ offline toolkit set-up cannot make. Published rows are quoted from their papers,
 
 ## Limits
 Trained on {photos} photos of people, dogs and outdoor scenes from Flickr: it describes such
-scenes best and will name things it has not seen as the nearest thing it knows. Captions can
+scenes best and, with named objects off, will name things it has not seen as the nearest thing it
+knows. Named objects (on by default, docs/objects.md) put what the encoder's ImageNet classifier
+recognises into the caption, misreadings included (the example rocket becomes an oil rig). Captions can
 be wrong about gender, age, number and activity; do not use them as the only alt text for
 content where such errors matter without a person checking them. Its scores are bounded by
 the photos it learned from: the same recipe on the frozen encoder, trained on half of the
