@@ -138,3 +138,13 @@ def test_objects_are_named_in_every_precision(mode):
         assert any(isinstance(m, QLinear) for m in grown)
     elif mode == "bf16":
         assert any(isinstance(m, Bf16Linear) for m in grown)
+
+
+def test_growing_a_converted_decoder_says_what_to_do_instead():
+    from captioner.models.objects import grow_vocab
+
+    torch.manual_seed(0)
+    model = CaptionModel(ModelConfig.from_dict(TINY_MODEL), Vocab.build(["a red square"], min_count=1)).eval()
+    int8_linears(model.decoder)
+    with pytest.raises(ValueError, match="grow it first, then convert it"):
+        grow_vocab(model, {"zebra": "red"})

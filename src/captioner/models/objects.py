@@ -47,6 +47,11 @@ def grow_vocab(model: nn.Module, proxies: Mapping[str, str]) -> list[int]:
     if not new:
         return []
     V0 = len(vocab)
+    for module in model.decoder.modules():
+        out = getattr(module, "out", None)
+        if out is not None and getattr(out, "out_features", None) == V0 and not isinstance(out.weight, torch.Tensor):
+            raise ValueError(f"cannot grow the vocab of a decoder converted for inference ({type(out).__name__}): "
+                             "grow it first, then convert it (captioner.inference.precision)")
     src = torch.tensor([index[proxies[w]] for w in new])
     for module in model.decoder.modules():
         emb = getattr(module, "embed", None)
