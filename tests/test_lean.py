@@ -5,7 +5,7 @@ import torch
 
 from captioner.inference.api import Captioner
 from captioner.inference.decode import SearchConfig, beam_search
-from captioner.models.decoders import SoftAttentionLSTM, WithTunedTop, fuse_for_inference
+from captioner.models.decoders import SoftAttentionLSTM, WithTunedTop, fuse_for_inference, per_image_state
 from captioner.models.encoders import build_encoder, frozen_encoder, get_encoder_config, preprocess
 
 from conftest import FLICKR8K, REPO
@@ -78,3 +78,33 @@ def test_lean_fp32_captions_equal_the_captions_as_trained():
     ref, got = plain.caption_batch(photos), lean.caption_batch(photos)
     assert [c.text for c in got] == [c.text for c in ref]
     assert max(abs(a.score - b.score) for a, b in zip(ref, got)) < 1e-3
+
+
+def test_searches_skip_reordering_only_what_is_the_same_on_every_beam(decoder, monkeypatch):  # noqa: F811
+    """Beam searches leave a decoder's per-image state (regions, their projections) in place when
+    beams are re-ranked: the same captions as reordering every entry."""
+    from captioner.inference import decode
+
+    decoder.eval()
+    feats = regions(decoder, 3)
+    cfg = SearchConfig(beam_size=3, max_len=8)
+    kw = dict(bos_id=1, eos_id=2, pad_id=0, cfg=cfg, banned_ids=(1,))
+    assert set(per_image_state(decoder)) <= set(decoder.init_state(feats))
+    lean = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=[[5], [], [6, 7]], **kw)[0]
+    monkeypatch.setattr(decode, "per_image_state", lambda d: ())
+    full = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=[[5], [], [6, 7]], **kw)[0]
+    for got, ref in zip(lean, full):
+        assert torch.equal(got.tokens, ref.tokens)
+        torch.testing.assert_close(got.alphas, ref.alphas)
+
+
+def test_the_frozen_recognizer_gives_the_stock_classifiers_probabilities():
+    from captioner.models.recognition import Recognizer
+
+    cfg = get_encoder_config("efficientnet-lite0-tuned")
+    frozen, eager = Recognizer(cfg, "stock"), Recognizer(cfg, "stock")
+    assert frozen.freeze() and isinstance(frozen.top, torch.jit.ScriptModule)
+    assert not frozen.freeze()  # once
+    feats = torch.randn(3, cfg.grid_size ** 2, cfg.feature_dim).abs()
+    for batch in (feats[:1], feats):
+        torch.testing.assert_close(frozen(batch), eager(batch), atol=1e-4, rtol=1e-3)

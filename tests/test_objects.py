@@ -96,6 +96,13 @@ def test_a_named_object_keeps_the_models_caption_and_others_are_put_in(monkeypat
     texts = namer.captions(feats, search)
     assert texts[0] == plain[0]
     assert got.constraint[1].word == "zebra" and got.met[1] and "zebra" in texts[1].split()
+    # the own and the forced captions come from one search: each as its own search gives it
+    v = namer.model.vocab
+    alone, _ = constrained_beam_search(namer.model.decoder, feats[1:], v.bos_id, v.eos_id, v.pad_id, search,
+                                       [[v.tokens.index("zebra")]], banned_ids=(v.bos_id, v.unk_id),
+                                       base_vocab=namer.base_vocab)
+    assert got.hyps.tokens[1, 0, :alone.tokens.size(-1)].tolist() == alone.tokens[0, 0].tolist()
+    torch.testing.assert_close(got.hyps.scores[1], alone.scores[0])
 
 
 def test_clothing_sports_and_scenery_are_listed_but_not_put_in(monkeypatch):

@@ -52,8 +52,8 @@ class Captioner:
         per-channel int8 weights, see `captioner.inference.precision`), or None/"auto": fp32 for
         a model that asks for it (`model.precision`, as exported), else bf16 where the CPU does
         bf16 natively and int8 on other CPUs. `lean`: search on fused decoder weights and a
-        traced, frozen encoder (same captions, fewer and larger kernels; `fuse_for_inference`,
-        `encoders.freeze`); False runs the modules as trained. The model is changed in place:
+        traced, frozen encoder and object recognizer (same captions, fewer and larger kernels;
+        `fuse_for_inference`, `encoders.freeze`); False runs the modules as trained. The model is changed in place:
         its weights stay as they are, the fused copies are held apart and dropped if trained."""
         self.model = model.eval().to(device)
         self.info = info or {}
@@ -63,11 +63,13 @@ class Captioner:
         self.lean = lean
         # the object namer's grown-vocab copy is made from the trained weights, before they are
         # fused or converted (an int8 layer has no rows to grow), then converted the same way
-        decoders = [self.model.decoder, self.model.object_namer().model.decoder]
-        for decoder in decoders:
+        namer = self.model.object_namer()
+        for decoder in (self.model.decoder, namer.model.decoder):
             if lean:
                 fuse_for_inference(decoder)  # before the precision: the fused weights convert too
             apply_precision(decoder, self.precision)
+        if lean:
+            namer.recognizer.freeze()
         self._encoder: Encoder | torch.jit.ScriptModule | None = None
         self.objects = objects
 

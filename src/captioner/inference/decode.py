@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from captioner.models.decoders import per_image_state
+
 
 @dataclass
 class SearchConfig:
@@ -38,6 +40,7 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id:
         raise ValueError("beam_size must be at least 1")
     state = decoder.init_state(features)
     state = {k: v.repeat_interleave(K, 0) for k, v in state.items()}  # (B*K, ...)
+    fixed = per_image_state(decoder)  # the same on a photo's every beam: never reordered
     device = features.device
     sums = torch.full((B, K), float("-inf"), device=device)
     sums[:, 0] = 0.0  # only one live beam at the start: the rest would be duplicates
@@ -70,7 +73,7 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id:
         sums = cand_sum.view(B, K * V).gather(1, top_idx)
         lengths = cand_len.expand(B, K, V).reshape(B, K * V).gather(1, top_idx)
         flat = (offsets + beam).view(-1)  # (B*K,) rows of the old beams
-        state = {k: v.index_select(0, flat) for k, v in state.items()}
+        state = {k: v if k in fixed else v.index_select(0, flat) for k, v in state.items()}
         was_finished = finished.gather(1, beam)
         finished = was_finished | (word == eos_id)
         seqs = torch.cat([seqs.gather(1, beam[:, :, None].expand_as(seqs)), word[:, :, None]], -1)
@@ -180,6 +183,10 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
     constraint, and each step's probabilities are renormalised over the ids below it, so a grown
     word's probability is measured against the vocabulary the decoder was trained on.
     Returns the hypotheses and a (B,) bool tensor: did the image's caption meet its constraint.
+
+    Each bank's K new beams are the best of K x V candidates that stay in it (its beams, any word
+    it allows) and K that enter it (the previous bank's beams, by the phrase's next token): the
+    rules are additive masks built once, so a step costs a few whole-tensor operations.
     """
     B, K = features.size(0), cfg.beam_size
     if K < 1:
@@ -187,6 +194,7 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
     if len(constraints) != B:
         raise ValueError(f"{len(constraints)} constraints for {B} images")
     device = features.device
+    inf = float("-inf")
     lengths_c = torch.tensor([len(c) for c in constraints], device=device)  # (B,)
     S = int(lengths_c.max()) + 1 if B else 1
     # phrase[b, s] = the token that moves a beam from state s to s + 1 (-1: none)
@@ -194,10 +202,15 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
     for b, c in enumerate(constraints):
         if c:
             phrase[b, :len(c)] = torch.tensor(c, device=device)
+    has_next = phrase >= 0  # (B, S)
+    nxt = phrase.clamp(min=0)[:, :, None, None].expand(B, S, K, 1)
+    # the word that enters bank s (from bank s - 1)
+    entering = torch.cat([phrase.new_zeros(B, 1), phrase[:, :-1].clamp(min=0)], 1)[:, :, None].expand(B, S, K)
     R = S * K  # rows per image
     state = decoder.init_state(features)
     state = {k: v.repeat_interleave(R, 0) for k, v in state.items()}  # (B*S*K, ...)
-    sums = torch.full((B, S, K), float("-inf"), device=device)
+    fixed = per_image_state(decoder)  # the same on a photo's every beam: never reordered
+    sums = torch.full((B, S, K), inf, device=device)
     sums[:, 0, 0] = 0.0
     lengths = torch.zeros(B, S, K, device=device)
     finished = torch.zeros(B, S, K, dtype=torch.bool, device=device)
@@ -208,51 +221,55 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
     banks = torch.arange(S, device=device)
     final = banks[None, :] == lengths_c[:, None]  # (B, S): the state where the constraint is met
     middle = (banks[None, :] > 0) & (banks[None, :] < lengths_c[:, None])  # inside a phrase
+    no_entry = torch.full((B, 1, K), inf, device=device)
+    stay_mask = done = None
 
     for t in range(cfg.max_len + 1):
         logprobs, state = decoder.step(tokens, state)
         V = logprobs.size(-1)
-        logprobs = logprobs.view(B, S, K, V).clone()
-        if base_vocab is not None and base_vocab < V:
+        logprobs = logprobs.view(B, S, K, V)
+        grown = base_vocab is not None and base_vocab < V
+        if stay_mask is None:
+            # staying in a state: any word but the banned ones, the phrase's next one and grown
+            # ones; inside a phrase nothing (it must go on); PAD only after EOS
+            stay_mask = torch.zeros(B, S, 1, V, device=device)
+            stay_mask[..., list(banned_ids) + [pad_id]] = inf
+            if grown:
+                stay_mask[..., base_vocab:] = inf
+            first = nxt[:, :, :1]
+            stay_mask.scatter_(-1, first, torch.where(has_next[:, :, None, None], inf, stay_mask.gather(-1, first)))
+            stay_mask[middle] = inf
+            done = torch.full((V,), inf, device=device)  # a finished beam's one continuation: PAD
+            done[pad_id] = 0.0
+        if grown:
             logprobs = logprobs - logprobs[..., :base_vocab].logsumexp(-1, keepdim=True)
-        for i in banned_ids:
-            logprobs[..., i] = float("-inf")
         if cfg.no_repeat_ngram > 0 and seqs.size(-1) >= cfg.no_repeat_ngram:
+            logprobs = logprobs.clone()
             _ban_repeated_ngrams(logprobs.view(B * S, K, V), seqs.view(B * S, K, -1), cfg.no_repeat_ngram)
-        if t == cfg.max_len:
-            logprobs[..., :] = float("-inf")
+        if t == cfg.max_len:  # out of room: every live beam must end now
+            logprobs = torch.full_like(logprobs, inf)
             logprobs[..., eos_id] = 0.0
-        # staying in a state: any word but the phrase's next one (and no grown word); inside a
-        # phrase nothing but its next token, and no ending
-        stay = logprobs.clone()
-        if base_vocab is not None and base_vocab < V:
-            stay[..., base_vocab:] = float("-inf")
-        nxt = phrase.clamp(min=0)[:, :, None, None].expand(B, S, K, 1)
-        has_next = (phrase >= 0)[:, :, None, None].expand(B, S, K, 1)
-        stay.scatter_(-1, nxt, torch.where(has_next, float("-inf"), stay.gather(-1, nxt)))
-        stay[middle] = float("-inf")
-        stay[finished] = float("-inf")
-        stay[..., pad_id] = torch.where(finished, 0.0, float("-inf"))
-        # moving on: from state s - 1 by its phrase token, into state s
-        adv = torch.full_like(logprobs, float("-inf"))
-        adv.scatter_(-1, nxt, torch.where(has_next & ~finished[..., None], logprobs.gather(-1, nxt),
-                                          float("-inf")))
-        adv = torch.cat([torch.full_like(adv[:, :1], float("-inf")), adv[:, :-1]], 1)  # (B, S, K, V): into s
-        adv_sums = torch.cat([torch.full_like(sums[:, :1], float("-inf")), sums[:, :-1]], 1)
-        adv_len = torch.cat([lengths[:, :1], lengths[:, :-1]], 1)
-        adv_fin = torch.cat([finished[:, :1], finished[:, :-1]], 1)
-        cand_sum = torch.cat([sums[..., None] + stay, adv_sums[..., None] + adv], 2)  # (B, S, 2K, V)
-        cand_len = torch.cat([lengths + (~finished).float(), adv_len + (~adv_fin).float()], 2)[..., None]
-        cand_score = cand_sum / cand_len.clamp(min=1) ** cfg.length_penalty
-        top_score, top_idx = cand_score.view(B, S, 2 * K * V).topk(K, -1)  # (B, S, K)
-        src, word = top_idx // V, top_idx % V  # src < K: same state's beam; >= K: previous state's
-        sums = cand_sum.view(B, S, 2 * K * V).gather(-1, top_idx)
-        lengths = cand_len.expand(B, S, 2 * K, V).reshape(B, S, 2 * K * V).gather(-1, top_idx)
-        src_bank = banks[None, :, None] - (src >= K).long()  # (B, S, K)
-        src_beam = src % K
-        flat = (offsets + src_bank.clamp(min=0) * K + src_beam).view(-1)  # (B*S*K,)
-        state = {k: v.index_select(0, flat) for k, v in state.items()}
+        stay = torch.where(finished[..., None], done, logprobs + stay_mask)  # (B, S, K, V)
+        stay_sum = sums[..., None] + stay
+        stay_len = lengths + (~finished).float()
+        # entering bank s from bank s - 1 by its phrase token (a finished beam enters nothing)
+        enter = torch.where(has_next[..., None] & ~finished, logprobs.gather(-1, nxt)[..., 0], inf)  # (B, S, K)
+        enter_sum = torch.cat([no_entry, (sums + enter)[:, :-1]], 1)
+        enter_len = torch.cat([lengths[:, :1], lengths[:, :-1] + 1], 1)
+        cand_sum = torch.cat([stay_sum.view(B, S, K * V), enter_sum], -1)  # (B, S, K*V + K)
+        pen = cfg.length_penalty
+        cand_score = torch.cat([(stay_sum / stay_len.clamp(min=1)[..., None] ** pen).view(B, S, K * V),
+                                enter_sum / enter_len.clamp(min=1) ** pen], -1)
+        _, top_idx = cand_score.topk(K, -1)  # (B, S, K)
+        entered = top_idx >= K * V
+        src_beam = torch.where(entered, top_idx - K * V, top_idx // V)
+        word = torch.where(entered, entering, top_idx % V)
+        sums = cand_sum.gather(-1, top_idx)
+        lengths = torch.where(entered, enter_len.gather(-1, src_beam), stay_len.gather(-1, src_beam))
+        src_bank = banks[None, :, None] - entered.long()  # (B, S, K)
         old = (src_bank.clamp(min=0) * K + src_beam).view(B, R)  # source rows within the image
+        flat = (offsets.view(B, 1) + old).view(-1)  # (B*S*K,) rows of the old beams
+        state = {k: v if k in fixed else v.index_select(0, flat) for k, v in state.items()}
         was_finished = finished.view(B, R).gather(1, old).view(B, S, K)
         finished = was_finished | (word == eos_id)
         prev = seqs.view(B, R, -1)
@@ -262,8 +279,7 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
         alphas = torch.cat([prev_a.gather(1, old[:, :, None, None].expand_as(prev_a)).view(B, S, K, *alphas.shape[3:]),
                             step_alpha], 3)
         tokens = word.view(-1)
-        alive = torch.isfinite(sums)
-        if bool((finished | ~alive).all()):
+        if bool((finished | torch.isinf(sums)).all()):
             break
 
     scores = sums / lengths.clamp(min=1) ** cfg.length_penalty

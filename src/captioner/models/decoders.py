@@ -71,6 +71,13 @@ def _inference_only(module: nn.Module) -> bool:
     return not module.training and not torch.is_grad_enabled()
 
 
+def per_image_state(decoder: nn.Module) -> tuple[str, ...]:
+    """The keys of `decoder`'s search state whose values are the same on every row of a photo
+    (its regions and their projections): beam searches never reorder them, as a beam's new
+    source is always a beam of the same photo. A decoder without the attribute: none."""
+    return tuple(getattr(decoder, "per_image_state", ()))
+
+
 def fuse_for_inference(decoder: nn.Module) -> int:
     """Give every part of `decoder` that has a leaner inference path (`fuse_for_inference()`)
     its fused weights; how many parts did. Search then uses them under `torch.no_grad()` in
@@ -119,6 +126,9 @@ class AttentionLSTMConfig:
 class SoftAttentionLSTM(nn.Module):
     """Show, Attend and Tell (Xu et al., 2015): additive soft attention, gating scalar beta,
     deep output layer; LSTM input is [previous word; gated context]."""
+
+    # state entries equal on every beam of a photo: a search never reorders them (`per_image_state`)
+    per_image_state = ("regions", "regions_att")
 
     def __init__(self, cfg: AttentionLSTMConfig, vocab_size: int, feature_dim: int):
         super().__init__()
@@ -281,6 +291,8 @@ class UpDownLSTM(nn.Module):
     region; previous word] and its state drives additive attention over the regions; a language
     LSTM reads [attended context; attention LSTM's state] and predicts the word. Both states
     start at zero, as in the paper."""
+
+    per_image_state = ("regions", "regions_att", "top_mean")
 
     def __init__(self, cfg: UpDownConfig, vocab_size: int, feature_dim: int):
         super().__init__()
@@ -495,6 +507,10 @@ class TransformerDecoder(nn.Module):
     """Transformer decoder (Vaswani et al., 2017) over the region grid, pre-norm, with tied
     word embeddings; `alpha` is the last layer's cross-attention, averaged over heads."""
 
+    @property
+    def per_image_state(self) -> tuple[str, ...]:
+        return ("t", *(f"mem_{kv}{i}" for i in range(len(self.layers)) for kv in "kv"))
+
     def __init__(self, cfg: TransformerConfig, vocab_size: int, feature_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -635,6 +651,10 @@ class Ensemble(nn.Module):
         """log of the mean probability."""
         return torch.logsumexp(torch.stack(logprobs), 0) - math.log(len(logprobs))
 
+    @property
+    def per_image_state(self) -> tuple[str, ...]:
+        return tuple(f"{i}.{k}" for i, m in enumerate(self.members) for k in per_image_state(m))
+
     def _part(self, state: State, i: int) -> State:
         prefix = f"{i}."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -684,6 +704,10 @@ class WithTunedTop(nn.Module):
     @property
     def max_words(self) -> int:
         return getattr(self.inner, "max_words", 10 ** 9)
+
+    @property
+    def per_image_state(self) -> tuple[str, ...]:
+        return per_image_state(self.inner)
 
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
                                rows: torch.Tensor | None = None, need_weights: bool = True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from captioner.data.vocab import Vocab
-from captioner.inference.decode import Hypotheses, SearchConfig, constrained_beam_search
+from captioner.inference.decode import Hypotheses, SearchConfig, beam_search, constrained_beam_search
 from captioner.models.decoders import WithTunedTop
 from captioner.models.lexicon import LexiconEntry, lexicon_words
 from captioner.models.recognition import RecognizedObject, Recognizer, name_objects
@@ -99,6 +99,7 @@ class ObjectNamer:
         recognition head where it has one (`CaptionModel.recognition_head`), else "stock"."""
         self.threshold = threshold
         self.top_k = top_k
+        self.base = model  # the model's own captions come from it: its vocab as trained
         self.model = copy.deepcopy(model).eval()
         self.base_vocab = len(model.vocab)
         words = lexicon_words()
@@ -138,12 +139,12 @@ class ObjectNamer:
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
         """The model's own captions, and a constrained search for the photos whose caption does
         not already name their confident object (one that does keeps its caption unchanged)."""
-        decoder, inputs, regions = self.model.decoder, features, None
+        decoder, own_decoder, inputs, regions = self.model.decoder, self.base.decoder, features, None
         if isinstance(decoder, WithTunedTop):
-            # the tuned top runs once: its output feeds both searches (on the inner decoder, as
+            # the tuned top runs once: its output feeds both searches (on the inner decoders, as
             # WithTunedTop's own init_state would run it again) and a recognition head
             regions = decoder.regions(features)
-            decoder, inputs = decoder.inner, regions
+            decoder, own_decoder, inputs = decoder.inner, own_decoder.inner, regions
         objects = self.recognize(features) if regions is None else self.recognize(features, regions=regions)
         chosen = self.constraints(objects)
         vocab = self.model.vocab
@@ -151,31 +152,39 @@ class ObjectNamer:
                       banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
         index = {t: i for i, t in enumerate(vocab.tokens)}
         met = [e is not None for e in chosen]
-        # the model's own caption, except where the object's first word is one the vocab was
-        # grown with: the model never says it, and the constrained search's unconstrained bank
-        # is that same search, so those photos go straight to it
+        # the model's own caption (except where the object's first word is one the vocab was
+        # grown with: the model never says it, and where the constrained search cannot meet the
+        # constraint it falls back to its unconstrained bank, that same search) and the caption
+        # forced to name the object
         grown = [e is not None and index[e.tokens[0]] >= self.base_vocab for e in chosen]
         own_rows = [b for b, g in enumerate(grown) if not g]
-        parts: list[tuple[Hypotheses, list[int]]] = []
-        rows = [b for b, g in enumerate(grown) if g]
-        if own_rows:
-            own, _ = constrained_beam_search(decoder, inputs[own_rows], constraints=[[]] * len(own_rows), **decode)
-            keep = []
-            for i, b in enumerate(own_rows):
-                entry = chosen[b]
-                if entry is not None and not names(vocab.decode(own.tokens[i, 0].tolist()).split(), entry):
-                    rows.append(b)
-                    continue
+        forced_rows = [b for b, e in enumerate(chosen) if e is not None]
+        if not forced_rows:
+            # the model's own search, on its own vocab: what the grown copy's constrained search
+            # gives without a constraint (grown words barred, the rest renormalised), in fewer ops
+            own = beam_search(own_decoder, inputs, vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
+                              banned_ids=(vocab.bos_id, vocab.unk_id))
+            return NamedCaptions(own, objects, chosen, met)
+        # both in one search: the own captions as rows without a constraint, all rows advancing
+        # through the decoder together (fewer, larger steps than two searches one after the other)
+        phrases = [[] for _ in own_rows] + [[index[t] for t in chosen[b].tokens] for b in forced_rows]
+        both, both_met = constrained_beam_search(decoder, inputs[own_rows + forced_rows], constraints=phrases,
+                                                 **decode)
+        n_own = len(own_rows)
+        own, forced = _take(both, list(range(n_own))), _take(both, list(range(n_own, len(phrases))))
+        keep_own, keep_forced = [], []
+        for i, b in enumerate(own_rows):
+            entry = chosen[b]
+            if entry is None or names(vocab.decode(own.tokens[i, 0].tolist()).split(), entry):
                 chosen[b] = None  # no object, or named already in the model's own words: as it is
-                keep.append(i)
-            parts.append((_take(own, keep), [own_rows[i] for i in keep]))
-        if rows:
-            rows.sort()
-            phrases = [[index[t] for t in chosen[b].tokens] for b in rows]
-            sub, sub_met = constrained_beam_search(decoder, inputs[rows], constraints=phrases, **decode)
-            parts.append((sub, rows))
-            for b, m in zip(rows, sub_met.tolist()):
-                met[b] = m
+                keep_own.append(i)
+        kept = {own_rows[i] for i in keep_own}
+        for i, b in enumerate(forced_rows):
+            if b not in kept:
+                keep_forced.append(i)
+                met[b] = bool(both_met[n_own + i])
+        parts = [(_take(own, keep_own), [own_rows[i] for i in keep_own]),
+                 (_take(forced, keep_forced), [forced_rows[i] for i in keep_forced])]
         hyps = _assemble(parts, len(chosen), vocab.pad_id)
         return NamedCaptions(hyps, objects, chosen, met)
 
