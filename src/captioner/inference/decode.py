@@ -175,10 +175,11 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
 
     The constraint is a finite-state machine whose state is how many of the phrase's tokens the
     caption has emitted so far (0 .. len). Each state keeps its own bank of K beams, so an image
-    has S = longest phrase + 1 banks and all B x S x K rows advance through `decoder.step`
-    together. A beam in state s < len moves to s + 1 only by emitting the phrase's next token;
-    once a phrase has started it must be completed. The answer is the best finished hypothesis
-    of the final state; where none finished it, that of state 0 (the unconstrained search).
+    with a phrase of n tokens has n + 1 banks, and the banks of all images (as many as each
+    needs) advance through `decoder.step` together. A beam in state s < len moves to s + 1 only
+    by emitting the phrase's next token; once a phrase has started it must be completed. The
+    answer is the best finished hypothesis of the final state; where none finished it, that of
+    state 0 (the unconstrained search).
     Word ids >= `base_vocab` (words the vocab was grown with) are reachable only through a
     constraint, and each step's probabilities are renormalised over the ids below it, so a grown
     word's probability is measured against the vocabulary the decoder was trained on.
@@ -195,49 +196,49 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
         raise ValueError(f"{len(constraints)} constraints for {B} images")
     device = features.device
     inf = float("-inf")
-    lengths_c = torch.tensor([len(c) for c in constraints], device=device)  # (B,)
-    S = int(lengths_c.max()) + 1 if B else 1
-    # phrase[b, s] = the token that moves a beam from state s to s + 1 (-1: none)
-    phrase = torch.full((B, S), -1, dtype=torch.long, device=device)
-    for b, c in enumerate(constraints):
-        if c:
-            phrase[b, :len(c)] = torch.tensor(c, device=device)
-    has_next = phrase >= 0  # (B, S)
-    nxt = phrase.clamp(min=0)[:, :, None, None].expand(B, S, K, 1)
-    # the word that enters bank s (from bank s - 1)
-    entering = torch.cat([phrase.new_zeros(B, 1), phrase[:, :-1].clamp(min=0)], 1)[:, :, None].expand(B, S, K)
-    R = S * K  # rows per image
+    # the banks of all images in one row: image b's banks 0 .. len(constraints[b]) in order
+    image = [b for b, c in enumerate(constraints) for _ in range(len(c) + 1)]
+    bank = [s for c in constraints for s in range(len(c) + 1)]
+    G = len(bank)
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    length = as_tensor([len(c) for c in constraints])  # (B,)
+    first = as_tensor([i for i, s in enumerate(bank) if s == 0])  # (B,) each image's bank 0
+    final = first + length  # (B,) the bank where the constraint is met
+    # the token that moves a beam on from each bank (-1: none), and the one that enters it
+    moves = as_tensor([constraints[b][s] if s < len(constraints[b]) else -1 for b, s in zip(image, bank)])
+    enters = as_tensor([constraints[b][s - 1] if s > 0 else 0 for b, s in zip(image, bank)])[:, None].expand(G, K)
+    has_next = moves >= 0  # (G,)
+    nxt = moves.clamp(min=0)[:, None, None].expand(G, K, 1)
+    opening = as_tensor(bank) == 0  # (G,): no bank before it
+    middle = torch.tensor([0 < s < len(constraints[b]) for b, s in zip(image, bank)], device=device)
     state = decoder.init_state(features)
-    state = {k: v.repeat_interleave(R, 0) for k, v in state.items()}  # (B*S*K, ...)
+    per_image = (length + 1) * K  # rows of each image
+    state = {k: v.repeat_interleave(per_image, 0) for k, v in state.items()}  # (G*K, ...)
     fixed = per_image_state(decoder)  # the same on a photo's every beam: never reordered
-    sums = torch.full((B, S, K), inf, device=device)
-    sums[:, 0, 0] = 0.0
-    lengths = torch.zeros(B, S, K, device=device)
-    finished = torch.zeros(B, S, K, dtype=torch.bool, device=device)
-    tokens = torch.full((B * R,), bos_id, dtype=torch.long, device=device)
-    seqs = torch.empty(B, S, K, 0, dtype=torch.long, device=device)
-    alphas = torch.empty(B, S, K, 0, state["alpha"].size(-1), device=device)
-    offsets = (torch.arange(B, device=device) * R)[:, None, None]  # (B, 1, 1)
-    banks = torch.arange(S, device=device)
-    final = banks[None, :] == lengths_c[:, None]  # (B, S): the state where the constraint is met
-    middle = (banks[None, :] > 0) & (banks[None, :] < lengths_c[:, None])  # inside a phrase
-    no_entry = torch.full((B, 1, K), inf, device=device)
+    sums = torch.full((G, K), inf, device=device)
+    sums[first, 0] = 0.0
+    lengths = torch.zeros(G, K, device=device)
+    finished = torch.zeros(G, K, dtype=torch.bool, device=device)
+    tokens = torch.full((G * K,), bos_id, dtype=torch.long, device=device)
+    seqs = torch.empty(G, K, 0, dtype=torch.long, device=device)
+    alphas = torch.empty(G, K, 0, state["alpha"].size(-1), device=device)
+    rows = torch.arange(G, device=device)[:, None] * K  # (G, 1) each bank's first row
     stay_mask = done = None
 
     for t in range(cfg.max_len + 1):
         logprobs, state = decoder.step(tokens, state)
         V = logprobs.size(-1)
-        logprobs = logprobs.view(B, S, K, V)
+        logprobs = logprobs.view(G, K, V)
         grown = base_vocab is not None and base_vocab < V
         if stay_mask is None:
             # staying in a state: any word but the banned ones, the phrase's next one and grown
             # ones; inside a phrase nothing (it must go on); PAD only after EOS
-            stay_mask = torch.zeros(B, S, 1, V, device=device)
+            stay_mask = torch.zeros(G, 1, V, device=device)
             stay_mask[..., list(banned_ids) + [pad_id]] = inf
             if grown:
                 stay_mask[..., base_vocab:] = inf
-            first = nxt[:, :, :1]
-            stay_mask.scatter_(-1, first, torch.where(has_next[:, :, None, None], inf, stay_mask.gather(-1, first)))
+            first_tok = nxt[:, :1]
+            stay_mask.scatter_(-1, first_tok, torch.where(has_next[:, None, None], inf, stay_mask.gather(-1, first_tok)))
             stay_mask[middle] = inf
             done = torch.full((V,), inf, device=device)  # a finished beam's one continuation: PAD
             done[pad_id] = 0.0
@@ -245,53 +246,42 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
             logprobs = logprobs - logprobs[..., :base_vocab].logsumexp(-1, keepdim=True)
         if cfg.no_repeat_ngram > 0 and seqs.size(-1) >= cfg.no_repeat_ngram:
             logprobs = logprobs.clone()
-            _ban_repeated_ngrams(logprobs.view(B * S, K, V), seqs.view(B * S, K, -1), cfg.no_repeat_ngram)
+            _ban_repeated_ngrams(logprobs, seqs, cfg.no_repeat_ngram)
         if t == cfg.max_len:  # out of room: every live beam must end now
             logprobs = torch.full_like(logprobs, inf)
             logprobs[..., eos_id] = 0.0
-        stay = torch.where(finished[..., None], done, logprobs + stay_mask)  # (B, S, K, V)
+        stay = torch.where(finished[..., None], done, logprobs + stay_mask)  # (G, K, V)
         stay_sum = sums[..., None] + stay
         stay_len = lengths + (~finished).float()
-        # entering bank s from bank s - 1 by its phrase token (a finished beam enters nothing)
-        enter = torch.where(has_next[..., None] & ~finished, logprobs.gather(-1, nxt)[..., 0], inf)  # (B, S, K)
-        enter_sum = torch.cat([no_entry, (sums + enter)[:, :-1]], 1)
-        enter_len = torch.cat([lengths[:, :1], lengths[:, :-1] + 1], 1)
-        cand_sum = torch.cat([stay_sum.view(B, S, K * V), enter_sum], -1)  # (B, S, K*V + K)
+        # entering a bank from the one before it, by its phrase token (a finished beam enters nothing)
+        enter = torch.where(has_next[:, None] & ~finished, logprobs.gather(-1, nxt)[..., 0], inf)  # (G, K)
+        enter_sum = torch.cat([sums[:1], (sums + enter)[:-1]]).masked_fill(opening[:, None], inf)
+        enter_len = torch.cat([lengths[:1], lengths[:-1] + 1])
+        cand_sum = torch.cat([stay_sum.view(G, K * V), enter_sum], -1)  # (G, K*V + K)
         pen = cfg.length_penalty
-        cand_score = torch.cat([(stay_sum / stay_len.clamp(min=1)[..., None] ** pen).view(B, S, K * V),
+        cand_score = torch.cat([(stay_sum / stay_len.clamp(min=1)[..., None] ** pen).view(G, K * V),
                                 enter_sum / enter_len.clamp(min=1) ** pen], -1)
-        _, top_idx = cand_score.topk(K, -1)  # (B, S, K)
+        _, top_idx = cand_score.topk(K, -1)  # (G, K)
         entered = top_idx >= K * V
         src_beam = torch.where(entered, top_idx - K * V, top_idx // V)
-        word = torch.where(entered, entering, top_idx % V)
+        word = torch.where(entered, enters, top_idx % V)
         sums = cand_sum.gather(-1, top_idx)
         lengths = torch.where(entered, enter_len.gather(-1, src_beam), stay_len.gather(-1, src_beam))
-        src_bank = banks[None, :, None] - entered.long()  # (B, S, K)
-        old = (src_bank.clamp(min=0) * K + src_beam).view(B, R)  # source rows within the image
-        flat = (offsets.view(B, 1) + old).view(-1)  # (B*S*K,) rows of the old beams
-        state = {k: v if k in fixed else v.index_select(0, flat) for k, v in state.items()}
-        was_finished = finished.view(B, R).gather(1, old).view(B, S, K)
+        old = (rows - entered.long() * K + src_beam).clamp(min=0).view(-1)  # (G*K,) rows of the old beams
+        state = {k: v if k in fixed else v.index_select(0, old) for k, v in state.items()}
+        was_finished = finished.view(-1)[old].view(G, K)
         finished = was_finished | (word == eos_id)
-        prev = seqs.view(B, R, -1)
-        seqs = torch.cat([prev.gather(1, old[:, :, None].expand_as(prev)).view(B, S, K, -1), word[..., None]], -1)
-        step_alpha = state["alpha"].view(B, S, K, 1, -1) * (~was_finished).float()[..., None, None]
-        prev_a = alphas.view(B, R, *alphas.shape[3:])
-        alphas = torch.cat([prev_a.gather(1, old[:, :, None, None].expand_as(prev_a)).view(B, S, K, *alphas.shape[3:]),
-                            step_alpha], 3)
+        seqs = torch.cat([seqs.view(G * K, -1)[old].view(G, K, -1), word[..., None]], -1)
+        step_alpha = state["alpha"].view(G, K, 1, -1) * (~was_finished).float()[..., None, None]
+        alphas = torch.cat([alphas.view(G * K, *alphas.shape[2:])[old].view(G, K, *alphas.shape[2:]), step_alpha], 2)
         tokens = word.view(-1)
         if bool((finished | torch.isinf(sums)).all()):
             break
 
-    scores = sums / lengths.clamp(min=1) ** cfg.length_penalty
-    best = scores.max(-1).values  # (B, S)
-    met_score = best.masked_fill(~final, float("-inf")).max(-1).values  # (B,)
-    met = torch.isfinite(met_score)
-    bank = torch.where(met, lengths_c, torch.zeros_like(lengths_c))  # (B,)
-    pick_bank = bank[:, None, None]
-    scores = scores.gather(1, pick_bank.expand(B, 1, K))[:, 0]
-    sums = sums.gather(1, pick_bank.expand(B, 1, K))[:, 0]
-    seqs = seqs.gather(1, pick_bank[..., None].expand(B, 1, K, seqs.size(-1)))[:, 0]
-    alphas = alphas.gather(1, pick_bank[..., None, None].expand(B, 1, K, *alphas.shape[3:]))[:, 0]
+    scores = sums / lengths.clamp(min=1) ** cfg.length_penalty  # (G, K)
+    met = torch.isfinite(scores[final].max(-1).values)  # (B,)
+    pick_bank = torch.where(met, final, first)  # (B,)
+    scores, sums, seqs, alphas = scores[pick_bank], sums[pick_bank], seqs[pick_bank], alphas[pick_bank]
     order = scores.argsort(-1, descending=True)
     n = min(cfg.n_best, K)
     pick = order[:, :n]
@@ -301,4 +291,4 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
         logprobs=sums.gather(1, pick),
         alphas=alphas.gather(1, pick[:, :, None, None].expand(B, n, *alphas.shape[2:])),
     )
-    return hyps, met & (lengths_c > 0)
+    return hyps, met & (length > 0)
