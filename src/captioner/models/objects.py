@@ -137,8 +137,8 @@ class ObjectNamer:
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
-        """The model's own captions, and a constrained search for the photos whose caption does
-        not already name their confident object (one that does keeps its caption unchanged)."""
+        """Per photo, the model's own caption or, where that does not name the photo's confident
+        object, the caption constrained to name it; both kinds decoded in one search."""
         decoder, own_decoder, inputs, regions = self.model.decoder, self.base.decoder, features, None
         if isinstance(decoder, WithTunedTop):
             # the tuned top runs once: its output feeds both searches (on the inner decoders, as
