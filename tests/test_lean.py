@@ -90,9 +90,10 @@ def test_searches_skip_reordering_only_what_is_the_same_on_every_beam(decoder, m
     cfg = SearchConfig(beam_size=3, max_len=8)
     kw = dict(bos_id=1, eos_id=2, pad_id=0, cfg=cfg, banned_ids=(1,))
     assert set(per_image_state(decoder)) <= set(decoder.init_state(feats))
-    lean = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=[[5], [], [6, 7]], **kw)[0]
+    phrases = [[5], [], [6, 7]]
+    lean = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=phrases, **kw)[0]
     monkeypatch.setattr(decode, "per_image_state", lambda d: ())
-    full = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=[[5], [], [6, 7]], **kw)[0]
+    full = beam_search(decoder, feats, **kw), decode.constrained_beam_search(decoder, feats, constraints=phrases, **kw)[0]
     for got, ref in zip(lean, full):
         assert torch.equal(got.tokens, ref.tokens)
         torch.testing.assert_close(got.alphas, ref.alphas)

@@ -238,7 +238,8 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
             if grown:
                 stay_mask[..., base_vocab:] = inf
             first_tok = nxt[:, :1]
-            stay_mask.scatter_(-1, first_tok, torch.where(has_next[:, None, None], inf, stay_mask.gather(-1, first_tok)))
+            barred = torch.where(has_next[:, None, None], inf, stay_mask.gather(-1, first_tok))
+            stay_mask.scatter_(-1, first_tok, barred)
             stay_mask[middle] = inf
             done = torch.full((V,), inf, device=device)  # a finished beam's one continuation: PAD
             done[pad_id] = 0.0
