@@ -110,7 +110,8 @@ class ObjectNamer:
         # a model whose vocabulary lacks a word's proxy (a small custom one) cannot name that word
         known = set(model.vocab.tokens)
         grow_vocab(self.model, {w: p for w, p in proxies.items() if p in known})
-        nameable = set(self.model.vocab.tokens)
+        self.ids = {t: i for i, t in enumerate(self.model.vocab.tokens)}  # the grown vocab's word -> id
+        nameable = set(self.ids)
         self.words = {name: e for name, e in words.items() if set(e.tokens) <= nameable}
         head = getattr(model, "recognition_head", None)
         tuned = isinstance(self.model.decoder, WithTunedTop)
@@ -150,7 +151,7 @@ class ObjectNamer:
         vocab = self.model.vocab
         decode = dict(bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id, cfg=search,
                       banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
-        index = {t: i for i, t in enumerate(vocab.tokens)}
+        index = self.ids
         met = [e is not None for e in chosen]
         # the model's own caption (except where the object's first word is one the vocab was
         # grown with: the model never says it, and where the constrained search cannot meet the

@@ -19,6 +19,7 @@ frozen bottom's output, and three modes recognise from it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -103,10 +104,7 @@ class Recognizer(nn.Module):
 def name_objects(probs: torch.Tensor, top_k: int = 5, min_score: float = 0.01) -> list[list[RecognizedObject]]:
     """Class probabilities (B, 1000) -> per photo the lexicon words, best first, each scored by the
     summed probability of its classes (the 118 dog breeds add up to "dog")."""
-    lex = load_lexicon()
-    words = sorted({e.word for e in lex if e.word is not None})
-    index = {w: i for i, w in enumerate(words)}
-    class_word = torch.tensor([index[e.word] if e.word is not None else -1 for e in lex])
+    words, class_word = _class_words()
     named = class_word >= 0
     per_word = probs.new_zeros(probs.size(0), len(words))
     per_word.index_add_(1, class_word[named].to(probs.device), probs[:, named])
@@ -115,3 +113,13 @@ def name_objects(probs: torch.Tensor, top_k: int = 5, min_score: float = 0.01) -
     for s_row, o_row in zip(scores.tolist(), order.tolist()):
         out.append([RecognizedObject(words[o], s) for s, o in zip(s_row, o_row) if s >= min_score])
     return out
+
+
+@lru_cache(maxsize=1)
+def _class_words() -> tuple[list[str], torch.Tensor]:
+    """The lexicon's words, sorted, and each ImageNet class's index among them (-1: unnamed);
+    built once, not per caption."""
+    lex = load_lexicon()
+    words = sorted({e.word for e in lex if e.word is not None})
+    index = {w: i for i, w in enumerate(words)}
+    return words, torch.tensor([index[e.word] if e.word is not None else -1 for e in lex])
