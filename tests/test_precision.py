@@ -27,15 +27,23 @@ def test_bf16_linear_is_the_linear_up_to_bf16_rounding():
     torch.testing.assert_close(fast(x), lin(x), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("arch", sorted(SMALL))
-def test_every_decoder_steps_in_bf16_close_to_fp32(arch):
+def _step_converted(arch: str, convert):
+    """A small decoder of `arch`: one step in fp32, then `convert` (bf16_linears / int8_linears)
+    and the same step again. Returns the decoder, what convert reported, both steps' log-probs and
+    the converted step's state."""
     torch.manual_seed(0)
     dec = build_decoder(arch, SMALL[arch], 30, 40).eval()
     feats, prev = torch.randn(3, 9, 40), torch.randint(0, 30, (3,))
     with torch.no_grad():
         ref, _ = dec.step(prev, dec.init_state(feats))
-        n = bf16_linears(dec)
+        n = convert(dec)
         got, state = dec.step(prev, dec.init_state(feats))
+    return dec, n, ref, got, state
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_every_decoder_steps_in_bf16_close_to_fp32(arch):
+    dec, n, ref, got, state = _step_converted(arch, bf16_linears)
     tied = sum(1 for m in dec.modules() if hasattr(m, "bf16_inference"))  # the transformer's output layer
     assert n == sum(1 for m in dec.modules() if isinstance(m, Bf16Linear)) + tied > 0
     assert tied == (arch in ("transformer", "ensemble"))  # SMALL["ensemble"] has a transformer member
@@ -63,13 +71,7 @@ def test_auto_follows_the_model_and_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("arch", sorted(SMALL))
 def test_every_decoder_steps_in_int8_close_to_fp32(arch):
-    torch.manual_seed(0)
-    dec = build_decoder(arch, SMALL[arch], 30, 40).eval()
-    feats, prev = torch.randn(3, 9, 40), torch.randint(0, 30, (3,))
-    with torch.no_grad():
-        ref, _ = dec.step(prev, dec.init_state(feats))
-        n = int8_linears(dec)
-        got, state = dec.step(prev, dec.init_state(feats))
+    dec, n, ref, got, state = _step_converted(arch, int8_linears)
     assert n > 0 and not any(type(m) in (nn.Linear, nn.LSTM) for m in dec.modules())
     quantized = [m for m in dec.modules() if isinstance(m, QLinear)]
     assert quantized and all(m.weight().qscheme() == torch.per_channel_affine for m in quantized)
