@@ -179,15 +179,17 @@ def test_an_unexpected_failure_is_a_json_500_and_the_log_has_no_key(server, capl
 
 
 def blocked_app(tmp, **fields):
-    """An app whose model worker waits for `release`: requests stay in flight on demand."""
+    """An app whose model workers wait for `release`: requests stay in flight on demand."""
     app = make_app(tmp, **fields)
     release = threading.Event()
     batcher = app.state.service.batcher
     real = batcher.run
-    batcher.held = 0  # photos the blocked worker holds
+    batcher.held = 0  # photos the blocked workers hold
+    lock = threading.Lock()
 
     def run(jobs):
-        batcher.held += len(jobs)
+        with lock:
+            batcher.held += len(jobs)
         release.wait(60)
         real(jobs)
 
@@ -201,30 +203,36 @@ def test_a_request_past_its_deadline_gets_503_and_the_server_recovers(tmp_path):
     app, release = blocked_app(tmp_path, request_timeout_s=1.0)
     running = Running(app)
     batcher = app.state.service.batcher
+    workers = batcher.workers
     try:
         client = httpx.Client(base_url=running.url, headers={"X-API-Key": KEY}, timeout=60)
         answers = []
-        first = threading.Thread(target=lambda: answers.append(post(client, CAT)))
-        first.start()  # its photo reaches the (stuck) model
-        deadline = time.time() + 60
-        while batcher.held < 1 and time.time() < deadline:
-            time.sleep(0.02)
-        answers.append(post(client, CAT))  # its photo waits in the queue behind it
-        first.join(60)
-        count("faults", 2)
+        held = []
+        for n in range(1, workers + 1):  # one photo for each (stuck) model worker
+            held.append(threading.Thread(target=lambda: answers.append(post(client, CAT))))
+            held[-1].start()
+            deadline = time.time() + 60
+            while batcher.held < n and time.time() < deadline:
+                time.sleep(0.02)
+        answers.append(post(client, CAT))  # its photo waits in the queue behind them
+        for t in held:
+            t.join(60)
+        count("faults", workers + 1)
+        assert len(answers) == workers + 1
         for r in answers:
             assert r.status_code == 503 and r.json()["error"] == "timeout" and r.headers["retry-after"] == "1"
         release.set()  # the model is back
         r = post(client, CAT)
         assert r.status_code == 200 and r.json()["caption_id"], r.text
-        # The worker counts a batch just after answering it: wait for C's count. Jobs run in order
-        # (A, the queued B, C), so had B been computed the count would reach 3 by then.
+        # A worker counts a batch as it takes it: wait for the last one's count. Had the queued
+        # photo been computed too, the count would reach workers + 2 by then.
         deadline = time.time() + 30
-        while client.get("/healthz").json()["images"] < 2 and time.time() < deadline:
+        while client.get("/healthz").json()["images"] < workers + 1 and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
         health = client.get("/healthz").json()
-        assert health["queued"] == 0 and health["images"] == 2  # the queued photo of a gone client was skipped
+        # the queued photo of a gone client was skipped
+        assert health["queued"] == 0 and health["images"] == workers + 1
         client.close()
     finally:
         release.set()

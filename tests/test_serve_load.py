@@ -65,6 +65,38 @@ def test_micro_batcher_passes_model_errors_to_every_waiting_client():
     batcher.stop()
 
 
+def test_micro_batcher_workers_run_batches_at_once_and_stop_together():
+    """Two workers: a second batch starts while the first is still running (a barrier both must
+    reach), every job gets its own answer, the busy time counts both, and stop() ends both."""
+    pytest.importorskip("fastapi")
+    import torch
+
+    from captioner.service.serve import Job, MicroBatcher
+
+    both_running = threading.Barrier(2, timeout=10)
+    overlapped = []
+
+    def run(jobs):
+        if not overlapped:
+            both_running.wait()  # raises BrokenBarrierError unless another batch runs meanwhile
+            overlapped.append(True)
+        time.sleep(0.02)
+        for j in jobs:
+            j.future.set_result(int(j.pixels[0]))
+
+    batcher = MicroBatcher(run, max_batch=2, max_wait_s=0.0, workers=2)
+    batcher.start()
+    jobs = [Job("a", (3, 25, 1, True), torch.tensor([i])) for i in range(8)]
+    for j in jobs:
+        batcher.submit(j)
+    assert [j.future.result(timeout=10) for j in jobs] == list(range(8))
+    assert overlapped and batcher.images == 8 and batcher.batches >= 4
+    assert batcher.busy() > 0
+    threads = list(batcher._threads)
+    batcher.stop()
+    assert threads and not any(t.is_alive() for t in threads)
+
+
 def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
     """`serve_load.py --model PATH`: the server's config names that file as its one variant."""
     from captioner.service.ab import resolve_checkpoint

@@ -1,6 +1,7 @@
 """The `Captioner` facade: the one object the CLI, server and web app use."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -71,6 +72,7 @@ class Captioner:
         if lean:
             namer.recognizer.freeze()
         self._encoder: Encoder | torch.jit.ScriptModule | None = None
+        self._encoder_lock = threading.Lock()  # a server's model workers may ask for it at once
         self.objects = objects
 
     @classmethod
@@ -87,10 +89,11 @@ class Captioner:
     def encoder(self) -> Encoder | torch.jit.ScriptModule:
         """The frozen encoder (traced and frozen when `lean`), built on first use: loading a
         checkpoint stays cheap."""
-        if self._encoder is None:
-            encoder = build_encoder(self.model.encoder_cfg).to(self.device)
-            self._encoder = frozen_encoder(encoder) if self.lean else encoder
-        return self._encoder
+        with self._encoder_lock:
+            if self._encoder is None:
+                encoder = build_encoder(self.model.encoder_cfg).to(self.device)
+                self._encoder = frozen_encoder(encoder) if self.lean else encoder
+            return self._encoder
 
     @property
     def name(self) -> str:

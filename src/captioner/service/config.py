@@ -38,7 +38,10 @@ class ServeConfig:
     max_len: int = 40  # the most words a client may ask for
     max_n_best: int = 5  # the most alternatives a client may ask for (also bounded by the beam)
     store_images: bool = True  # keep uploaded photos in the store (finetune needs them)
-    threads: int = 1  # torch CPU threads for the model
+    # model workers: each gathers its own batches and captions them, with `threads` torch
+    # threads; two workers of one thread keep two cores busy (speed.md says which to use where)
+    model_workers: int = 2
+    threads: int = 1  # torch CPU threads for each model worker
     # Pillow formats accepted; any other gets 415 naming it (TIFF is left out: its decoders are a
     # larger attack surface, and phones and browsers do not send it)
     image_formats: list = field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
@@ -114,7 +117,7 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
         if not ok:
             raise ConfigError(f"{where}field {f.name}: expected {kind}, got {v!r}")
     for name in ("max_batch", "encode_chunk", "max_body_bytes", "max_pixels", "max_scans", "max_images", "max_beam_size",
-                 "max_len", "max_n_best", "threads", "decode_workers", "max_in_flight", "keep_alive_s",
+                 "max_len", "max_n_best", "threads", "model_workers", "decode_workers", "max_in_flight", "keep_alive_s",
                  "max_connections", "db_pool"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}field {name}: must be at least 1")

@@ -2,9 +2,10 @@
 
     captioner serve [--host 127.0.0.1] [--port 8000] [--config serve.toml]
 
-Concurrent requests' photos are gathered by one worker thread (at most `max_batch` photos, the
-first waiting at most `max_wait_ms`) and captioned with one encoder pass and one batched beam
-search per model variant and search options. Uses only the `Captioner` facade.
+Concurrent requests' photos are gathered into batches (at most `max_batch` photos, the first
+waiting at most `max_wait_ms`) and captioned with one encoder pass and one batched beam search per
+model variant and search options, by `model_workers` threads at once, each on its own batch.
+Uses only the `Captioner` facade.
 """
 from __future__ import annotations
 
@@ -142,28 +143,36 @@ class Job:
 
 
 class MicroBatcher:
-    """A worker thread that gathers jobs into batches: up to `max_batch` jobs, the first one
-    waiting at most `max_wait_s` for others, then hands each batch to `run`."""
+    """Worker threads that gather jobs into batches and run them. A free worker takes the next
+    batch (up to `max_batch` jobs, the first one waiting at most `max_wait_s` for others) and hands
+    it to `run`; meanwhile the other workers gather and run their own batches. With one torch
+    thread each, `workers` batches are captioned at once on as many cores: torch releases Python's
+    lock inside its kernels, and a batch's own steps stay in order in its worker."""
 
-    def __init__(self, run: Callable[[list[Job]], None], max_batch: int, max_wait_s: float):
-        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+    def __init__(self, run: Callable[[list[Job]], None], max_batch: int, max_wait_s: float, workers: int = 1):
+        self.run, self.max_batch, self.max_wait_s, self.workers = run, max_batch, max_wait_s, workers
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._gathering = threading.Lock()  # one worker gathers at a time: batches stay full
+        self._threads: list[threading.Thread] = []
         self.batches = 0  # model calls made
         self.images = 0  # photos captioned
         self.largest = 0  # largest batch so far
-        self.busy_s = 0.0  # seconds spent in finished model calls (busy() adds the one running now)
-        self._running_since: float | None = None
+        self.busy_s = 0.0  # seconds the workers spent in finished model calls (busy() adds the running ones)
+        self._running_since: dict[int, float] = {}
+        self._count = threading.Lock()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="captioner-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"captioner-model-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._threads:
+            self._queue.put(None)  # each worker passes it on to the next as it stops
+            for t in self._threads:
+                t.join(timeout=30)
+            self._threads = []
 
     def submit(self, job: Job) -> Future:
         self._queue.put(job)
@@ -173,10 +182,12 @@ class MicroBatcher:
         return self._queue.qsize()
 
     def busy(self) -> float:
-        """Seconds spent in model calls, the one running now included (busy / uptime: how loaded
-        the model is). Never less than the stage times a finished request's client can see."""
-        since = self._running_since  # read first: a call ending meanwhile is then counted, maybe twice, never not
-        return self.busy_s + (time.perf_counter() - since if since is not None else 0.0)
+        """Seconds the workers have spent in model calls, the running ones included (busy / uptime:
+        how loaded the model is, up to `workers`). Never less than the stage times a finished
+        request's client can see."""
+        running = list(self._running_since.values())  # read first: a call ending meanwhile is then counted, maybe twice, never not
+        now = time.perf_counter()
+        return self.busy_s + sum(now - since for since in running)
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
@@ -191,38 +202,49 @@ class MicroBatcher:
             jobs.append(job)
         return jobs, False
 
-    def _loop(self) -> None:
-        stopping = False
-        while not stopping:
+    def _next_batch(self) -> tuple[list[Job], bool]:
+        """The next batch, jobs whose clients gave up left out, and whether to stop after it."""
+        with self._gathering:
             first = self._queue.get()
             if first is None:
-                break
+                self._queue.put(None)  # for the next worker
+                return [], True
             jobs, stopping = self._gather(first)
+            if stopping:
+                self._queue.put(None)
             # A job whose client has given up (timed out) was cancelled: drop it. The others are
             # marked running, so they can no longer be cancelled while the model works on them.
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if jobs:  # counted before the model runs: a client holding its caption finds its batch counted
+                with self._count:
+                    self.batches += 1
+                    self.images += len(jobs)
+                    self.largest = max(self.largest, len(jobs))
+            return jobs, stopping
+
+    def _loop(self) -> None:
+        me = threading.get_ident()
+        stopping = False
+        while not stopping:
+            jobs, stopping = self._next_batch()
             if not jobs:
                 continue
-            # counted before the model runs: a client holding its caption finds its batch counted
-            self.batches += 1
-            self.images += len(jobs)
-            self.largest = max(self.largest, len(jobs))
-            t0 = self._running_since = time.perf_counter()
+            t0 = self._running_since[me] = time.perf_counter()
             try:
                 self.run(jobs)
             except BaseException as e:  # never leave a client waiting
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
-            self.busy_s += time.perf_counter() - t0
-            self._running_since = None
+            with self._count:
+                self.busy_s += time.perf_counter() - t0
+                del self._running_since[me]
 
 
 def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: int,
-                 stage_s: dict[str, float] | None = None) -> None:
+                 add_time: Callable[[str, float], None] = lambda stage, seconds: None) -> None:
     """One encoder pass per variant, then one batched search per (variant, options) group;
-    the seconds each takes are added to `stage_s["encode"]` and `stage_s["search"]`."""
-    stage_s = {"encode": 0.0, "search": 0.0} if stage_s is None else stage_s
+    the seconds each takes go to `add_time("encode", s)` and `add_time("search", s)`."""
     by_variant: dict[str, list[Job]] = {}
     for job in jobs:
         by_variant.setdefault(job.variant, []).append(job)
@@ -232,7 +254,7 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
             t0 = time.perf_counter()
             feats = captioner.encode_pixels(torch.stack([j.pixels for j in group]), chunk=encode_chunk)  # (B, N, C)
             t1 = time.perf_counter()
-            stage_s["encode"] += t1 - t0
+            add_time("encode", t1 - t0)
             by_options: dict[tuple[int, int, int, bool], list[int]] = {}
             for i, job in enumerate(group):
                 by_options.setdefault(job.options, []).append(i)
@@ -241,7 +263,7 @@ def caption_jobs(models: dict[str, ServedModel], jobs: list[Job], encode_chunk: 
                 caps = captioner.caption_features(feats[rows], beam_size=beam_size, max_len=max_len, n_best=n_best,
                                                   objects=objects)
                 done += [(group[i], cap) for i, cap in zip(rows, caps)]
-            stage_s["search"] += time.perf_counter() - t1
+            add_time("search", time.perf_counter() - t1)
             for job, cap in done:  # after the timings: a client holding its caption sees them counted
                 job.future.set_result(cap)
         except Exception as e:
@@ -439,13 +461,17 @@ class Service:
         self.formats = cfg.image_limits().formats
         # photos decoded at once: a 40 MP photo takes ~120 MB while it is decoded
         self.decoding = threading.BoundedSemaphore(cfg.decode_workers)
-        # where the time goes: the batcher's encoder passes and searches (its thread alone adds to
-        # them), and the request threads' photo decoding (under a lock: many threads add to it)
+        # where the time goes: the model workers' encoder passes and searches, and the request
+        # threads' photo decoding (many threads add to them: under a lock)
         self.stage_s = {"encode": 0.0, "search": 0.0, "decode": 0.0}
         self.decoded = 0  # photos the request threads decoded (a request's photos after one that fails count too)
         self._timing_lock = threading.Lock()
-        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk, self.stage_s),
-                                    cfg.max_batch, cfg.max_wait_ms / 1000)
+        self.batcher = MicroBatcher(lambda jobs: caption_jobs(models, jobs, cfg.encode_chunk, self.add_time),
+                                    cfg.max_batch, cfg.max_wait_ms / 1000, cfg.model_workers)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        with self._timing_lock:
+            self.stage_s[stage] += seconds
 
     def client(self, request: Request) -> str:
         """The client id for A/B assignment. (ApiKeyGate has checked the key before the body was
@@ -513,8 +539,8 @@ class Service:
                 return served, assigned, out
             finally:
                 self.decoding.release()
+                self.add_time("decode", time.perf_counter() - t0)
                 with self._timing_lock:
-                    self.stage_s["decode"] += time.perf_counter() - t0
                     self.decoded += len(photos)
 
         served, assigned, pixels = await self.within(run_in_threadpool(prepare), deadline)
@@ -669,7 +695,8 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
         passes and searches, and the request threads' photo decoding."""
         b, t = svc.batcher, svc.stage_s
         return {"status": "ok", "variants": list(svc.models), "batches": b.batches, "images": b.images,
-                "largest_batch": b.largest, "model_busy_s": round(b.busy(), 3), "queued": b.pending(),
+                "largest_batch": b.largest, "model_workers": b.workers, "model_busy_s": round(b.busy(), 3),
+                "queued": b.pending(),
                 "encode_s": round(t["encode"], 3), "search_s": round(t["search"], 3),
                 "decode_s": round(t["decode"], 3), "photos_decoded": svc.decoded}
 
