@@ -2,6 +2,7 @@
 objects in the CLI's JSON and the API's schema."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from captioner.data.vocab import Vocab
 from captioner.inference.decode import SearchConfig, beam_search, constrained_beam_search
 from captioner.models.lexicon import lexicon_words
 from captioner.models.model import CaptionModel, ModelConfig
-from captioner.models.objects import fix_grammar, grow_vocab
+from captioner.models.objects import fix_grammar, grow_vocab, names
 from test_decode import BOS, EOS, PAD, TableDecoder, TABLE
 
 EXAMPLES = ["cat", "coffee", "rocket", "astronaut"]
@@ -84,25 +85,62 @@ def _namer_over(vocab_words: list[str], favourite: str):
 def test_a_named_object_keeps_the_models_caption_and_others_are_put_in(monkeypatch):
     from captioner.models.recognition import RecognizedObject
 
-    model, namer = _namer_over(["a", "dog", "horse", "in", "field"], favourite="dog")
-    feats = torch.randn(2, 49, 1280)
+    model, namer = _namer_over(["a", "dog", "dogs", "horse", "in", "field"], favourite="dog")
+    feats = torch.randn(3, 49, 1280)
     search = SearchConfig(beam_size=2, max_len=5)
     plain = model.captions(feats, search)
     assert all("dog" in c.split() and "zebra" not in c.split() for c in plain)
-    found = [[RecognizedObject("dog", 0.9)], [RecognizedObject("zebra", 0.9)]]
+    found = [[RecognizedObject("dog", 0.9)], [RecognizedObject("zebra", 0.9)], [RecognizedObject("dog", 0.1)]]
     monkeypatch.setattr(namer, "recognize", lambda f: found)
     got = namer.generate(feats, search)
-    assert got.constraint[0] is None and got.met[0]  # "dog" is there already: nothing forced
+    assert got.constraint[0].word == "dog" and got.met[0]
     texts = namer.captions(feats, search)
-    assert texts[0] == plain[0]
-    assert got.constraint[1].word == "zebra" and got.met[1] and "zebra" in texts[1].split()
-    # the own and the forced captions come from one search: each as its own search gives it
+    assert texts[0] == plain[0]  # "dog" is there already: the model's own caption
+    assert got.constraint[1].word == "zebra" and got.met[1] and names(texts[1].split(), got.constraint[1])
+    assert got.constraint[2] is None and not got.met[2] and texts[2] == plain[2]  # not confident: as it is
+    # all from one search: each photo as its own search gives it
     v = namer.model.vocab
-    alone, _ = constrained_beam_search(namer.model.decoder, feats[1:], v.bos_id, v.eos_id, v.pad_id, search,
-                                       [[v.tokens.index("zebra")]], banned_ids=(v.bos_id, v.unk_id),
-                                       base_vocab=namer.base_vocab)
-    assert got.hyps.tokens[1, 0, :alone.tokens.size(-1)].tolist() == alone.tokens[0, 0].tolist()
-    torch.testing.assert_close(got.hyps.scores[1], alone.scores[0])
+    ids = v.tokens.index
+    assert namer.phrase(got.constraint[0]) == [[ids("dog"), ids("dogs")]]
+    for b, phrase in ((0, namer.phrase(got.constraint[0])), (1, namer.phrase(got.constraint[1])), (2, [])):
+        alone, _ = constrained_beam_search(namer.model.decoder, feats[b:b + 1], v.bos_id, v.eos_id, v.pad_id,
+                                           search, [phrase], banned_ids=(v.bos_id, v.unk_id),
+                                           base_vocab=namer.base_vocab)
+        assert got.hyps.tokens[b, 0, :alone.tokens.size(-1)].tolist() == alone.tokens[0, 0].tolist()
+        torch.testing.assert_close(got.hyps.scores[b], alone.scores[0])
+
+
+def test_a_phrase_position_takes_any_of_its_tokens():
+    """[[6, 7]]: either token meets the constraint, the likelier one is taken, and a caption
+    that has one already is the plain search's; a set of one token is the plain constraint."""
+    dec = TableDecoder(TABLE, 8)
+    cfg = SearchConfig(beam_size=3, length_penalty=0.0)
+    feats = torch.zeros(4, 4, 2)
+    plain = beam_search(dec, feats, BOS, EOS, PAD, cfg)
+    one, _ = constrained_beam_search(dec, feats[:1], BOS, EOS, PAD, cfg, [[6]])
+    two, _ = constrained_beam_search(dec, feats[:1], BOS, EOS, PAD, cfg, [[7]])
+    hyps, met = constrained_beam_search(dec, feats, BOS, EOS, PAD, cfg, [[[6, 7]], [[6]], [[5, 6]], [[7], 5]])
+    assert met.tolist() == [True, True, True, True]
+    assert float(hyps.scores[0, 0]) == pytest.approx(max(float(one.scores[0, 0]), float(two.scores[0, 0])))
+    assert {6, 7} & set(hyps.tokens[0, 0].tolist())
+    assert hyps.tokens[1, 0, :one.tokens.size(-1)].tolist() == one.tokens[0, 0].tolist()
+    # 5 is in the plain caption (4 5 EOS): with either token allowed the answer is that caption
+    assert hyps.tokens[2, 0].tolist()[:3] == plain.tokens[2, 0].tolist()[:3] == [4, 5, EOS]
+    row = hyps.tokens[3, 0].tolist()
+    assert row[row.index(7) + 1] == 5
+
+
+def test_the_constraint_for_an_entry_takes_its_plural_too_where_the_model_knows_it():
+    _, namer = _namer_over(["a", "dog", "dogs", "horse", "oil", "rig", "rigs", "in", "field"], favourite="dog")
+    words = lexicon_words()
+    ids = namer.ids
+    assert namer.phrase(words["dog"]) == [[ids["dog"], ids["dogs"]]]
+    assert namer.phrase(dataclasses.replace(words["dog"], plural="dog")) == [[ids["dog"]]]  # the same word: once
+    assert namer.phrase(dataclasses.replace(words["dog"], word="oil rig", plural="oil rigs")) == [
+        [ids["oil"]], [ids["rig"], ids["rigs"]]]
+    # grown from one proxy, a grown word and its grown plural look alike to the model: singular only
+    assert ids["zebras"] >= namer.base_vocab
+    assert namer.phrase(words["zebra"]) == [[ids["zebra"]]]
 
 
 def test_clothing_sports_and_scenery_are_listed_but_not_put_in(monkeypatch):
@@ -126,6 +164,9 @@ def test_grammar_article_mass_noun_and_plural():
     assert fix_grammar("a plate of a broccoli".split(), words["broccoli"]) == "a plate of broccoli".split()
     assert fix_grammar("two cat sit on a bed".split(), words["cat"]) == "two cats sit on a bed".split()
     assert fix_grammar("a group of cat".split(), words["cat"]) == "a group of cats".split()
+    assert fix_grammar("a man sits at a candles".split(), words["candle"]) == "a man sits at a candle".split()
+    assert fix_grammar("a espressos".split(), words["espresso"]) == "an espresso".split()
+    assert fix_grammar("two cats sit".split(), words["cat"]) == "two cats sit".split()
     assert fix_grammar("an tennis racket".split(), words["tennis racket"]) == "a tennis racket".split()
 
 

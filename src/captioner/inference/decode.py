@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -168,10 +169,13 @@ def _draw(logits: torch.Tensor, top_p: float, generator: torch.Generator | None)
 
 @torch.no_grad()
 def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
-                            cfg: SearchConfig, constraints: list[list[int]], banned_ids: tuple[int, ...] = (),
+                            cfg: SearchConfig, constraints: list[list[int | Sequence[int]]],
+                            banned_ids: tuple[int, ...] = (),
                             base_vocab: int | None = None) -> tuple[Hypotheses, torch.Tensor]:
     """Constrained beam search (Anderson et al., 2017) for one phrase per image: the caption must
     contain `constraints[b]` (a token sequence; [] = no constraint, the search of `beam_search`).
+    A position of the phrase may be a set of tokens, any of which will do (a word or its plural:
+    [[cat, cats]]; "oil rig" or "oil rigs": [oil, [rig, rigs]]).
 
     The constraint is a finite-state machine whose state is how many of the phrase's tokens the
     caption has emitted so far (0 .. len). Each state keeps its own bank of K beams, so an image
@@ -186,8 +190,9 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
     Returns the hypotheses and a (B,) bool tensor: did the image's caption meet its constraint.
 
     Each bank's K new beams are the best of K x V candidates that stay in it (its beams, any word
-    it allows) and K that enter it (the previous bank's beams, by the phrase's next token): the
-    rules are additive masks built once, so a step costs a few whole-tensor operations.
+    it allows) and K x M that enter it (the previous bank's beams, by one of the M tokens the
+    phrase allows next): the rules are additive masks built once, so a step costs a few
+    whole-tensor operations.
     """
     B, K = features.size(0), cfg.beam_size
     if K < 1:
@@ -196,19 +201,26 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
         raise ValueError(f"{len(constraints)} constraints for {B} images")
     device = features.device
     inf = float("-inf")
+    # each position of a phrase as its set of tokens, padded to M with -1
+    constraints = [[[t] if isinstance(t, int) else list(t) for t in c] for c in constraints]
+    M = max((len(alts) for c in constraints for alts in c), default=1)
     # the banks of all images in one row: image b's banks 0 .. len(constraints[b]) in order
     image = [b for b, c in enumerate(constraints) for _ in range(len(c) + 1)]
     bank = [s for c in constraints for s in range(len(c) + 1)]
     G = len(bank)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    pad = lambda alts: alts + [-1] * (M - len(alts))  # noqa: E731
     length = as_tensor([len(c) for c in constraints])  # (B,)
     first = as_tensor([i for i, s in enumerate(bank) if s == 0])  # (B,) each image's bank 0
     final = first + length  # (B,) the bank where the constraint is met
-    # the token that moves a beam on from each bank (-1: none), and the one that enters it
-    moves = as_tensor([constraints[b][s] if s < len(constraints[b]) else -1 for b, s in zip(image, bank)])
-    enters = as_tensor([constraints[b][s - 1] if s > 0 else 0 for b, s in zip(image, bank)])[:, None].expand(G, K)
-    has_next = moves >= 0  # (G,)
-    nxt = moves.clamp(min=0)[:, None, None].expand(G, K, 1)
+    # the tokens that move a beam on from each bank (-1: none), and those that enter it
+    moves = as_tensor([pad(constraints[b][s]) if s < len(constraints[b]) else [-1] * M
+                       for b, s in zip(image, bank)])  # (G, M)
+    # (a dead beam may still pick a padding entry: 0 there keeps its token a valid id)
+    enters = as_tensor([pad(constraints[b][s - 1]) if s > 0 else [-1] * M for b, s in zip(image, bank)]).clamp(min=0)
+    has_next = moves[:, 0] >= 0  # (G,)
+    allowed = moves >= 0  # (G, M)
+    nxt = moves.clamp(min=0)[:, None, :].expand(G, K, M)
     opening = as_tensor(bank) == 0  # (G,): no bank before it
     middle = torch.tensor([0 < s < len(constraints[b]) for b, s in zip(image, bank)], device=device)
     state = decoder.init_state(features)
@@ -237,9 +249,10 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
             stay_mask[..., list(banned_ids) + [pad_id]] = inf
             if grown:
                 stay_mask[..., base_vocab:] = inf
-            first_tok = nxt[:, :1]
-            barred = torch.where(has_next[:, None, None], inf, stay_mask.gather(-1, first_tok))
-            stay_mask.scatter_(-1, first_tok, barred)
+            for m in range(M):
+                tok = nxt[:, :1, m:m + 1]
+                barred = torch.where(allowed[:, m, None, None], inf, stay_mask.gather(-1, tok))
+                stay_mask.scatter_(-1, tok, barred)
             stay_mask[middle] = inf
             done = torch.full((V,), inf, device=device)  # a finished beam's one continuation: PAD
             done[pad_id] = 0.0
@@ -254,18 +267,21 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
         stay = torch.where(finished[..., None], done, logprobs + stay_mask)  # (G, K, V)
         stay_sum = sums[..., None] + stay
         stay_len = lengths + (~finished).float()
-        # entering a bank from the one before it, by its phrase token (a finished beam enters nothing)
-        enter = torch.where(has_next[:, None] & ~finished, logprobs.gather(-1, nxt)[..., 0], inf)  # (G, K)
-        enter_sum = torch.cat([sums[:1], (sums + enter)[:-1]]).masked_fill(opening[:, None], inf)
-        enter_len = torch.cat([lengths[:1], lengths[:-1] + 1])
-        cand_sum = torch.cat([stay_sum.view(G, K * V), enter_sum], -1)  # (G, K*V + K)
+        # entering a bank from the one before it, by a token its phrase allows (a finished beam
+        # enters nothing): candidate (k, m) is beam k of the bank before, by token m
+        enter = torch.where(allowed[:, None, :] & ~finished[..., None], logprobs.gather(-1, nxt), inf)  # (G, K, M)
+        enter_sum = torch.cat([sums[:1, :, None].expand(1, K, M), (sums[..., None] + enter)[:-1]])
+        enter_sum = enter_sum.masked_fill(opening[:, None, None], inf).view(G, K * M)
+        enter_len = torch.cat([lengths[:1], lengths[:-1] + 1])  # (G, K)
+        cand_sum = torch.cat([stay_sum.view(G, K * V), enter_sum], -1)  # (G, K*V + K*M)
         pen = cfg.length_penalty
         cand_score = torch.cat([(stay_sum / stay_len.clamp(min=1)[..., None] ** pen).view(G, K * V),
-                                enter_sum / enter_len.clamp(min=1) ** pen], -1)
+                                enter_sum / enter_len.repeat_interleave(M, -1).clamp(min=1) ** pen], -1)
         _, top_idx = cand_score.topk(K, -1)  # (G, K)
         entered = top_idx >= K * V
-        src_beam = torch.where(entered, top_idx - K * V, top_idx // V)
-        word = torch.where(entered, enters, top_idx % V)
+        entry = (top_idx - K * V).clamp(min=0)
+        src_beam = torch.where(entered, entry // M, top_idx // V)
+        word = torch.where(entered, enters.gather(-1, entry % M), top_idx % V)
         sums = cand_sum.gather(-1, top_idx)
         lengths = torch.where(entered, enter_len.gather(-1, src_beam), stay_len.gather(-1, src_beam))
         old = (rows - entered.long() * K + src_beam).clamp(min=0).view(-1)  # (G*K,) rows of the old beams

@@ -136,58 +136,50 @@ class ObjectNamer:
             chosen.append(entry if entry is not None and entry.category not in NOT_INSERTED else None)
         return chosen
 
+    def phrase(self, entry: LexiconEntry) -> list[list[int]]:
+        """The constraint for an entry: at each position of its phrase the word's token, or its
+        plural's where that differs and the model was trained on it (a caption names the object
+        in either: `names`). A grown plural is left out: grown from the same proxy as its
+        singular, the model cannot tell them apart ("a whales")."""
+        plural = _tokens(entry.plural)
+        same_start = len(plural) == len(entry.tokens) and plural[:-1] == entry.tokens[:-1]
+        out = []
+        for i, tok in enumerate(entry.tokens):
+            alts = [self.ids[tok]]
+            if same_start and plural[i] != tok and self.ids.get(plural[i], self.base_vocab) < self.base_vocab:
+                alts.append(self.ids[plural[i]])
+            out.append(alts)
+        return out
+
     @torch.no_grad()
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
-        """Per photo, the model's own caption or, where that does not name the photo's confident
-        object, the caption constrained to name it; both kinds decoded in one search."""
+        """Per photo, the best caption that names its confident object (the word or its plural;
+        where none can, the best caption), or the model's own caption where it has none; all
+        in one search."""
         decoder, own_decoder, inputs, regions = self.model.decoder, self.base.decoder, features, None
         if isinstance(decoder, WithTunedTop):
-            # the tuned top runs once: its output feeds both searches (on the inner decoders, as
+            # the tuned top runs once: its output feeds the search (on the inner decoders, as
             # WithTunedTop's own init_state would run it again) and a recognition head
             regions = decoder.regions(features)
             decoder, own_decoder, inputs = decoder.inner, own_decoder.inner, regions
         objects = self.recognize(features) if regions is None else self.recognize(features, regions=regions)
         chosen = self.constraints(objects)
         vocab = self.model.vocab
-        decode = dict(bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id, cfg=search,
-                      banned_ids=(vocab.bos_id, vocab.unk_id), base_vocab=self.base_vocab)
-        index = self.ids
-        met = [e is not None for e in chosen]
-        # the model's own caption (except where the object's first word is one the vocab was
-        # grown with: the model never says it, and where the constrained search cannot meet the
-        # constraint it falls back to its unconstrained bank, that same search) and the caption
-        # forced to name the object
-        grown = [e is not None and index[e.tokens[0]] >= self.base_vocab for e in chosen]
-        own_rows = [b for b, g in enumerate(grown) if not g]
         forced_rows = [b for b, e in enumerate(chosen) if e is not None]
         if not forced_rows:
             # the model's own search, on its own vocab: what the grown copy's constrained search
             # gives without a constraint (grown words barred, the rest renormalised), in fewer ops
             own = beam_search(own_decoder, inputs, vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
                               banned_ids=(vocab.bos_id, vocab.unk_id))
-            return NamedCaptions(own, objects, chosen, met)
-        # both in one search: the own captions as rows without a constraint, all rows advancing
-        # through the decoder together (fewer, larger steps than two searches one after the other)
-        phrases = [[] for _ in own_rows] + [[index[t] for t in chosen[b].tokens] for b in forced_rows]
-        both, both_met = constrained_beam_search(decoder, inputs[own_rows + forced_rows], constraints=phrases,
-                                                 **decode)
-        n_own = len(own_rows)
-        own, forced = _take(both, list(range(n_own))), _take(both, list(range(n_own, len(phrases))))
-        keep_own, keep_forced = [], []
-        for i, b in enumerate(own_rows):
-            entry = chosen[b]
-            if entry is None or names(vocab.decode(own.tokens[i, 0].tolist()).split(), entry):
-                chosen[b] = None  # no object, or named already in the model's own words: as it is
-                keep_own.append(i)
-        kept = {own_rows[i] for i in keep_own}
-        for i, b in enumerate(forced_rows):
-            if b not in kept:
-                keep_forced.append(i)
-                met[b] = bool(both_met[n_own + i])
-        parts = [(_take(own, keep_own), [own_rows[i] for i in keep_own]),
-                 (_take(forced, keep_forced), [forced_rows[i] for i in keep_forced])]
-        hyps = _assemble(parts, len(chosen), vocab.pad_id)
-        return NamedCaptions(hyps, objects, chosen, met)
+            return NamedCaptions(own, objects, chosen, [False] * len(chosen))
+        # The model's own caption names the object already where it is the best of the search's
+        # final bank too (the banks' beams together cover the unconstrained search), so a
+        # separate unconstrained search for those photos would only repeat it.
+        phrases = [self.phrase(e) if e is not None else [] for e in chosen]
+        hyps, met = constrained_beam_search(decoder, inputs, vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
+                                            constraints=phrases, banned_ids=(vocab.bos_id, vocab.unk_id),
+                                            base_vocab=self.base_vocab)
+        return NamedCaptions(hyps, objects, chosen, [bool(m) for m in met])
 
     def words_of(self, ids: list[int], entry: LexiconEntry | None) -> list[str]:
         """Token ids -> words, with the article and number made right for the inserted word."""
@@ -208,32 +200,6 @@ def names(words: list[str], entry: LexiconEntry) -> bool:
     return False
 
 
-def _take(hyps: Hypotheses, rows: list[int]) -> Hypotheses:
-    index = torch.tensor(rows, dtype=torch.long, device=hyps.tokens.device)
-    return Hypotheses(hyps.tokens[index], hyps.scores[index], hyps.logprobs[index], hyps.alphas[index])
-
-
-def _assemble(parts: list[tuple[Hypotheses, list[int]]], batch: int, pad_id: int) -> Hypotheses:
-    """One batch of hypotheses from parts, each covering the images `rows` (tokens and attention
-    padded to the longest)."""
-    parts = [(h, rows) for h, rows in parts if rows]
-    T = max(h.tokens.size(-1) for h, _ in parts)
-    first = parts[0][0]
-    K, N = first.tokens.size(1), first.alphas.size(-1)
-    device = first.tokens.device
-    tokens = torch.full((batch, K, T), pad_id, dtype=torch.long, device=device)
-    alphas = torch.zeros(batch, K, T, N, dtype=first.alphas.dtype, device=device)
-    scores = torch.zeros(batch, K, dtype=first.scores.dtype, device=device)
-    logprobs = torch.zeros(batch, K, dtype=first.logprobs.dtype, device=device)
-    for h, rows in parts:
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        t = h.tokens.size(-1)
-        tokens[index, :, :t] = h.tokens
-        alphas[index, :, :t] = h.alphas.to(alphas.dtype)
-        scores[index], logprobs[index] = h.scores.to(scores.dtype), h.logprobs.to(logprobs.dtype)
-    return Hypotheses(tokens, scores, logprobs, alphas)
-
-
 def _tokens(text: str | None) -> list[str]:
     from captioner.data.vocab import tokenize
 
@@ -242,10 +208,17 @@ def _tokens(text: str | None) -> list[str]:
 
 def fix_grammar(words: list[str], entry: LexiconEntry) -> list[str]:
     """Make the words before an inserted lexicon phrase agree with it: "a espresso" -> "an
-    espresso", "a broccoli" -> "broccoli" (mass noun), "two cat" -> "two cats"."""
+    espresso", "a broccoli" -> "broccoli" (mass noun), "two cat" -> "two cats", "a cats" -> "a
+    cat"."""
     phrase = entry.tokens
     n = len(phrase)
     out = list(words)
+    plural = _tokens(entry.plural)
+    if plural != phrase:  # a plural after "a"/"an": the singular (the article is then made right below)
+        m = len(plural)
+        for i in range(1, len(out) - m + 1):
+            if out[i:i + m] == plural and out[i - 1] in ("a", "an"):
+                out[i:i + m] = phrase
     i = 0
     while i + n <= len(out):
         if out[i:i + n] != phrase:
