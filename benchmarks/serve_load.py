@@ -15,9 +15,10 @@ throughput and p50/p99 latency per mode, and the throughput ratio, with where th
 per photo (from the server's /healthz counters): the model's (`model_ms_per_photo`), split into
 its encoder passes and searches (`encode_ms_per_photo`, `search_ms_per_photo`), and the request
 threads' photo decoding (`decode_ms_per_photo`), which runs beside the model on the same cores.
-Before each round and after the last, one forward pass of the stock EfficientNet-Lite0 with one
-torch thread is timed in this process (no server running): throughput is also given in photos per
-that time (`photos_per_lite0_forward`; issue 36's bar: >= 1.0, batching >= 1.0x one at a time).
+Before each server starts and after the last one stops, one forward pass of the stock
+EfficientNet-Lite0 with one torch thread is timed in this process (no server running; the median
+of 20 after 3 warm-up passes, and the run's yardstick is the median of all of them, as the shared
+machine's speed drifts within minutes): throughput is also given in photos per that time (`photos_per_lite0_forward`; issue 36's bar: >= 1.0, batching >= 1.0x one at a time).
 The server serves the shipped default model, or `--model PATH` (any exported checkpoint) as its
 one variant.
 """
@@ -228,7 +229,7 @@ def run_mode(max_batch: int, threads: int, args: argparse.Namespace, workdir: Pa
         server.stop()
 
 
-def stock_forward_ms(repeats: int = 10) -> float:
+def stock_forward_ms(repeats: int = 20, warmup: int = 3) -> float:
     """Median time of one forward pass of the stock EfficientNet-Lite0 (ImageNet classifier,
     eager, channels-last) on one example photo with one torch thread, in this process: the
     yardstick of the throughput bar (photos per single-thread Lite0 forward time). Measured
@@ -244,7 +245,8 @@ def stock_forward_ms(repeats: int = 10) -> float:
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            net(x)  # warm-up
+            for _ in range(warmup):
+                net(x)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -346,8 +348,8 @@ def main(argv=None) -> dict:
     forward_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            forward_ms.append(stock_forward_ms())
             for (mode, setting) in rounds:
+                forward_ms.append(stock_forward_ms())
                 workers, threads = map(int, setting.split("x"))
                 res = run_mode(modes[mode][0], threads, args, Path(tmp), modes[mode][1], workers)
                 rounds[mode, setting].append(res)
