@@ -218,7 +218,6 @@ def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, bos_id: 
                        for b, s in zip(image, bank)])  # (G, M)
     # (a dead beam may still pick a padding entry: 0 there keeps its token a valid id)
     enters = as_tensor([pad(constraints[b][s - 1]) if s > 0 else [-1] * M for b, s in zip(image, bank)]).clamp(min=0)
-    has_next = moves[:, 0] >= 0  # (G,)
     allowed = moves >= 0  # (G, M)
     nxt = moves.clamp(min=0)[:, None, :].expand(G, K, M)
     opening = as_tensor(bank) == 0  # (G,): no bank before it
