@@ -281,10 +281,14 @@ def readme_block(result: dict, source: str = "benchmarks/results/serve_load.json
     rows = ["| serving | model workers x torch threads | throughput (req/s) | photos per Lite0 forward | p50 latency (ms) | "
             "p99 latency (ms) | failed / requests | photos per model call |",
             "|---|---|---|---|---|---|---|---|"]
+    if "by_setting" not in result:
+        raise SystemExit("the results file predates the model-workers sweep (no by_setting): rerun the benchmark")
     default = result["default_setting"]
     for key, m in result["by_setting"].items():
         mode, setting = key.split("@")
-        label = {"batched": "micro-batched (max 16 photos, 10 ms wait)", "one_at_a_time": "one photo at a time"}[mode]
+        label = ("one photo at a time" if mode == "one_at_a_time" else
+                 "micro-batched (max 16 photos, 10 ms wait" + (f", encode chunk {m['encode_chunk']})"
+                                                               if mode != "batched" else ")"))
         if mode == "one_at_a_time" and setting != default:
             continue
         star = " (serve's default)" if setting == default else ""

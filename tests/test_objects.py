@@ -130,6 +130,28 @@ def test_a_phrase_position_takes_any_of_its_tokens():
     assert row[row.index(7) + 1] == 5
 
 
+def test_a_two_word_object_keeps_the_models_own_caption_where_it_names_it(monkeypatch):
+    """A phrase's first word can only start the phrase in the constrained banks ("sea" only in
+    "sea lion"), so for a longer phrase the own caption is searched too: forced where it does not
+    name the object, kept as it is where it does."""
+    from captioner.models import objects
+    from captioner.models.recognition import RecognizedObject
+
+    model, namer = _namer_over(["a", "dog", "hot", "food", "in", "field"], favourite="dog")
+    feats = torch.randn(2, 49, 1280)
+    search = SearchConfig(beam_size=2, max_len=5)
+    plain = model.captions(feats, search)
+    found = [[RecognizedObject("hot dog", 0.9)], [RecognizedObject("hot dog", 0.9)]]
+    monkeypatch.setattr(namer, "recognize", lambda f: found)
+    got = namer.generate(feats, search)
+    texts = namer.captions(feats, search)
+    assert all(e.word == "hot dog" for e in got.constraint) and all(got.met)
+    assert all(names(t.split(), e) for t, e in zip(texts, got.constraint))  # "dog dog ..." named no hot dog
+    monkeypatch.setattr(objects, "names", lambda words, entry: True)  # now the own captions "name" it
+    got = namer.generate(feats, search)
+    assert got.constraint == [None, None] and namer.captions(feats, search) == plain
+
+
 def test_the_constraint_for_an_entry_takes_its_plural_too_where_the_model_knows_it():
     _, namer = _namer_over(["a", "dog", "dogs", "horse", "oil", "rig", "rigs", "in", "field"], favourite="dog")
     words = lexicon_words()
@@ -167,6 +189,8 @@ def test_grammar_article_mass_noun_and_plural():
     assert fix_grammar("a man sits at a candles".split(), words["candle"]) == "a man sits at a candle".split()
     assert fix_grammar("a espressos".split(), words["espresso"]) == "an espresso".split()
     assert fix_grammar("two cats sit".split(), words["cat"]) == "two cats sit".split()
+    # a missing plural changes nothing
+    assert fix_grammar("a dog on a bed".split(), dataclasses.replace(words["dog"], plural="")) == "a dog on a bed".split()
     assert fix_grammar("an tennis racket".split(), words["tennis racket"]) == "a tennis racket".split()
 
 

@@ -97,6 +97,34 @@ def test_micro_batcher_workers_run_batches_at_once_and_stop_together():
     assert threads and not any(t.is_alive() for t in threads)
 
 
+def test_micro_batcher_runs_again_after_a_stop():
+    """stop() leaves no stop signal behind: a restarted batcher (an app's lifespan run twice)
+    answers jobs, and /healthz's queue count is not inflated."""
+    pytest.importorskip("fastapi")
+    import torch
+
+    from captioner.service.serve import Job, MicroBatcher
+
+    def run(jobs):
+        for j in jobs:
+            j.future.set_result(int(j.pixels[0]))
+
+    for workers in (1, 2):
+        batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.0, workers=workers)
+        batcher.start()
+        batcher.stop()
+        assert batcher.pending() == 0
+        batcher.start()
+        assert batcher.submit(Job("a", (3, 25, 1, True), torch.tensor([7]))).result(timeout=10) == 7
+        batcher.stop()
+
+
+def test_load_benchmark_refuses_an_old_results_file(tmp_path):
+    bench = load_benchmark("serve_load")
+    with pytest.raises(SystemExit, match="predates"):
+        bench.readme_block({"summary": {}}, "old.json")
+
+
 def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
     """`serve_load.py --model PATH`: the server's config names that file as its one variant."""
     from captioner.service.ab import resolve_checkpoint

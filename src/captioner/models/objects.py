@@ -155,7 +155,9 @@ class ObjectNamer:
     def generate(self, features: torch.Tensor, search: SearchConfig) -> NamedCaptions:
         """Per photo, the best caption that names its confident object (the word or its plural;
         where none can, the best caption), or the model's own caption where it has none; all
-        in one search."""
+        in one search. For a phrase of two or more words the model's own caption is searched
+        too and kept where it names the object already: the constrained search lets the
+        phrase's first word appear only as the phrase's start ("sea" only in "sea lion")."""
         decoder, own_decoder, inputs, regions = self.model.decoder, self.base.decoder, features, None
         if isinstance(decoder, WithTunedTop):
             # the tuned top runs once: its output feeds the search (on the inner decoders, as
@@ -172,14 +174,26 @@ class ObjectNamer:
             own = beam_search(own_decoder, inputs, vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
                               banned_ids=(vocab.bos_id, vocab.unk_id))
             return NamedCaptions(own, objects, chosen, [False] * len(chosen))
-        # The model's own caption names the object already where it is the best of the search's
-        # final bank too (the banks' beams together cover the unconstrained search), so a
-        # separate unconstrained search for those photos would only repeat it.
-        phrases = [self.phrase(e) if e is not None else [] for e in chosen]
-        hyps, met = constrained_beam_search(decoder, inputs, vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
+        # For a one-word object the model's own caption, where it names the object, is almost
+        # always the final bank's best too, so no separate unconstrained rows are searched. A
+        # longer phrase gets them (unless its first word is a grown one, which the model never
+        # says unasked), as its first word cannot stand alone in the constrained banks.
+        index = self.ids
+        own_too = [b for b, e in enumerate(chosen)
+                   if e is not None and len(e.tokens) > 1 and index[e.tokens[0]] < self.base_vocab]
+        rows = list(range(len(chosen))) + own_too  # every photo, then the own rows of long phrases
+        phrases = [self.phrase(e) if e is not None else [] for e in chosen] + [[] for _ in own_too]
+        hyps, met = constrained_beam_search(decoder, inputs[rows], vocab.bos_id, vocab.eos_id, vocab.pad_id, search,
                                             constraints=phrases, banned_ids=(vocab.bos_id, vocab.unk_id),
                                             base_vocab=self.base_vocab)
-        return NamedCaptions(hyps, objects, chosen, [bool(m) for m in met])
+        pick, met = list(range(len(chosen))), [bool(m) for m in met[:len(chosen)]]
+        for i, b in enumerate(own_too):
+            own = len(chosen) + i
+            if names(vocab.decode(hyps.tokens[own, 0].tolist()).split(), chosen[b]):
+                pick[b], chosen[b] = own, None  # named already, in the model's own words: as it is
+        if own_too:
+            hyps = _take(hyps, pick)
+        return NamedCaptions(hyps, objects, chosen, met)
 
     def words_of(self, ids: list[int], entry: LexiconEntry | None) -> list[str]:
         """Token ids -> words, with the article and number made right for the inserted word."""
@@ -206,6 +220,11 @@ def _tokens(text: str | None) -> list[str]:
     return tokenize(text or "")
 
 
+def _take(hyps: Hypotheses, rows: list[int]) -> Hypotheses:
+    index = torch.tensor(rows, dtype=torch.long, device=hyps.tokens.device)
+    return Hypotheses(hyps.tokens[index], hyps.scores[index], hyps.logprobs[index], hyps.alphas[index])
+
+
 def fix_grammar(words: list[str], entry: LexiconEntry) -> list[str]:
     """Make the words before an inserted lexicon phrase agree with it: "a espresso" -> "an
     espresso", "a broccoli" -> "broccoli" (mass noun), "two cat" -> "two cats", "a cats" -> "a
@@ -214,7 +233,7 @@ def fix_grammar(words: list[str], entry: LexiconEntry) -> list[str]:
     n = len(phrase)
     out = list(words)
     plural = _tokens(entry.plural)
-    if plural != phrase:  # a plural after "a"/"an": the singular (the article is then made right below)
+    if plural and plural != phrase:  # a plural after "a"/"an": the singular (its article is made right below)
         m = len(plural)
         for i in range(1, len(out) - m + 1):
             if out[i:i + m] == plural and out[i - 1] in ("a", "an"):
@@ -225,8 +244,8 @@ def fix_grammar(words: list[str], entry: LexiconEntry) -> list[str]:
             i += 1
             continue
         prev = out[i - 1] if i > 0 else None
-        if prev in COUNT_WORDS or (i > 1 and out[i - 2] in COUNT_WORDS and prev == "of"):
-            plural = _tokens(entry.plural)
+        counted = prev in COUNT_WORDS or (i > 1 and out[i - 2] in COUNT_WORDS and prev == "of")
+        if plural and counted:
             out[i:i + n] = plural
             i += len(plural)
             continue

@@ -170,9 +170,21 @@ class MicroBatcher:
     def stop(self) -> None:
         if self._threads:
             self._queue.put(None)  # each worker passes it on to the next as it stops
+            deadline = time.monotonic() + 30
             for t in self._threads:
-                t.join(timeout=30)
+                t.join(timeout=max(deadline - time.monotonic(), 0.0))
             self._threads = []
+            # the last worker's pass-on is still queued: take it out, so a restart runs (jobs stay)
+            left = []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    left.append(item)
+            for item in left:
+                self._queue.put(item)
 
     def submit(self, job: Job) -> Future:
         self._queue.put(job)
