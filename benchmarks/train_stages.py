@@ -79,6 +79,19 @@ def main(argv=None) -> dict:
             encoder(torch.stack([preprocess(x, model.encoder_cfg) for x in photos[s:s + cfg.feature_batch_size]]))
             enc_s.append((time.perf_counter() - t) / cfg.feature_batch_size)
 
+    def update(loss: torch.Tensor, t: list[float]) -> None:
+        """Backward, then clip and step, as training does; each part's end time appended to t."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
+        optimizer.step()
+        t.append(time.perf_counter())
+
+    def record(parts: dict[str, list[float]], names: tuple[str, ...], t: list[float]) -> None:
+        for k, name in enumerate(names):
+            parts.setdefault(name, []).append(t[k + 1] - t[k])
+
     # cross-entropy steps
     forward = TeacherForcing(model.decoder)
     model.train()
@@ -90,14 +103,8 @@ def main(argv=None) -> dict:
         with autocast(cfg, "cpu"):
             loss = caption_loss(model, feats, seq, cfg, rows, forward)
         t.append(time.perf_counter())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
-        optimizer.step()
-        t.append(time.perf_counter())
-        for k, name in enumerate(("data", "forward", "backward", "optimiser")):
-            xe.setdefault(name, []).append(t[k + 1] - t[k])
+        update(loss, t)
+        record(xe, ("data", "forward", "backward", "optimiser"), t)
     top = getattr(model.decoder, "top", None)
     top_ms = None
     if top is not None:  # the tuned top alone, on one batch's photos
@@ -125,14 +132,8 @@ def main(argv=None) -> dict:
         t = [time.perf_counter()]
         loss, _, _ = scst_loss(model, feats, images, cider, cfg, None, data.is_mirrored[images].tolist())
         t.append(time.perf_counter())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
-        optimizer.step()
-        t.append(time.perf_counter())
-        for j, name in enumerate(("loss (sample, reward, forward)", "backward", "optimiser")):
-            sc.setdefault(name, []).append(t[j + 1] - t[j])
+        update(loss, t)
+        record(sc, ("loss (sample, reward, forward)", "backward", "optimiser"), t)
         if top is not None:
             with torch.no_grad():
                 t1 = time.perf_counter()
