@@ -169,22 +169,12 @@ class MicroBatcher:
 
     def stop(self) -> None:
         if self._threads:
-            self._queue.put(None)  # each worker passes it on to the next as it stops
+            for _ in self._threads:
+                self._queue.put(None)  # one stop signal per worker: each takes one and ends
             deadline = time.monotonic() + 30
             for t in self._threads:
                 t.join(timeout=max(deadline - time.monotonic(), 0.0))
             self._threads = []
-            # the last worker's pass-on is still queued: take it out, so a restart runs (jobs stay)
-            left = []
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    left.append(item)
-            for item in left:
-                self._queue.put(item)
 
     def submit(self, job: Job) -> Future:
         self._queue.put(job)
@@ -219,11 +209,8 @@ class MicroBatcher:
         with self._gathering:
             first = self._queue.get()
             if first is None:
-                self._queue.put(None)  # for the next worker
                 return [], True
             jobs, stopping = self._gather(first)
-            if stopping:
-                self._queue.put(None)
             # A job whose client has given up (timed out) was cancelled: drop it. The others are
             # marked running, so they can no longer be cancelled while the model works on them.
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
