@@ -9,11 +9,10 @@ number of cross-entropy steps split into data, forward, backward and optimiser (
 top's forward and backward alone on one batch), the same for self-critical steps (sampling,
 rewards and the gradient forward counted together as "loss"), and dev validation per photo.
 It then multiplies each by what the recipe runs (photos, epochs, steps per epoch, trajectories)
-into minutes per stage, a prediction of `release/release.sh`'s retrain minutes, and the two
-passes a refit could skip: dev validation after every epoch (a refit, `train_on_dev`, keeps its
-last epochs whatever dev says) and the tuned top's second forward in every self-critical step
-(sampling runs it without gradients, then the gradient pass runs it again). Medians of the
-steps after two warm-up steps; a prediction, not a retrain: `release/release.sh` measures one.
+into minutes per stage and a prediction of `release/retrain.sh`'s retrain minutes. The
+self-critical steps hold the tuned top fixed where the recipe does (`scst_encoder_lr_scale` 0);
+dev is scored after every epoch, or in a refit (`train_on_dev`) after each stage's last. Medians
+of the steps after two warm-up steps; a prediction, not a retrain: `release/retrain.sh` runs one.
 The cache is filled first where it is empty (minutes: that is `captioner prepare`).
 """
 from __future__ import annotations
@@ -120,12 +119,13 @@ def main(argv=None) -> dict:
         top_ms = {"forward": median_ms(fw), "backward": median_ms(bw), "images": feats.size(0)}
         optimizer.zero_grad(set_to_none=True)
 
-    # self-critical steps
+    # self-critical steps, the top held fixed where the recipe says so (as training does)
+    if cfg.scst_encoder_lr_scale == 0 and top is not None:
+        top.requires_grad_(False)
     cider = reward_scorer([r.captions for r in train_recs])
     per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
     order = torch.randperm(len(data), generator=gen).tolist()
     sc: dict[str, list[float]] = {}
-    top_nograd = []
     for k in range(args.steps + 2):
         images = order[k * per_step:(k + 1) * per_step]
         feats = data.photo_features(images)
@@ -134,11 +134,6 @@ def main(argv=None) -> dict:
         t.append(time.perf_counter())
         update(loss, t)
         record(sc, ("loss (sample, reward, forward)", "backward", "optimiser"), t)
-        if top is not None:
-            with torch.no_grad():
-                t1 = time.perf_counter()
-                top(feats)
-                top_nograd.append(time.perf_counter() - t1)
 
     # dev validation per photo (beam search as validate runs it)
     search = SearchConfig(beam_size=cfg.val_beam_size, max_len=cfg.val_max_len, length_penalty=cfg.length_penalty)
@@ -155,18 +150,16 @@ def main(argv=None) -> dict:
     trajectories = max(1, cfg.scst_soup)
     xe_step_ms = sum(median_ms(v) for v in xe.values())
     scst_step_ms = sum(median_ms(v) for v in sc.values())
-    validations = cfg.epochs + trajectories * cfg.scst_epochs
+    # dev is scored after every epoch, but a refit (train_on_dev) scores only each stage's last;
+    # a soup is scored once more
+    soup = 1 if trajectories > 1 else 0
+    validations = (1 + trajectories if cfg.train_on_dev else cfg.epochs + trajectories * cfg.scst_epochs) + soup
     minutes = {
         "prepare (frozen encoder on every photo and mirror image)": (n_photos + mirrored) * statistics.median(enc_s) / 60,
         "cross-entropy": cfg.epochs * xe_steps * xe_step_ms / 60000,
         "self-critical": trajectories * cfg.scst_epochs * scst_steps * scst_step_ms / 60000,
-        "dev validation after every epoch": validations * len(dev_recs) * val_per_photo / 60,
+        "dev validation": validations * len(dev_recs) * val_per_photo / 60,
     }
-    skippable = {"dev validation in a refit (train_on_dev) except the last": (validations - 1) * len(dev_recs)
-                 * val_per_photo / 60 if cfg.train_on_dev else 0.0,
-                 "the tuned top's second forward in each self-critical step":
-                 trajectories * cfg.scst_epochs * scst_steps * statistics.median(top_nograd[2:] or top_nograd) / 60
-                 if top_nograd else 0.0}
     result = {
         "config": str(args.config), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "recipe": {"photos": n_photos, "mirror_images": mirrored, "xe_epochs": cfg.epochs, "xe_steps_per_epoch": xe_steps,
@@ -177,11 +170,9 @@ def main(argv=None) -> dict:
                "xe_step": {k: median_ms(v) for k, v in xe.items()}, "xe_step_total": round(xe_step_ms, 1),
                "tuned_top_on_one_xe_batch": top_ms,
                "scst_step": {k: median_ms(v) for k, v in sc.items()}, "scst_step_total": round(scst_step_ms, 1),
-               "tuned_top_forward_no_grad_per_scst_step": median_ms(top_nograd) if top_nograd else None,
                "validation_per_photo": round(val_per_photo * 1000, 1)},
         "predicted_minutes": {k: round(v, 1) for k, v in minutes.items()},
         "predicted_retrain_minutes": round(sum(minutes.values()), 1),
-        "skippable_minutes": {k: round(v, 1) for k, v in skippable.items()},
         "cache_ready_seconds": round(prepare_s, 1),
         "cpu": cpu_info(),
         "load_average_at_end": list(os.getloadavg()),
@@ -189,8 +180,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ms", "predicted_minutes", "predicted_retrain_minutes",
-                                             "skippable_minutes")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("ms", "predicted_minutes", "predicted_retrain_minutes")}, indent=2))
     return result
 
 

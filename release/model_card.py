@@ -116,7 +116,7 @@ def how_kept(config: dict, history: list[dict], lp: dict) -> str:
                 if config.get("scst_soup", 1) > 1 else "each stage's last epoch")
         return (f"a refit on the train and dev photos, {kept} kept). {search}, chosen on dev "
                 f"for the train-only run it refits (`{lp.get('taken_from', '?')}`).\n")
-    best = max(history, key=lambda h: h["dev"]["CIDEr"])
+    best = max((h for h in history if h.get("dev")), key=lambda h: h["dev"]["CIDEr"])
     return f"best dev CIDEr-D during training {best['dev']['CIDEr']:.3f}, epoch {best['epoch']}). {search}, chosen on dev.\n"
 
 

@@ -2,8 +2,8 @@
 # Release a new default model, end to end, with every figure its model card and docs/results.md
 # quote:
 #   bash release/release.sh [DATA_DIR] [RUN_DIR]
-# 1. retrain: `captioner prepare` (feature extraction, fresh cache) and `captioner train` with
-#    configs/flickr8k-release.json (the recipe's defaults, refit on train + dev), both timed;
+# 1. retrain: release/retrain.sh's timed `captioner prepare` (fresh cache) and `captioner train`
+#    with configs/flickr8k-release.json (the recipe's defaults, refit on train + dev);
 # 2. search: the beam's length penalty and n-gram blocking. A refit cannot tune on dev (it trained
 #    on it), so they come from the train-only run it refits (SEARCH_FROM, a tune_search.py output);
 #    with TUNE=1 they are tuned on dev for this run instead (a recipe without train_on_dev);
@@ -20,27 +20,11 @@ RUN=${2:-runs/release}
 CONFIG=${CONFIG:-configs/flickr8k-release.json}
 SEARCH_FROM=${SEARCH_FROM:-benchmarks/results/tuned-mirror/length_penalty.json}
 EXPORT_TO=${EXPORT_TO:-src/captioner/weights/default.pt}
-CACHE="$RUN/cache"  # a fresh cache, so extraction time is counted
+CACHE="$RUN/cache"  # retrain.sh fills it afresh, so extraction time is counted
 [ -f "$CONFIG" ] || { echo "error: CONFIG=$CONFIG: no such file" >&2; exit 2; }
 [ -n "${TUNE:-}" ] || [ -f "$SEARCH_FROM" ] || { echo "error: SEARCH_FROM=$SEARCH_FROM: no such file" >&2; exit 2; }
 here=$(dirname "$0")
-mkdir -p "$RUN"
-lscpu > "$RUN/lscpu.txt" 2>/dev/null || true  # the minutes compare only on the same CPU model
-rm -rf "$CACHE"
-now() { date +%s.%N; }
-t0=$(now)
-captioner prepare --config "$CONFIG" --data "$DATA" --cache-dir "$CACHE" --no-progress
-t1=$(now)
-captioner train --config "$CONFIG" --data "$DATA" --cache-dir "$CACHE" --out "$RUN" --no-progress
-t2=$(now)
-python3 - "$RUN/timing.json" "$t0" "$t1" "$t2" <<'PY'
-import json, os, platform, sys
-t = list(map(float, sys.argv[2:]))
-out = {"prepare_minutes": round((t[1] - t[0]) / 60, 1), "train_minutes": round((t[2] - t[1]) / 60, 1),
-       "retrain_minutes": round((t[2] - t[0]) / 60, 1), "cpus": os.cpu_count(), "machine": platform.machine()}
-open(sys.argv[1], "w").write(json.dumps(out, indent=2) + "\n")
-print(json.dumps(out))
-PY
+NO_REPRODUCE=1 CONFIG="$CONFIG" bash "$here/retrain.sh" "$DATA" "$RUN"  # step 1, timed
 if [ -n "${TUNE:-}" ]; then
   python3 "$here/tune_search.py" --checkpoint "$RUN/best.pt" --data "$DATA" --cache-dir "$CACHE" \
     --out "$RUN/length_penalty.json"

@@ -149,3 +149,19 @@ def test_nucleus_sampling_keeps_only_the_top_mass():
     assert set(out.tokens[:, 0].tolist()) == {3, 4}
     with pytest.raises(ValueError, match="top_p"):
         sample(dec, torch.zeros(1, 4, 2), BOS, EOS, PAD, top_p=0.0)
+
+
+def test_drawing_a_word_follows_its_probability_and_never_a_zero_mass_word():
+    """Sampling's draw (an inverse-CDF draw, not torch.multinomial): each word as often as its
+    probability, banned words (-inf) never, nucleus sampling only inside its mass."""
+    from captioner.inference.decode import _draw
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0, float("-inf")]]).repeat(20000, 1)
+    counts = torch.bincount(_draw(logits, 1.0, gen), minlength=5).float() / 20000
+    torch.testing.assert_close(counts, logits[0].softmax(-1), atol=0.012, rtol=0)
+    assert counts[1] == 0 and counts[4] == 0
+    kept = torch.bincount(_draw(logits, 0.7, gen), minlength=5).float() / 20000
+    assert kept[0] == 0 and kept[3] == pytest.approx(0.665 / (0.665 + 0.245), abs=0.012)
+    one = torch.tensor([[float("-inf"), 3.0, float("-inf")]])
+    assert _draw(one.repeat(100, 1), 1.0, gen).eq(1).all()

@@ -138,3 +138,28 @@ def test_every_named_model_config_builds_and_steps(name):
         logprobs, state = dec.step(torch.zeros(2, dtype=torch.long), state)
     assert logprobs.shape == (2, V) and torch.isfinite(logprobs).all()
     assert state["alpha"].shape == (2, enc.grid_size ** 2)
+
+
+def test_lengths_skip_padding_without_changing_the_real_positions(decoder):
+    """Training passes each caption's length: a decoder may skip the padded steps, but the real
+    positions' logits, attention and gradients stay those of the full pass."""
+    decoder.eval()  # no dropout: both passes see the same weights and masks
+    feats, tokens = regions(decoder, 2), torch.randint(0, V, (4, T))
+    rows, lengths = torch.tensor([1, 0, 0, 1]), torch.tensor([2, T, 1, 4])
+    real = lengths[:, None] > torch.arange(T)
+    grads = []
+    for given in (None, lengths):
+        decoder.zero_grad()
+        logits, alphas = decoder.forward_with_attention(feats, tokens, rows, lengths=given)
+        assert logits.shape == (4, T, V)
+        logits[real].logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None})
+        if given is None:
+            full, full_alphas = logits.detach(), alphas
+        else:
+            torch.testing.assert_close(logits.detach()[real], full[real], atol=1e-5, rtol=1e-4)
+            if alphas is not None and full_alphas is not None:
+                torch.testing.assert_close(alphas.detach()[real], full_alphas.detach()[real], atol=1e-6, rtol=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3, msg=name)

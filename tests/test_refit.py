@@ -3,6 +3,7 @@ last epoch, since dev can no longer judge a model trained on it."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,9 @@ def test_a_refit_trains_on_dev_too_and_keeps_each_stages_last_epoch(tiny_data, t
     out = tmp_path / "refit"
     _, history = _run(tiny_data, tiny_model_file, out, train_on_dev=True, mirror_prob=0.5)
     assert [h["phase"] for h in history] == ["xe", "xe", "xe", "scst"]  # no early stop
+    # dev is scored only where a stage ends (it judges nothing in a refit)
+    assert [h["dev"] is not None for h in history] == [False, False, True, True]
+    assert log_says_not_scored(out)
     assert read_checkpoint(out / "best-xe.pt")["metrics"]["epoch"] == 3  # SCST started from the last XE epoch
     assert read_checkpoint(out / "best.pt")["metrics"]["epoch"] == 4
     train, dev = _split(tiny_data, "train"), _split(tiny_data, "dev")
@@ -59,6 +63,10 @@ def test_a_refit_trains_on_dev_too_and_keeps_each_stages_last_epoch(tiny_data, t
     # the mirror images of the dev photos were encoded for training too
     names = json.loads(next((out / "cache").glob("*-mirror")).joinpath("index.json").read_text())["names"]
     assert sorted(names) == sorted(train + dev)
+
+
+def log_says_not_scored(out) -> bool:
+    return "dev not scored" in (out / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -93,3 +101,16 @@ def test_the_release_script_names_a_missing_input_before_anything_runs(tmp_path)
                               capture_output=True, text=True, timeout=60, env={**os.environ, **env})
         assert done.returncode == 2 and says in done.stderr and "no such file" in done.stderr
         assert not run.exists()
+
+
+def test_the_retrain_script_names_a_missing_input_before_anything_runs(tmp_path):
+    run = tmp_path / "run"
+    for env, args, says in (({"CONFIG": str(tmp_path / "no-config.json")}, [str(tmp_path)], "CONFIG="),
+                            ({}, [str(tmp_path / "no-data")], "no such dataset folder")):
+        done = subprocess.run(["bash", "release/retrain.sh", *args, str(run)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert done.returncode == 2 and says in done.stderr
+        assert not run.exists()
+    done = subprocess.run([sys.executable, "release/reproduce.py", "--run", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no best.pt" in done.stderr

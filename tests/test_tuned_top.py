@@ -122,3 +122,57 @@ def test_a_tuned_model_trains_both_stages_saves_and_captions(tiny_data, tiny_mod
     cap = Captioner.load(out / "best.pt")
     result = cap.caption(sorted((tiny_data / "Images").iterdir())[0], beam_size=2, max_len=6)
     assert result.words and result.attention.shape == (len(result.words), 7, 7)
+
+
+def test_self_critical_training_can_hold_the_top_fixed_and_runs_it_once_per_step(tiny_data, tiny_model_file,
+                                                                                   tmp_path, monkeypatch):
+    """scst_encoder_lr_scale 0: SCST leaves the top as cross-entropy left it, trains the rest, and
+    runs the top once per step (sampling and the gradient pass share its output); 0.1 moves it."""
+    counts = {"calls": 0}
+    real = TunedTop.forward
+
+    def counted(self, regions):
+        counts["calls"] += 1
+        return real(self, regions)
+
+    tops = {}
+    for scale in (0.0, 0.1):
+        out = tmp_path / f"run-{scale}"
+        cfg = tiny_config(tiny_data, out, tiny_model_file, epochs=1, encoder=TUNED, scst_epochs=1,
+                          scst_batch_size=8, scst_encoder_lr_scale=scale)
+        train(cfg)
+        xe, scst = read_checkpoint(out / "best-xe.pt"), read_checkpoint(out / "best.pt")
+        moved = {k for k, v in scst["decoder_state"].items()
+                 if v.is_floating_point() and not torch.equal(v, xe["decoder_state"][k])}
+        tops[scale] = any(k.startswith("top.") for k in moved)
+        assert any(not k.startswith("top.") for k in moved)  # the decoder itself trained
+    assert tops == {0.0: False, 0.1: True}
+
+    # one top forward per self-critical step when it is held fixed
+    from captioner.training import scst as S
+    monkeypatch.setattr(TunedTop, "forward", counted)
+    cfg = tiny_config(tiny_data, tmp_path / "count", tiny_model_file, encoder=TUNED, scst_encoder_lr_scale=0.0)
+    model, _, _, _ = _build(cfg, None, configured_model(cfg), _records())
+    model.decoder.top.requires_grad_(False)
+    cider = S.reward_scorer([r.captions for r in _records()])
+    feats = torch.randn(3, 49, get_encoder_config(TUNED).feature_dim)
+    loss, _, _ = S.scst_loss(model, feats, [0, 1, 2], cider, replace(cfg, scst_samples=2, scst_max_len=4))
+    loss.backward()
+    assert counts["calls"] == 1
+    assert all(p.grad is None for p in model.decoder.top.parameters())
+
+
+def test_the_top_held_fixed_is_recomputed_for_new_photos_or_new_weights():
+    model = _tuned_model(0, Vocab.build(["a dog runs"] * 5, 1)).train()
+    model.decoder.top.requires_grad_(False)
+    a, b = torch.randn(2, 49, 448), torch.randn(2, 49, 448)
+    first = model.decoder.regions(a)
+    assert model.decoder.regions(a) is first  # the same photos: the same output, not run again
+    other = model.decoder.regions(b)
+    assert other is not first and not torch.equal(other, first)
+    again = model.decoder.regions(a)
+    with torch.no_grad():
+        next(model.decoder.top.parameters()).mul_(2)  # weights changed in place: the kept output is stale
+    moved = model.decoder.regions(a)
+    assert moved is not again and not torch.equal(moved, again)
+    torch.testing.assert_close(moved, model.decoder.top(a))

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from captioner.distributed import DistEnv, barrier, broadcast, shard
-from captioner.models.encoders import EncoderConfig, build_encoder, weights_files
+from captioner.models.encoders import EncoderConfig, build_encoder, frozen_encoder, weights_files
 from captioner.errors import ImageError
 from captioner.files import remove_stale_temps
 from captioner.data.loading import load_batches
@@ -65,6 +65,8 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
         return
     encoder = build_encoder(cfg).to(device)
     cuda = device.startswith("cuda")
+    if not cuda:  # traced and frozen, batch norm folded (as captioning runs it): fewer, larger kernels
+        encoder = frozen_encoder(encoder)
     bar = tqdm(total=len(paths), desc=f"features {cfg.name}", unit="img", disable=not progress)
     start = 0
     for batch in load_batches(paths, cfg, batch_size, workers, mirror):
@@ -72,6 +74,8 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
             if error:
                 raise ImageError(error)
         pixels = torch.stack([x for _, x, _ in batch]).to(device)
+        if not cuda:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             feats = encoder(pixels)  # (B, R, C)
         out[start:start + len(batch)] = feats.float().cpu().numpy().astype(np.float16)

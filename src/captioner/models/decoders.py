@@ -1,7 +1,10 @@
 """Caption decoders, found by name through a small registry.
 
 Every decoder offers the same contract:
-- `forward(features, tokens) -> logits` for teacher forcing,
+- `forward(features, tokens) -> logits` for teacher forcing, and `forward_with_attention(features,
+  tokens, rows, need_weights, lengths) -> (logits, alphas)`, which training calls: `lengths` says
+  where each caption's padding starts, and a decoder may skip the padded steps (their logits
+  are then zero, and never read),
 - `init_state(features) -> state` and `step(prev_tokens, state) -> (logprobs, state)` for search,
   where `state` is a dict of tensors with the batch on dim 0 (so search can reorder beams), and
   `state["alpha"]` holds the last step's attention weights over the regions.
@@ -215,7 +218,9 @@ class SoftAttentionLSTM(nn.Module):
         alpha = e.softmax(-1)
         if self.cfg.attention == "local":
             alpha = self._local(alpha, h)
-        context = torch.sigmoid(hb[:, A:]) * (alpha[:, :, None] * state["regions"]).sum(1)  # (B, D)
+        # the weighted sum of the regions as one batched product: no (B, N, D) temporary, and its
+        # backward is two products too (training runs this; search runs the fused step)
+        context = torch.sigmoid(hb[:, A:]) * torch.bmm(alpha[:, None], state["regions"])[:, 0]  # (B, D)
         h, c = _lstm_update(word_gates + self.recurrent_gates(torch.cat([context, h], -1)), c)
         return context, {**state, "h": h, "c": c, "alpha": alpha}
 
@@ -242,26 +247,60 @@ class SoftAttentionLSTM(nn.Module):
 
     # --- contract ------------------------------------------------------------------
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
 
         `rows` (B,) names each caption's image (the regions are projected once per image);
         without it caption i belongs to image i. The LSTM computes its alphas either way.
+        With `lengths` (B,) the steps past each caption's length are skipped (their logits and
+        alphas are zero): the captions run longest first, and each step runs only the rows still
+        going, so a batch costs its tokens, not its longest caption times its size.
         """
         state = self.init_state(features)
-        if rows is not None:
-            state = {k: v.index_select(0, rows) for k, v in state.items()}
+        if lengths is None:
+            if rows is not None:
+                state = {k: v.index_select(0, rows) for k, v in state.items()}
+            emb = self.drop(self.embed(tokens))  # (B, T, E)
+            word_gates = self.word_gates(emb).unbind(1)  # T x (B, 4H), all steps in one matmul
+            hs, contexts, alphas = [], [], []
+            for t in range(tokens.size(1)):
+                context, state = self._cell(word_gates[t], state)
+                hs.append(state["h"])
+                contexts.append(context)
+                alphas.append(state["alpha"])
+            logits = self._logits(emb, torch.stack(hs, 1), torch.stack(contexts, 1))  # (B, T, V)
+            return logits, torch.stack(alphas, 1)
+        B, T = tokens.shape
+        order = lengths.argsort(descending=True, stable=True)  # longest first: running rows are a prefix
+        back = order.argsort()
+        image = order if rows is None else rows.index_select(0, order)
+        state = {k: v.index_select(0, image) for k, v in state.items()}
+        steps = torch.arange(T, device=tokens.device)
+        mask = lengths[:, None] > steps  # (B, T) the real positions, in the caller's order
+        running = mask.index_select(0, order).sum(0).tolist()  # rows still going at each step
         emb = self.drop(self.embed(tokens))  # (B, T, E)
-        word_gates = self.word_gates(emb)  # (B, T, 4H), all steps in one matmul
+        # T x (B, 4H), sorted; unbound, so the backward stacks the steps' gradients once
+        word_gates = self.word_gates(emb.index_select(0, order)).unbind(1)
         hs, contexts, alphas = [], [], []
-        for t in range(tokens.size(1)):
-            context, state = self._cell(word_gates[:, t], state)
-            hs.append(state["h"])
-            contexts.append(context)
-            alphas.append(state["alpha"])
-        logits = self._logits(emb, torch.stack(hs, 1), torch.stack(contexts, 1))  # (B, T, V)
-        return logits, torch.stack(alphas, 1)
+        for t, n in enumerate(running):
+            if n == 0:
+                break
+            state = {k: v[:n] for k, v in state.items()}
+            context, state = self._cell(word_gates[t][:n], state)
+            pad = (0, 0, 0, B - n)  # finished rows: zeros, never read
+            hs.append(F.pad(state["h"], pad))
+            contexts.append(F.pad(context, pad))
+            alphas.append(F.pad(state["alpha"], pad))
+        h = torch.stack(hs, 1).index_select(0, back)  # (B, T', H), the caller's order
+        context = torch.stack(contexts, 1).index_select(0, back)
+        mask = mask[:, :h.size(1)]
+        real = self._logits(emb[:, :h.size(1)][mask], h[mask], context[mask])  # (tokens, V)
+        logits = real.new_zeros(B, h.size(1), real.size(-1))
+        logits[mask] = real
+        alpha = torch.stack(alphas, 1).index_select(0, back)
+        grow = (0, 0, 0, T - h.size(1))  # steps after the longest caption ended, if any
+        return F.pad(logits, grow), F.pad(alpha, grow)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -335,17 +374,17 @@ class UpDownLSTM(nn.Module):
 
     # --- contract ------------------------------------------------------------------
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
         `rows` (B,) names each caption's image; without it caption i belongs to image i."""
         state = self.init_state(features)
         if rows is not None:
             state = {k: v.index_select(0, rows) for k, v in state.items()}
-        word_gates = self.top_word(self.drop(self.embed(tokens)))  # (B, T, 4H), all steps in one matmul
+        word_gates = self.top_word(self.drop(self.embed(tokens))).unbind(1)  # T x (B, 4H), one matmul
         hs, alphas = [], []
         for t in range(tokens.size(1)):
-            state = self._cell(word_gates[:, t], state)
+            state = self._cell(word_gates[t], state)
             hs.append(state["h2"])
             alphas.append(state["alpha"])
         return self.out(self.drop(torch.stack(hs, 1))), torch.stack(alphas, 1)
@@ -386,8 +425,8 @@ class ShowTell(nn.Module):
         return {"h": h[0], "c": c[0], "alpha": features.new_full(features.shape[:2], 1.0 / features.size(1))}
 
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N)."""
         state = self.init_state(features)
         if rows is not None:
@@ -568,8 +607,8 @@ class TransformerDecoder(nn.Module):
 
     # --- contract ------------------------------------------------------------------
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing: features (B_img, N, C), tokens (B, T) -> logits (B, T, V), alphas (B, T, N).
 
         `rows` (B,) names each caption's image, so an image's memory is computed once for all
@@ -660,10 +699,10 @@ class Ensemble(nn.Module):
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing: log of the mean word probability (B, T, V) and mean alphas (B, T, N)."""
-        outs = [m.forward_with_attention(features, tokens, rows, need_weights) for m in self.members]
+        outs = [m.forward_with_attention(features, tokens, rows, need_weights, lengths) for m in self.members]
         alphas = [a for _, a in outs if a is not None]
         return (self._mix([logits.log_softmax(-1) for logits, _ in outs]),
                 torch.stack(alphas).mean(0) if need_weights and alphas else None)
@@ -710,20 +749,32 @@ class WithTunedTop(nn.Module):
         return per_image_state(self.inner)
 
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
-                               rows: torch.Tensor | None = None, need_weights: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.inner.forward_with_attention(self.top(features), tokens, rows, need_weights)
+                               rows: torch.Tensor | None = None, need_weights: bool = True,
+                               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.inner.forward_with_attention(self.regions(features), tokens, rows, need_weights, lengths)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        return self.inner(self.top(features), tokens, rows)
+        return self.inner(self.regions(features), tokens, rows)
 
     def regions(self, features: torch.Tensor) -> torch.Tensor:
         """The top's output on cached features: what the inner decoder attends over (and what a
-        recognition head classifies, `objects.ObjectNamer`, so the top runs once for both)."""
+        recognition head classifies, `objects.ObjectNamer`, so the top runs once for both).
+        A top held fixed in training (no weight needs a gradient: self-critical training with
+        `scst_encoder_lr_scale` 0) runs once per batch of photos: sampling and the gradient pass
+        that follows get the same output."""
         frozen = self._frozen
-        use = frozen is not None and _inference_only(self) and frozen[1].fresh
-        return (frozen[0] if use else self.top)(features)
+        if frozen is not None and _inference_only(self) and frozen[1].fresh:
+            return frozen[0](features)
+        if any(p.requires_grad for p in self.top.parameters()):
+            return self.top(features)
+        last = self.__dict__.get("_last")
+        if last is not None and last[0] is features and last[1].fresh:
+            return last[2]
+        with torch.no_grad():
+            out = self.top(features)
+        self.__dict__["_last"] = (features, Stamp(list(self.top.parameters()) + list(self.top.buffers())), out)
+        return out
 
     def init_state(self, features: torch.Tensor) -> State:
         return self.inner.init_state(self.regions(features))

@@ -62,8 +62,8 @@ class TeacherForcing(nn.Module):
         self.decoder = decoder
 
     def forward(self, feats: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor | None = None,
-                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.forward_with_attention(feats, inputs, rows, need_weights=need_weights)
+                need_weights: bool = True, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.forward_with_attention(feats, inputs, rows, need_weights=need_weights, lengths=lengths)
 
 
 def loss_terms(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg: TrainConfig,
@@ -73,8 +73,8 @@ def loss_terms(model: CaptionModel, feats: torch.Tensor, seqs: torch.Tensor, cfg
     inputs, targets = seqs[:, :-1], seqs[:, 1:]  # (B, T)
     alpha_c = model.cfg.decoder_params.get("alpha_c", 0.0)
     forward = forward or TeacherForcing(model.decoder)
-    logits, alphas = forward(feats, inputs, rows, need_weights=bool(alpha_c))
-    mask = targets != model.vocab.pad_id  # (B, T)
+    mask = targets != model.vocab.pad_id  # (B, T): words and EOS, then padding
+    logits, alphas = forward(feats, inputs, rows, need_weights=bool(alpha_c), lengths=mask.sum(1))
     ce = F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=cfg.label_smoothing, reduction="sum")
     penalty, n_penalty = ce.new_zeros(()), 0
     if alpha_c:

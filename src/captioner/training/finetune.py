@@ -48,7 +48,7 @@ from captioner.training.config import TrainConfig
 from captioner.training.crossentropy import autocast, train_epoch
 from captioner.training.dataset import TrainingSet, images_per_batch, length_bucketed_batches
 from captioner.training.scst import reward_scorer, scst_epoch
-from captioner.training.train import param_groups
+from captioner.training.train import adam, param_groups
 
 log = logging.getLogger("captioner.training.finetune")
 
@@ -362,7 +362,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tcfg = TrainConfig(data=cfg.data, cache_dir=cfg.cache_dir, seed=cfg.seed, lr=cfg.lr, batch_size=cfg.batch_size,
                        max_caption_len=cfg.max_caption_len, warmup_steps=1, final_lr_ratio=0.1,
                        progress=cfg.progress, epochs=cfg.epochs, scst_lr=cfg.scst_lr, scst_epochs=cfg.scst_epochs)
-    optimizer = torch.optim.Adam(param_groups(model, tcfg), lr=cfg.lr)
+    optimizer = adam(param_groups(model, tcfg), cfg.lr, tcfg)
     losses, rewards = [], []
     if cfg.epochs:
         data = TrainingSet(replay + learn_recs * cfg.correction_repeats, table, model.vocab, cfg.max_caption_len)
@@ -378,7 +378,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         sc_recs = learn_recs + scst_replay
         data = TrainingSet(sc_recs, table, model.vocab, cfg.max_caption_len)
         cider = reward_scorer([r.captions for r in sc_recs])
-        optimizer = torch.optim.Adam(param_groups(model, tcfg), lr=cfg.scst_lr)
+        optimizer = adam(param_groups(model, tcfg), cfg.scst_lr, tcfg)
         per_step = max(1, tcfg.scst_batch_size // tcfg.scst_samples)
         for epoch in range(1, cfg.scst_epochs + 1):
             order = torch.randperm(len(data), generator=gen).tolist()

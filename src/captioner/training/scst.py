@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from captioner.evaluation.cider import CiderD
 from captioner.training.config import TrainConfig
+from captioner.training.crossentropy import TeacherForcing
 from captioner.inference.decode import sample
 from captioner.distributed import DistEnv, all_sum, shard
 from captioner.models.model import CaptionModel
@@ -58,10 +59,9 @@ def scst_loss(model: CaptionModel, feats: torch.Tensor, images: list[int], cider
 
     inputs = torch.cat([torch.full_like(drawn[:, :1], v.bos_id), drawn[:, :-1]], 1)  # (B*n, T)
     rows = torch.arange(len(images), device=feats.device).repeat_interleave(n)
-    if forward is not None:
-        logits = forward(feats, inputs, rows, need_weights=False)[0].float()  # (B*n, T, V)
-    else:
-        logits = model.decoder(feats, inputs, rows).float()  # (B*n, T, V)
+    lengths = (drawn != v.pad_id).sum(1)  # words and the EOS that ends them
+    forward = forward or TeacherForcing(model.decoder)
+    logits = forward(feats, inputs, rows, need_weights=False, lengths=lengths)[0].float()  # (B*n, T, V)
     # the policy that drew the captions never emits BOS or <unk> (nor PAD before EOS)
     logits[..., [v.bos_id, v.unk_id, v.pad_id]] = float("-inf")
     logp = logits.log_softmax(-1).gather(2, drawn[:, :, None])[:, :, 0]  # (B*n, T)

@@ -22,7 +22,7 @@ from captioner.files import atomic_write, atomic_write_text, remove_stale_temps_
 from captioner.models.checkpoint import checkpoint_dict, read_checkpoint, write_checkpoint
 from captioner.models.encoders import TunedTop
 from captioner.models.model import CaptionModel, ModelConfig
-from captioner.training.config import TrainConfig
+from captioner.training.config import TrainConfig, saved_train_config
 from captioner.training.crossentropy import TeacherForcing, autocast, grad_scaler, lr_at, train_epoch
 from captioner.training.dataset import Prepared, TrainingSet, configured_model, epoch_batches, prepare, \
     steps_per_epoch, training_records
@@ -49,7 +49,7 @@ def _plot(history: list[dict], path: Path) -> None:
     a.set(title="training", xlabel="epoch")
     a.legend()
     for key in ("CIDEr", "Bleu_4"):
-        b.plot(epochs, [h["dev"].get(key, float("nan")) for h in history], marker="o", label=key)
+        b.plot(epochs, [(h["dev"] or {}).get(key, float("nan")) for h in history], marker="o", label=key)
     b.set(title="dev scores (real decoding)", xlabel="epoch")
     b.legend()
     fig.tight_layout()
@@ -122,7 +122,7 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, epochs: int | None = No
     state = read_checkpoint(last_path)
     if state["train_config"] != cfg.to_dict():
         log.info("resume: using the run's saved config from %s", last_path)
-    saved = TrainConfig(**state["train_config"])
+    saved = saved_train_config(state["train_config"])
     if epochs is not None and epochs != saved.epochs:
         done = state["progress"]
         if epochs < done["epoch"] and done["phase"] == "xe" or epochs < saved.epochs and done["phase"] == "scst":
@@ -143,16 +143,28 @@ def _model_config(cfg: TrainConfig, state: dict | None) -> ModelConfig:
     return configured_model(cfg)
 
 
-def param_groups(model: CaptionModel, cfg: TrainConfig) -> list[dict]:
-    """The decoder's weights for Adam; a tuned encoder top's (every member's, in an ensemble) in
-    a group of their own, whose learning rate is `encoder_lr_scale` times the decoder's
-    (pretrained weights move slowly)."""
-    in_tops = {id(p) for m in model.decoder.modules() if isinstance(m, TunedTop) for p in m.parameters()}
+def _top_params(model: CaptionModel) -> list[torch.nn.Parameter]:
+    """The weights of the decoder's tuned encoder tops (every member's, in an ensemble)."""
+    return [p for m in model.decoder.modules() if isinstance(m, TunedTop) for p in m.parameters()]
+
+
+def param_groups(model: CaptionModel, cfg: TrainConfig, top_scale: float | None = None) -> list[dict]:
+    """The decoder's weights for Adam; a tuned encoder top's in a group of their own, whose
+    learning rate is `top_scale` (default `encoder_lr_scale`) times the decoder's (pretrained
+    weights move slowly)."""
+    in_tops = {id(p) for p in _top_params(model)}
     params = list(model.decoder.parameters())
     groups = [{"params": [p for p in params if id(p) not in in_tops], "lr_scale": 1.0}]
     if in_tops:
-        groups.append({"params": [p for p in params if id(p) in in_tops], "lr_scale": cfg.encoder_lr_scale})
+        groups.append({"params": [p for p in params if id(p) in in_tops],
+                       "lr_scale": cfg.encoder_lr_scale if top_scale is None else top_scale})
     return groups
+
+
+def adam(groups: list[dict], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam as training uses it: the fused kernel (one pass over each weight, about 40 ms less
+    per training step on 2 CPU cores than the per-op default; the same update)."""
+    return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_recs: list[ImageRecord],
@@ -168,7 +180,7 @@ def _build(cfg: TrainConfig, state: dict | None, model_cfg: ModelConfig, train_r
     model.to(device)  # before the optimiser exists, so its resumed state lands on the same device
     if model.encoder_cfg.split and not init:  # a fresh tuned top starts from the backbone's ImageNet weights
         model.decoder.top.load_pretrained()
-    optimizer = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adam(param_groups(model, cfg), cfg.lr, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
     if state:
@@ -193,7 +205,7 @@ def _start_scst(model: CaptionModel, best_path: Path, cfg: TrainConfig, progress
         if main:
             write_checkpoint(best, best_path.with_name("best-xe.pt"))  # checksum recomputed, same content
     progress.phase, progress.stale = "scst", 0
-    return torch.optim.Adam(param_groups(model, cfg), lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
+    return adam(param_groups(model, cfg, cfg.scst_encoder_lr_scale), cfg.scst_lr, cfg)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv, epochs: int | None = None) -> dict:
@@ -241,6 +253,14 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv, epochs: int 
         if scst:
             if progress.phase != "scst":
                 optimizer = _start_scst(model, best_path, cfg, progress, env.is_main)
+            if cfg.scst_encoder_lr_scale == 0 and any(p.requires_grad for p in _top_params(model)):
+                # the top stays as cross-entropy left it: no gradient through it at all (the
+                # sampling and gradient passes run it forward only), and DDP syncs the rest
+                for p in _top_params(model):
+                    p.requires_grad_(False)
+                if env.distributed:
+                    forward = DistributedDataParallel(TeacherForcing(model.decoder), device_ids=[env.local_rank]
+                                                      if env.device.startswith("cuda") else None)
             cider = cider or reward_scorer([r.captions for r in train_recs])
             per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
             order = torch.randperm(len(data), generator=gen).tolist()
@@ -280,15 +300,17 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
                progress: Progress, record: dict, cache: FeatureCache, dev_recs: list[ImageRecord],
                cfg: TrainConfig, out: Path, env: DistEnv | None = None) -> None:
     """Score dev for real, keep best.pt, log, and save last.pt (everything --resume needs).
-    Every rank keeps the same progress; rank 0 alone writes."""
+    Every rank keeps the same progress; rank 0 alone writes. A refit (`train_on_dev`) keeps each
+    stage's last epoch whatever dev says, so it scores dev only there (`dev` is None before)."""
     t0 = time.time()
-    dev = validate(model, cache, dev_recs, cfg, env)
+    stage_ends = (cfg.epochs, cfg.epochs + cfg.scst_epochs)
+    dev = validate(model, cache, dev_recs, cfg, env) if not cfg.train_on_dev or record["epoch"] in stage_ends else None
     record.update(val_seconds=round(time.time() - t0, 1), dev=dev)
     progress.history.append(record)
     progress.epoch = record["epoch"]
-    improved = dev["CIDEr"] > progress.best or cfg.train_on_dev  # a refit keeps every stage's last epoch
+    improved = cfg.train_on_dev or dev["CIDEr"] > progress.best  # a refit keeps every stage's last epoch
     if improved:
-        progress.best, progress.stale = dev["CIDEr"], 0
+        progress.best, progress.stale = dev["CIDEr"] if dev else progress.best, 0
     else:
         progress.stale += 1
     if env is not None and not env.is_main:
@@ -305,8 +327,9 @@ def _end_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, gen: torch
             write_checkpoint(ckpt, path)
     what = (f"loss {record['train_loss']:.3f}" if record["phase"] == "xe" else
             f"scst reward {record['reward']:.3f} (baseline {record['baseline']:.3f})")
-    log.info("epoch %d: %s, dev BLEU-4 %.4f CIDEr %.4f%s (%.0fs train, %.0fs val)", record["epoch"], what,
-             dev["Bleu_4"], dev["CIDEr"], (" *kept*" if cfg.train_on_dev else " *best*") if improved else "",
+    scores = f"dev BLEU-4 {dev['Bleu_4']:.4f} CIDEr {dev['CIDEr']:.4f}" if dev else "dev not scored (a refit's mid-stage epoch)"
+    log.info("epoch %d: %s, %s%s (%.0fs train, %.0fs val)", record["epoch"], what, scores,
+             (" *kept*" if cfg.train_on_dev else " *best*") if improved else "",
              record["train_seconds"], record["val_seconds"])
     write_checkpoint({**checkpoint_dict(model), "optimizer": optimizer.state_dict(),
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
