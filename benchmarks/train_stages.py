@@ -9,9 +9,7 @@ number of cross-entropy steps split into data, forward, backward and optimiser (
 top's forward and backward alone on one batch), the same for self-critical steps (sampling,
 rewards and the gradient forward counted together as "loss"), and dev validation per photo.
 It then multiplies each by what the recipe runs (photos, epochs, steps per epoch, trajectories)
-into minutes per stage and a prediction of `release/retrain.sh`'s retrain minutes. The
-self-critical steps hold the tuned top fixed where the recipe does (`scst_encoder_lr_scale` 0);
-dev is scored after every epoch, or in a refit (`train_on_dev`) after each stage's last. Medians
+into minutes per stage and a prediction of `release/retrain.sh`'s retrain minutes. Dev is scored after every epoch, or in a refit (`train_on_dev`) after each stage's last. Medians
 of the steps after two warm-up steps; a prediction, not a retrain: `release/retrain.sh` runs one.
 The cache is filled first where it is empty (minutes: that is `captioner prepare`).
 """
@@ -119,9 +117,7 @@ def main(argv=None) -> dict:
         top_ms = {"forward": median_ms(fw), "backward": median_ms(bw), "images": feats.size(0)}
         optimizer.zero_grad(set_to_none=True)
 
-    # self-critical steps, the top held fixed where the recipe says so (as training does)
-    if cfg.scst_encoder_lr_scale == 0 and top is not None:
-        top.requires_grad_(False)
+    # self-critical steps
     cider = reward_scorer([r.captions for r in train_recs])
     per_step = max(1, cfg.scst_batch_size // cfg.scst_samples)
     order = torch.randperm(len(data), generator=gen).tolist()

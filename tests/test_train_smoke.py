@@ -6,7 +6,7 @@ import pytest
 
 from captioner.inference.api import Captioner
 from captioner.models.checkpoint import read_checkpoint
-from captioner.training.config import INTRODUCED, NOT_LEARNED, load_train_config
+from captioner.training.config import NOT_LEARNED, load_train_config
 from captioner.errors import ConfigError
 from captioner.training.dataset import configured_model
 from captioner.training.train import train
@@ -145,7 +145,7 @@ def test_the_defaults_are_the_shipped_recipe():
 
     from captioner.models.checkpoint import read_checkpoint
 
-    shipped = {**INTRODUCED, **read_checkpoint("default")["train_config"]}  # as it trained
+    shipped = read_checkpoint("default")["train_config"]
     release = json.loads((Path(__file__).parents[1] / "configs" / "flickr8k-release.json").read_text())
     assert release == {"train_on_dev": True}
     learned = {k: v for k, v in load_train_config(None, ["train_on_dev=true"]).to_dict().items()
@@ -181,12 +181,3 @@ def test_resume_is_bit_identical_for_the_shipped_architecture(tiny_data, tiny_mo
     a, b = (read_checkpoint(run / "last.pt")["decoder_state"] for run in (full, part))
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-
-
-def test_a_config_saved_before_a_field_existed_reads_as_it_trained():
-    from captioner.training.config import saved_train_config
-
-    assert saved_train_config({"epochs": 2}).scst_encoder_lr_scale == INTRODUCED["scst_encoder_lr_scale"] == 0.1
-    assert saved_train_config({"scst_encoder_lr_scale": 0.0}).scst_encoder_lr_scale == 0.0
-    with pytest.raises(ConfigError, match="scst_encoder_lr_scale: must be 0 or more"):
-        load_train_config(None, ["scst_encoder_lr_scale=-0.1"])

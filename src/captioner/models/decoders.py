@@ -751,30 +751,18 @@ class WithTunedTop(nn.Module):
     def forward_with_attention(self, features: torch.Tensor, tokens: torch.Tensor,
                                rows: torch.Tensor | None = None, need_weights: bool = True,
                                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.inner.forward_with_attention(self.regions(features), tokens, rows, need_weights, lengths)
+        return self.inner.forward_with_attention(self.top(features), tokens, rows, need_weights, lengths)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        return self.inner(self.regions(features), tokens, rows)
+        return self.inner(self.top(features), tokens, rows)
 
     def regions(self, features: torch.Tensor) -> torch.Tensor:
         """The top's output on cached features: what the inner decoder attends over (and what a
-        recognition head classifies, `objects.ObjectNamer`, so the top runs once for both).
-        A top held fixed in training (no weight needs a gradient: self-critical training with
-        `scst_encoder_lr_scale` 0) runs once per batch of photos: sampling and the gradient pass
-        that follows get the same output."""
+        recognition head classifies, `objects.ObjectNamer`, so the top runs once for both)."""
         frozen = self._frozen
-        if frozen is not None and _inference_only(self) and frozen[1].fresh:
-            return frozen[0](features)
-        if any(p.requires_grad for p in self.top.parameters()):
-            return self.top(features)
-        last = self.__dict__.get("_last")
-        if last is not None and last[0] is features and last[1].fresh:
-            return last[2]
-        with torch.no_grad():
-            out = self.top(features)
-        self.__dict__["_last"] = (features, Stamp(list(self.top.parameters()) + list(self.top.buffers())), out)
-        return out
+        use = frozen is not None and _inference_only(self) and frozen[1].fresh
+        return (frozen[0] if use else self.top)(features)
 
     def init_state(self, features: torch.Tensor) -> State:
         return self.inner.init_state(self.regions(features))

@@ -32,7 +32,7 @@ class TrainConfig:
     warmup_steps: int = 200
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.0
-    encoder_lr_scale: float = 0.1  # a tuned encoder top's learning rate, relative to the decoder's (cross-entropy)
+    encoder_lr_scale: float = 0.1  # a tuned encoder top's learning rate, relative to the decoder's (both stages)
     grad_clip: float = 5.0  # max global gradient norm
     label_smoothing: float = 0.0  # 0.1 lost on dev CIDEr-D (docs/experiments.md)
     mirror_prob: float = 0.5  # chance a train photo is seen mirrored in an epoch ("left" and "right" swapped)
@@ -48,9 +48,6 @@ class TrainConfig:
     train_on_dev: bool = False
     scst_epochs: int = 3  # self-critical epochs on CIDEr-D after cross-entropy (0 = none)
     scst_lr: float = 1e-4  # constant Adam learning rate during self-critical training
-    # a tuned encoder top's learning rate during self-critical training, relative to scst_lr;
-    # 0 = the top stays as cross-entropy left it (no backward through it: faster)
-    scst_encoder_lr_scale: float = 0.1
     scst_samples: int = 5  # captions sampled per image per step; each one's baseline is the others' mean
     scst_batch_size: int = 50  # sampled captions per optimiser step (images x samples)
     scst_max_len: int = 16  # words sampled at most (longer Flickr8k references are rare)
@@ -82,16 +79,6 @@ REMOVED = {
     "scst_sampler": "captions are always drawn by multinomial sampling",
     "scst_dropout": "dropout stays off while sampling",
 }
-
-
-# Fields added after runs were saved, with the value that trained those runs: a config saved
-# before a field existed (a run's last.pt, a checkpoint's train_config) reads as that value.
-INTRODUCED = {"scst_encoder_lr_scale": 0.1}
-
-
-def saved_train_config(saved: dict) -> TrainConfig:
-    """The TrainConfig a run or checkpoint saved, as it trained (see INTRODUCED)."""
-    return TrainConfig(**{**INTRODUCED, **saved})
 
 
 # TrainConfig fields that say where a run reads and writes, or how it reports and uses the
@@ -161,9 +148,6 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
     if not 0.0 <= cfg.mirror_prob <= 1.0:
         raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
-    for name in ("encoder_lr_scale", "scst_encoder_lr_scale"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"field {name}: must be 0 or more, not {getattr(cfg, name)!r}")
     if cfg.scst_soup < 1:
         raise ConfigError(f"field scst_soup: must be at least 1, not {cfg.scst_soup!r}")
     if cfg.scst_soup > 1 and cfg.scst_epochs < 1:
