@@ -163,3 +163,6 @@ def test_lengths_skip_padding_without_changing_the_real_positions(decoder):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3, msg=name)
+    with torch.no_grad():  # nothing real at all: the right shape, and nothing to read
+        logits, _ = decoder.forward_with_attention(feats, tokens, rows, lengths=torch.zeros(4, dtype=torch.long))
+    assert logits.shape == (4, T, V)

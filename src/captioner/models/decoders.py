@@ -284,7 +284,7 @@ class SoftAttentionLSTM(nn.Module):
         word_gates = self.word_gates(emb.index_select(0, order)).unbind(1)
         hs, contexts, alphas = [], [], []
         for t, n in enumerate(running):
-            if n == 0:
+            if n == 0 and t:  # every caption has ended (step 0 always runs, so nothing is empty)
                 break
             state = {k: v[:n] for k, v in state.items()}
             context, state = self._cell(word_gates[t][:n], state)
