@@ -34,6 +34,14 @@ def load_benchmark(name: str):
     return module
 
 
+def refuses_before_work(name: str, argv: list[str], says: str, out, capsys) -> None:
+    """benchmarks/NAME.py run with `argv` exits with an error naming `says`, writing no `out`."""
+    with pytest.raises(SystemExit):
+        load_benchmark(name).main(argv)
+    assert says in capsys.readouterr().err
+    assert not out.exists()
+
+
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 SHAPES = ("square", "circle")
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, load_benchmark
+from conftest import REPO, load_benchmark, refuses_before_work
 
 def test_readme_quotes_the_results_file():
     """The block names its source file and is exactly what the script writes from it."""
@@ -146,9 +146,6 @@ def test_load_benchmark_serves_the_model_it_is_given(tmp_path):
 
 
 def test_load_benchmark_names_a_missing_model_before_starting_a_server(tmp_path, capsys):
-    bench = load_benchmark("serve_load")
-    missing = tmp_path / "gone.pt"
-    with pytest.raises(SystemExit):
-        bench.main(["--model", str(missing), "--out", str(tmp_path / "out.json")])
-    assert f"--model {missing}: no such checkpoint file" in capsys.readouterr().err
-    assert not (tmp_path / "out.json").exists()
+    missing, out = tmp_path / "gone.pt", tmp_path / "out.json"
+    refuses_before_work("serve_load", ["--model", str(missing), "--out", str(out)],
+                        f"--model {missing}: no such checkpoint file", out, capsys)

@@ -253,25 +253,15 @@ class SoftAttentionLSTM(nn.Module):
 
         `rows` (B,) names each caption's image (the regions are projected once per image);
         without it caption i belongs to image i. The LSTM computes its alphas either way.
-        With `lengths` (B,) the steps past each caption's length are skipped (their logits and
-        alphas are zero): the captions run longest first, and each step runs only the rows still
-        going, so a batch costs its tokens, not its longest caption times its size.
+        The captions run longest first and each step runs only the rows still going, so with
+        `lengths` (B,) the steps past each caption's length are skipped (their logits and alphas
+        are zero) and a batch costs its tokens, not its longest caption times its size; without
+        it every step is real.
         """
         state = self.init_state(features)
-        if lengths is None:
-            if rows is not None:
-                state = {k: v.index_select(0, rows) for k, v in state.items()}
-            emb = self.drop(self.embed(tokens))  # (B, T, E)
-            word_gates = self.word_gates(emb).unbind(1)  # T x (B, 4H), all steps in one matmul
-            hs, contexts, alphas = [], [], []
-            for t in range(tokens.size(1)):
-                context, state = self._cell(word_gates[t], state)
-                hs.append(state["h"])
-                contexts.append(context)
-                alphas.append(state["alpha"])
-            logits = self._logits(emb, torch.stack(hs, 1), torch.stack(contexts, 1))  # (B, T, V)
-            return logits, torch.stack(alphas, 1)
         B, T = tokens.shape
+        if lengths is None:  # every step of every caption is real
+            lengths = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         order = lengths.argsort(descending=True, stable=True)  # longest first: running rows are a prefix
         back = order.argsort()
         image = order if rows is None else rows.index_select(0, order)
