@@ -164,8 +164,8 @@ def _draw(logits: torch.Tensor, top_p: float, generator: torch.Generator | None)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
-    # inverse-CDF draw: the same distribution as torch.multinomial, ~50x faster at a vocabulary's
-    # width on CPU (multinomial draws an exponential per word); a word of zero mass is never drawn
+    # inverse-CDF draw: the same distribution as torch.multinomial, several times faster at a
+    # vocabulary's width on CPU (benchmarks/train_step_probes.py); a word of zero mass is never drawn
     cdf = probs.cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     word = torch.searchsorted(cdf, u, right=True)[:, 0]
