@@ -279,7 +279,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from captioner.models.checkpoint import load_checkpoint, save_checkpoint
+    from captioner.models.checkpoint import (load_checkpoint, read_checkpoint, recognition_head_path, save_checkpoint,
+                                             save_recognition_head)
 
     model, ckpt = load_checkpoint(args.checkpoint)
     if args.length_penalty is not None:
@@ -294,6 +295,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     extra = {"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}
     save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=args.half)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    head, sidecar = model.recognition_head, recognition_head_path(args.out)
+    if head is not None:  # the model's recognition head travels with it, bound to the new file
+        save_recognition_head(sidecar, head.weight, head.bias, read_checkpoint(args.out)["checksum"])
+        print(f"wrote {sidecar} (its recognition head)")
+    elif sidecar.exists():  # a head made for the file this export replaced no longer fits it
+        sidecar.unlink()
     return 0
 
 

@@ -435,7 +435,8 @@ def load_recognition_head(path: str | Path, checkpoint_checksum: str | None) -> 
         raise CheckpointError("recognition head: field checkpoint_checksum must be a string", path)
     if checkpoint_checksum is None or bound != checkpoint_checksum:
         warnings.warn(f"{path}: this recognition head was made for another checkpoint ({bound[:20]}...); "
-                      "recognising with the stock classifier instead (rebuild it: release/recognition_head.py)",
+                      "recognising with the stock classifier instead (`captioner export` carries a model's head to the "
+                      "file it writes)",
                       stacklevel=2)
         return None
     linear = torch.nn.Linear(HEAD_SHAPE[1], HEAD_SHAPE[0])
