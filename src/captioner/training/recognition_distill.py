@@ -56,12 +56,17 @@ class RecognitionDistillation:
         with torch.no_grad():
             self.head.weight.copy_(self.stock.fc.weight)
             self.head.bias.copy_(self.stock.fc.bias)
-        top = [p for p in model.decoder.top.parameters()]
-        in_top = {id(p) for p in top}
-        rest = [p for p in model.decoder.parameters() if id(p) not in in_top]
+        # Only the top and the head learn. The decoder stays as it was: its words can change only
+        # where the top's output does, and Adam cannot turn the near-zero gradients of a term that
+        # starts at its minimum into full-size steps of every decoder weight.
+        for p in model.decoder.parameters():
+            p.requires_grad_(False)
+        top = list(model.decoder.top.parameters())
+        for p in top:
+            p.requires_grad_(True)
         lr = cfg.scst_lr
         self.optimizer = torch.optim.Adam([
-            {"params": rest + list(self.head.parameters()), "lr": lr},
+            {"params": list(self.head.parameters()), "lr": lr},
             {"params": top, "lr": lr * cfg.recognition_encoder_lr_scale}], fused=True)
         self.forward = TeacherForcing(model.decoder)
 
@@ -84,7 +89,7 @@ class RecognitionDistillation:
         loss = words + self.cfg.recognition_weight * recognition
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.decoder.top.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         agree = (taught.argmax(-1) == classes.argmax(-1)).float().mean()
         return {"words_kl": words.item(), "recognition_kl": recognition.item(), "top1_agreement": agree.item()}
@@ -117,6 +122,7 @@ def distill_recognition(model: CaptionModel, data: TrainingSet, cfg: TrainConfig
         log.info("recognition epoch %d: words KL %.4f, recognition KL %.4f, top-1 agreement with the stock "
                  "classifier %.3f (training photos)", epoch, record["words_kl"], record["recognition_kl"],
                  record["top1_agreement"])
+    model.decoder.requires_grad_(True)  # as the stage found it
     if best.is_file() and not kept.is_file():
         write_checkpoint(read_checkpoint(best), kept)
     ckpt = checkpoint_dict(model, metrics={"recognition_distillation": history, "started_from": kept.name},
