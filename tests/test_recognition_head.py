@@ -135,3 +135,21 @@ def test_a_head_mode_needs_a_head_and_a_tuned_top():
         Recognizer(get_encoder_config(TUNED), "head", torch.nn.Identity())
     with pytest.raises(ValueError, match="needs the model's tuned top"):
         Recognizer(get_encoder_config(TUNED), "head", None, torch.nn.Linear(1280, 1000))
+
+
+def test_export_carries_the_head_to_the_file_it_writes_and_drops_a_stale_one(tuned_file, tmp_path):
+    from captioner.cli import main
+
+    out = tmp_path / "shipped.pt"
+    assert main(["export", str(tuned_file), str(out), "--length-penalty", "0.5"]) == 0
+    exported, ckpt = load_checkpoint(out)
+    assert exported.recognition_head is not None  # bound to the new file's checksum, not the old one's
+    torch.testing.assert_close(exported.recognition_head.weight, _head()[0].half().float())
+    # a model without a head leaves no sidecar of an earlier export behind
+    plain = tmp_path / "plain.pt"
+    model, _ = load_checkpoint(tuned_file)
+    model.attach_recognition_head(None)
+    save_checkpoint(plain, model)
+    assert main(["export", str(plain), str(out)]) == 0
+    assert not recognition_head_path(out).exists()
+    assert load_checkpoint(out)[0].recognition_head is None

@@ -55,12 +55,6 @@ class TrainConfig:
     # epoch kept (its last in a refit); N > 1 = N trajectories of scst_epochs each from the same
     # cross-entropy weights (seeds seed, seed + 1, ...), best.pt the mean of all their epochs' weights
     scst_soup: int = 2
-    # A last stage for a tuned encoder top (training/recognition_distill.py): the stock ImageNet
-    # classifier is distilled into the top and a linear head, the captions held where the stage
-    # starts, so recognising objects costs one linear layer (docs/objects.md). 0 = no stage.
-    recognition_epochs: int = 0
-    recognition_weight: float = 1.0  # the recognition term's weight against the captions' KL
-    recognition_encoder_lr_scale: float = 0.3  # the top's learning rate in this stage, relative to scst_lr
     init_checkpoint: str = ""  # start from this checkpoint (model, vocab, weights), e.g. SCST only
     max_train_images: int = 0  # 0 = all; small values make quick smoke runs
     max_val_images: int = 0  # 0 = all dev images

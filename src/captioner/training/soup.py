@@ -43,7 +43,7 @@ def train_soup(model: CaptionModel, cfg: TrainConfig, out: Path, cache: FeatureC
     for k in range(2, cfg.scst_soup + 1):
         sub = out / f"scst-{k}"
         log.info("scst soup: trajectory %d of %d (seed %d) in %s", k, cfg.scst_soup, cfg.seed + k - 1, sub)
-        train(replace(cfg, out=str(sub), epochs=0, scst_soup=1, recognition_epochs=0, seed=cfg.seed + k - 1, init_checkpoint=str(start),
+        train(replace(cfg, out=str(sub), epochs=0, scst_soup=1, seed=cfg.seed + k - 1, init_checkpoint=str(start),
                       keep_epochs=True), resume=(sub / "last.pt").is_file())
     members = soup_members(cfg, out)
     missing = [str(p) for p in members if not p.is_file()]

@@ -19,8 +19,7 @@ from captioner.data.vocab import Vocab
 from captioner.distributed import DistEnv, barrier, setup
 from captioner.errors import ConfigError
 from captioner.files import atomic_write, atomic_write_text, remove_stale_temps_in
-from captioner.models.checkpoint import checkpoint_dict, read_checkpoint, recognition_head_path, write_checkpoint
-from captioner.models.decoders import WithTunedTop
+from captioner.models.checkpoint import checkpoint_dict, read_checkpoint, write_checkpoint
 from captioner.models.encoders import TunedTop
 from captioner.models.model import CaptionModel, ModelConfig
 from captioner.training.config import TrainConfig
@@ -29,7 +28,6 @@ from captioner.training.dataset import Prepared, TrainingSet, configured_model, 
     steps_per_epoch, training_records
 from captioner.training.scst import reward_scorer, scst_epoch
 from captioner.training.soup import train_soup
-from captioner.training.recognition_distill import distill_recognition
 from captioner.training.validation import validate
 
 log = logging.getLogger("captioner.training")
@@ -269,44 +267,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv, epochs: int 
     barrier(env)  # rank 0 has written its last files before any process returns
     if cfg.scst_soup > 1:
         progress.best = train_soup(model, cfg, out, prepared.cache, dev_recs, env, train)
-    if _recognition_stage_due(model, cfg, out, env):
-        progress.best = _distill_recognition(model, data, cfg, out, gen, prepared.cache, dev_recs, env)
     minutes = (time.time() - started) / 60
     log.info("done in %.1f min; best dev CIDEr %.4f -> %s", minutes, progress.best, best_path)
     return {"best_dev_CIDEr": progress.best, "best_checkpoint": str(best_path), "minutes": minutes}
-
-
-def _recognition_stage_due(model: CaptionModel, cfg: TrainConfig, out: Path, env: DistEnv) -> bool:
-    """Whether the recognition stage runs now: asked for, a tuned top, and not already done (a
-    resumed run whose best.pt has its head)."""
-    if not cfg.recognition_epochs or not isinstance(model.decoder, WithTunedTop):
-        return False
-    if env.distributed:
-        raise ConfigError("recognition_epochs: the recognition stage runs in one process; run it without "
-                          "torchrun (init_checkpoint=RUN/best.pt epochs=0 scst_epochs=0 scst_soup=1)")
-    head = recognition_head_path(out / "best.pt")
-    if head.is_file() and (out / "best.pt").is_file():
-        bound = torch.load(head, map_location="cpu", weights_only=True).get("checkpoint_checksum")
-        if bound == read_checkpoint(out / "best.pt").get("checksum"):
-            log.info("recognition: already done (%s)", head)
-            return False
-    return True
-
-
-def _distill_recognition(model: CaptionModel, data: TrainingSet, cfg: TrainConfig, out: Path, gen: torch.Generator,
-                         cache: FeatureCache, dev_recs: list[ImageRecord], env: DistEnv) -> float:
-    """The last stage (training/recognition_distill.py), from the run's kept captioning weights:
-    best-captions.pt where an earlier try of the stage kept them, else best.pt (or, where no
-    stage trained anything, the model as built, e.g. from init_checkpoint)."""
-    for start in (out / "best-captions.pt", out / "best.pt"):
-        if start.is_file():
-            model.decoder.load_state_dict(read_checkpoint(start)["decoder_state"])
-            log.info("recognition: starting from %s", start)
-            break
-    distill_recognition(model, data, cfg, out, gen)
-    dev = validate(model, cache, dev_recs, cfg, env)
-    log.info("recognition stage done: dev BLEU-4 %.4f CIDEr %.4f", dev["Bleu_4"], dev["CIDEr"])
-    return dev["CIDEr"]
 
 
 def _splits(prepared: Prepared, cfg: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
