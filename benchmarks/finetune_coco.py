@@ -45,11 +45,15 @@ FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 HELD_OUT = 20  # of the 80 COCO photos, never sent as corrections
 
 
-def split_coco(seed: int = 0) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(the photos users correct, the held-out photos), a fixed split by photo."""
+def split_coco(seed: int = 0, fold: int = 0) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(the photos users correct, the held-out photos), a fixed split by photo; `fold` k holds out
+    the k-th block of HELD_OUT photos of the same shuffled order (k = 0: the first split)."""
     records = sorted(load_dataset(COCO, "auto").split("all"), key=lambda r: r.image)
     random.Random(seed).shuffle(records)
-    return records[HELD_OUT:], records[:HELD_OUT]
+    held = records[fold * HELD_OUT:(fold + 1) * HELD_OUT]
+    if not held:
+        raise ValueError(f"fold {fold}: there are only {len(records) // HELD_OUT} folds of {HELD_OUT} photos")
+    return [r for r in records if r not in held], held
 
 
 def send_corrections(db: Path, folder: Path, photos: list[tuple[Path, list[str]]]) -> int:
@@ -117,7 +121,13 @@ def main_benchmark() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--finetune-args", default="", help="extra finetune options, e.g. \"--lr 3e-5\"")
     p.add_argument("--skip-harmful", action="store_true", help="leave the harmful update out (recipe probes)")
+    p.add_argument("--folds", type=int, default=1,
+                   help="K > 1: cross-validate, each block of 20 photos held out in turn (4 covers all 80); "
+                        "the held-out captions of every fold are pooled into one comparison over K x 20 photos "
+                        "(no harmful update, no Flickr8k test beyond finetune's own gate)")
     args = p.parse_args()
+    if args.folds > 1:
+        return cross_validate(args)
     if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
         sys.exit(f"error: needs {COCO} and {FLICKR8K}")
     torch.set_num_threads(args.threads)
@@ -183,6 +193,54 @@ def main_benchmark() -> None:
     result["total_seconds"] = round(time.time() - started, 1)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("finetune", "coco_held_out_examples")}, indent=1))
+
+
+def cross_validate(args: argparse.Namespace) -> None:
+    """Each fold: its 60 photos' corrections through the API, `captioner finetune --checkpoint
+    default`, then base and finetuned captions of its 20 held-out photos (objects off and on).
+    The pooled comparison covers every held-out photo once, captioned by a model that never saw
+    its corrections."""
+    if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
+        sys.exit(f"error: needs {COCO} and {FLICKR8K}")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.__stderr__)
+    cache_dir = Path(args.cache_dir).expanduser()
+    coco = load_dataset(COCO, "auto")
+    result: dict = {"script": "benchmarks/finetune_coco.py --folds", "folds": args.folds, "torch_threads": args.threads,
+                    "finetune_args": args.finetune_args, "per_fold": []}
+    pooled: dict = {False: ({}, {}, []), True: ({}, {}, [])}
+    started = time.time()
+    for fold in range(args.folds):
+        users, held_out = split_coco(fold=fold)
+        photos = [(coco.image_dir / r.image, r.captions) for r in users]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            send_corrections(tmp / "feedback.db", tmp, photos)
+            candidate = tmp / "models" / "candidate.pt"
+            t0 = time.time()
+            code, report, err = run_finetune(["--db", str(tmp / "feedback.db"), "--out", str(candidate), "--checkpoint",
+                                              "default", "--data", str(FLICKR8K), "--cache-dir", str(cache_dir),
+                                              "--no-progress", *args.finetune_args.split()])
+            row: dict = {"fold": fold, "exit_code": code, "seconds": round(time.time() - t0, 1), "error": err or None,
+                         "gate": (report or {}).get("gate"), "check": (report or {}).get("check")}
+            if code == 0:
+                models = {"base": "default", "finetuned": str(candidate)}
+                for objects in (False, True):
+                    caps, recs = score(models, COCO, held_out, cache_dir, objects=objects)
+                    row["coco_held_out" + ("_objects_on" if objects else "")] = compare(caps["base"], caps["finetuned"],
+                                                                                        recs)
+                    base, tuned, records = pooled[objects]
+                    base.update(caps["base"])
+                    tuned.update(caps["finetuned"])
+                    records += recs
+        result["per_fold"].append(row)
+        print(json.dumps(row), flush=True)
+    for objects, (base, tuned, records) in pooled.items():
+        if records:
+            result["coco_held_out_pooled" + ("_objects_on" if objects else "")] = compare(base, tuned, records)
+    result["total_seconds"] = round(time.time() - started, 1)
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_fold"}, indent=1))
 
 
 if __name__ == "__main__":
