@@ -114,6 +114,15 @@ def score(paths: dict[str, str], data: Path, split: str | list[ImageRecord], cac
     return out, records
 
 
+def set_up(args: argparse.Namespace) -> Path:
+    """Check the data is there, set threads and logging; the feature cache folder."""
+    if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
+        sys.exit(f"error: needs {COCO} and {FLICKR8K}")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.__stderr__)
+    return Path(args.cache_dir).expanduser()
+
+
 def main_benchmark() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "finetune_coco.json"))
@@ -126,13 +135,9 @@ def main_benchmark() -> None:
                         "the held-out captions of every fold are pooled into one comparison over K x 20 photos "
                         "(no harmful update, no Flickr8k test beyond finetune's own gate)")
     args = p.parse_args()
+    cache_dir = set_up(args)
     if args.folds > 1:
-        return cross_validate(args)
-    if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
-        sys.exit(f"error: needs {COCO} and {FLICKR8K}")
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.__stderr__)
-    cache_dir = Path(args.cache_dir).expanduser()
+        return cross_validate(args, cache_dir)
     users, held_out = split_coco()
     coco = load_dataset(COCO, "auto")
     photos = [(coco.image_dir / r.image, r.captions) for r in users]
@@ -195,16 +200,11 @@ def main_benchmark() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("finetune", "coco_held_out_examples")}, indent=1))
 
 
-def cross_validate(args: argparse.Namespace) -> None:
+def cross_validate(args: argparse.Namespace, cache_dir: Path) -> None:
     """Each fold: its 60 photos' corrections through the API, `captioner finetune --checkpoint
     default`, then base and finetuned captions of its 20 held-out photos (objects off and on).
     The pooled comparison covers every held-out photo once, captioned by a model that never saw
     its corrections."""
-    if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
-        sys.exit(f"error: needs {COCO} and {FLICKR8K}")
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.__stderr__)
-    cache_dir = Path(args.cache_dir).expanduser()
     coco = load_dataset(COCO, "auto")
     result: dict = {"script": "benchmarks/finetune_coco.py --folds", "folds": args.folds, "torch_threads": args.threads,
                     "finetune_args": args.finetune_args, "per_fold": []}

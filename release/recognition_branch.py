@@ -2,8 +2,8 @@
 left exactly as it is.
 
 The stock classifier ends in a 1x1 convolution (320 -> 1280 channels at 7x7), batch norm, swish,
-average pooling and `_fc` (1280 -> 1000): 42.7 M FLOPs, 8.8% of the encoder's 487 M, inside issue
-34's 10%. The captioner's tuned top computes its own block-15 output for every caption anyway, so a
+average pooling and `_fc` (1280 -> 1000): under issue 34's 10% of the encoder's FLOPs (counted here
+with torch's FLOP counter, against benchmarks/recognition.py's count of the encoder). The captioner's tuned top computes its own block-15 output for every caption anyway, so a
 branch of that shape on it (a copy of the stock head and `_fc`, then distilled to the stock
 classifier's softmax) would recognise without the stock top and without touching the captions. A
 linear head on the tuned top's pooled output agreed 74% (release/recognition_head.py); this asks
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from captioner.data.datasets import load_dataset
 from captioner.data.features import build_cache
@@ -119,8 +120,14 @@ def main() -> None:
             out[name] = agreement(branch.fc.weight, branch.fc.bias, pooled, pd)
         return out
 
+    with FlopCounterMode(display=False) as counter:  # one photo's block-15 output through the branch
+        branch(x[:1].float())
+    measured = REPO / "benchmarks" / "results" / "recognition.json"  # benchmarks/recognition.py's count
+    encoder = json.loads(measured.read_text())["flops"]["encoder"] if measured.is_file() else None
     result = {"checkpoint": str(args.checkpoint), "checkpoint_checksum": ckpt.get("checksum"), "train_views": len(x),
-              "lr": args.lr, "flops": {"branch": 2 * (49 * 320 * 1280 + 1280 * 1000), "encoder": 487_000_000},
+              "lr": args.lr, "flops": {"branch": counter.get_total_flops(), "encoder (benchmarks/recognition.py)": encoder,
+                                       "branch_over_encoder": round(counter.get_total_flops() / encoder, 4)
+                                       if encoder else None},
               "epochs": {0: score()}}
     print(0, json.dumps(result["epochs"][0]), flush=True)
     params = [p_ for n, p_ in branch.named_parameters() if not n.startswith("bn.") or n.endswith(("weight", "bias"))]

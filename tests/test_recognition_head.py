@@ -142,7 +142,7 @@ def test_export_carries_the_head_to_the_file_it_writes_and_drops_a_stale_one(tun
 
     out = tmp_path / "shipped.pt"
     assert main(["export", str(tuned_file), str(out), "--length-penalty", "0.5"]) == 0
-    exported, ckpt = load_checkpoint(out)
+    exported, _ = load_checkpoint(out)
     assert exported.recognition_head is not None  # bound to the new file's checksum, not the old one's
     torch.testing.assert_close(exported.recognition_head.weight, _head()[0].half().float())
     # a model without a head leaves no sidecar of an earlier export behind

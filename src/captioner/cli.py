@@ -279,8 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from captioner.models.checkpoint import (load_checkpoint, read_checkpoint, recognition_head_path, save_checkpoint,
-                                             save_recognition_head)
+    from captioner.models.checkpoint import load_checkpoint, recognition_head_path, save_checkpoint, save_recognition_head
 
     model, ckpt = load_checkpoint(args.checkpoint)
     if args.length_penalty is not None:
@@ -293,11 +292,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.metrics:
         metrics["test"] = json.loads(Path(args.metrics).read_text())
     extra = {"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}
-    save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=args.half)
+    checksum = save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=args.half)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
     head, sidecar = model.recognition_head, recognition_head_path(args.out)
     if head is not None:  # the model's recognition head travels with it, bound to the new file
-        save_recognition_head(sidecar, head.weight, head.bias, read_checkpoint(args.out)["checksum"])
+        save_recognition_head(sidecar, head.weight, head.bias, checksum)
         print(f"wrote {sidecar} (its recognition head)")
     elif sidecar.exists():  # a head made for the file this export replaced no longer fits it
         sidecar.unlink()

@@ -85,9 +85,11 @@ def content_checksum(ckpt: dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def write_checkpoint(ckpt: dict, path: str | Path) -> None:
-    """Store the checksum in the checkpoint, then write it atomically."""
-    atomic_torch_save({**ckpt, "checksum": content_checksum(ckpt)}, path)
+def write_checkpoint(ckpt: dict, path: str | Path) -> str:
+    """Store the checksum in the checkpoint, then write it atomically; returns the checksum."""
+    checksum = content_checksum(ckpt)
+    atomic_torch_save({**ckpt, "checksum": checksum}, path)
+    return checksum
 
 
 def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dict | None = None,
@@ -109,8 +111,9 @@ def checkpoint_dict(model: CaptionModel, metrics: dict | None = None, extra: dic
 
 
 def save_checkpoint(path: str | Path, model: CaptionModel, metrics: dict | None = None,
-                    extra: dict | None = None, half: bool = False) -> None:
-    write_checkpoint(checkpoint_dict(model, metrics, extra, half), path)
+                    extra: dict | None = None, half: bool = False) -> str:
+    """Write `model` as a checkpoint; returns its content checksum."""
+    return write_checkpoint(checkpoint_dict(model, metrics, extra, half), path)
 
 
 def _why_unreadable(e: Exception, path: Path) -> str:
