@@ -107,6 +107,20 @@ def test_split_is_by_photo_seeded_and_needs_two_photos():
         split_photos(photos[:1], 0.2, seed=0)
 
 
+def test_the_command_line_defaults_are_the_config_defaults():
+    """`captioner finetune` with no options trains the documented recipe (FinetuneConfig's)."""
+    import dataclasses
+
+    from captioner.cli import build_parser
+    from captioner.training.finetune import FinetuneConfig
+
+    args = build_parser().parse_args(["finetune", "--db", "x.db", "--out", "y.pt"])
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    shared = [k for k in vars(args) if k in defaults and k not in ("db", "out", "data", "data_format", "layout", "image_root", "cache_dir")]  # dataset options: _train_config
+    assert {"scst_replay_ratio", "replay_ratio", "lr", "scst_lr", "epochs", "scst_epochs"} <= set(shared)
+    assert {k: getattr(args, k) for k in shared} == {k: defaults[k] for k in shared}
+
+
 def test_the_gate_scores_a_split_the_base_never_trained_on():
     assert gate_split({})[0] == "dev"
     assert gate_split({"train_config": {"train_on_dev": False}})[0] == "dev"
