@@ -37,7 +37,8 @@ from captioner.data.features import build_cache
 from captioner.evaluation.compare import paired_bootstrap, photo_stats
 from captioner.evaluation.evaluate import decode_records
 from captioner.files import atomic_write_text
-from captioner.models.checkpoint import load_checkpoint
+from captioner.models.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from captioner.training.finetune import grow_from_corrections
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco-mini-train2017"
@@ -114,6 +115,24 @@ def score(paths: dict[str, str], data: Path, split: str | list[ImageRecord], cac
     return out, records
 
 
+def blends(candidate: Path, weights: list[float]) -> dict[str, str]:
+    """WiSE-FT (Wortsman et al., CVPR 2022): the finetuned weights pulled back toward where the
+    finetune started (the shipped model with the same new words grown), theta = start + w (tuned -
+    start), each written beside `candidate`; {"blend-w": path}."""
+    tuned, ckpt = load_checkpoint(candidate)
+    start, _ = load_checkpoint(resolve_checkpoint("default"))
+    grow_from_corrections(start, list(ckpt["finetune"]["new_words"]))
+    assert start.vocab.tokens == tuned.vocab.tokens
+    s0, s1 = start.state_dict(), tuned.state_dict()
+    out = {}
+    for w in weights:
+        start.load_state_dict({k: s0[k] + w * (s1[k] - s0[k]) if s0[k].is_floating_point() else s1[k] for k in s0})
+        out[f"blend-{w}"] = str(candidate.with_name(f"blend-{w}.pt"))
+        save_checkpoint(out[f"blend-{w}"], start, half=True)
+        start.load_state_dict(s0)
+    return out
+
+
 def set_up(args: argparse.Namespace) -> Path:
     """Check the data is there, set threads and logging; the feature cache folder."""
     if not (COCO / "images").is_dir() or not (FLICKR8K / "Images").is_dir():
@@ -134,6 +153,8 @@ def main_benchmark() -> None:
                    help="K > 1: cross-validate, each block of 20 photos held out in turn (4 covers all 80); "
                         "the held-out captions of every fold are pooled into one comparison over K x 20 photos "
                         "(no harmful update, no Flickr8k test beyond finetune's own gate)")
+    p.add_argument("--blends", default="", help="with --folds: also judge WiSE-FT blends of each finetune with its "
+                   "start, e.g. 0.25,0.5,0.75 (the finetunes are forced, so every fold has a model to blend)")
     args = p.parse_args()
     cache_dir = set_up(args)
     if args.folds > 1:
@@ -204,11 +225,13 @@ def cross_validate(args: argparse.Namespace, cache_dir: Path) -> None:
     """Each fold: its 60 photos' corrections through the API, `captioner finetune --checkpoint
     default`, then base and finetuned captions of its 20 held-out photos (objects off and on).
     The pooled comparison covers every held-out photo once, captioned by a model that never saw
-    its corrections."""
+    its corrections. `--blends`: each blend of each fold's finetune is judged the same way."""
     coco = load_dataset(COCO, "auto")
+    weights = [float(w) for w in args.blends.split(",") if w]
+    forced = ["--force"] if weights else []
     result: dict = {"script": "benchmarks/finetune_coco.py --folds", "folds": args.folds, "torch_threads": args.threads,
-                    "finetune_args": args.finetune_args, "per_fold": []}
-    pooled: dict = {False: ({}, {}, []), True: ({}, {}, [])}
+                    "finetune_args": " ".join([args.finetune_args, *forced]).strip(), "per_fold": []}
+    pooled: dict = {}
     started = time.time()
     for fold in range(args.folds):
         users, held_out = split_coco(fold=fold)
@@ -220,24 +243,27 @@ def cross_validate(args: argparse.Namespace, cache_dir: Path) -> None:
             t0 = time.time()
             code, report, err = run_finetune(["--db", str(tmp / "feedback.db"), "--out", str(candidate), "--checkpoint",
                                               "default", "--data", str(FLICKR8K), "--cache-dir", str(cache_dir),
-                                              "--no-progress", *args.finetune_args.split()])
+                                              "--no-progress", *args.finetune_args.split(), *forced])
             row: dict = {"fold": fold, "exit_code": code, "seconds": round(time.time() - t0, 1), "error": err or None,
                          "gate": (report or {}).get("gate"), "check": (report or {}).get("check")}
             if code == 0:
-                models = {"base": "default", "finetuned": str(candidate)}
+                models = {"base": "default", "finetuned": str(candidate), **blends(candidate, weights)}
                 for objects in (False, True):
                     caps, recs = score(models, COCO, held_out, cache_dir, objects=objects)
-                    row["coco_held_out" + ("_objects_on" if objects else "")] = compare(caps["base"], caps["finetuned"],
-                                                                                        recs)
-                    base, tuned, records = pooled[objects]
-                    base.update(caps["base"])
-                    tuned.update(caps["finetuned"])
-                    records += recs
+                    for name in models:
+                        if name == "base":
+                            continue
+                        key = ("coco_held_out" if name == "finetuned" else f"coco_held_out_{name}") \
+                            + ("_objects_on" if objects else "")
+                        row[key] = compare(caps["base"], caps[name], recs)
+                        base, tuned, records = pooled.setdefault(key, ({}, {}, []))
+                        base.update(caps["base"])
+                        tuned.update(caps[name])
+                        records += recs
         result["per_fold"].append(row)
         print(json.dumps(row), flush=True)
-    for objects, (base, tuned, records) in pooled.items():
-        if records:
-            result["coco_held_out_pooled" + ("_objects_on" if objects else "")] = compare(base, tuned, records)
+    for key, (base, tuned, records) in pooled.items():
+        result[key.replace("coco_held_out", "coco_held_out_pooled", 1)] = compare(base, tuned, records)
     result["total_seconds"] = round(time.time() - started, 1)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_fold"}, indent=1))

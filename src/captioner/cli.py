@@ -655,8 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-repeats", type=int, default=3,
                    help="copies of each corrected photo per cross-entropy pass (default 3)")
     p.add_argument("--scst-lr", type=float, default=5e-5, help="self-critical learning rate (default 5e-5)")
-    p.add_argument("--scst-replay-ratio", type=float, default=4.0,
-                   help="replayed photos per corrected photo in the self-critical stage (default 4)")
+    p.add_argument("--scst-replay-ratio", type=float, default=1.0,
+                   help="replayed photos per corrected photo in the self-critical stage (default 1)")
     p.add_argument("--gate-split", choices=("auto", "dev", "test"), default="auto",
                    help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
                         "was refit on train + dev (the shipped model)")

@@ -82,7 +82,7 @@ class FinetuneConfig:
     correction_repeats: int = 3  # copies of each corrected photo per cross-entropy pass
     scst_epochs: int = 3  # self-critical passes after cross-entropy (0 = none)
     scst_lr: float = 5e-5  # constant learning rate of the self-critical stage
-    scst_replay_ratio: float = 4.0  # replayed photos per corrected photo in the self-critical stage
+    scst_replay_ratio: float = 1.0  # replayed photos per corrected photo in the self-critical stage
     gate_split: str = "auto"  # the base's held-out split the gate scores: dev, test, or auto (see gate_split)
     dev_images: int = 0  # photos of that split the gate scores (0 = all)
     beam_size: int = 3  # the search that scores before and after
