@@ -118,7 +118,8 @@ def test_the_command_line_defaults_are_the_config_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     shared = [k for k in vars(args) if k in defaults and k not in ("db", "out", "data", "data_format", "layout", "image_root", "cache_dir")]  # dataset options: _train_config
     assert {"scst_replay_ratio", "replay_ratio", "lr", "scst_lr", "epochs", "scst_epochs"} <= set(shared)
-    assert {k: getattr(args, k) for k in shared} == {k: defaults[k] for k in shared}
+    given = {k: getattr(args, k) == "on" if k == "objects" else getattr(args, k) for k in shared}
+    assert "objects" in shared and given == {k: defaults[k] for k in shared}
 
 
 def test_the_gate_scores_a_split_the_base_never_trained_on():
@@ -262,6 +263,7 @@ def test_feedback_finetune_ab_promote_loop(base, tmp_path, capsys):
     assert report["photos"] == 12 and report["corrections"] == 36 and report["check_photos"] >= 1
     assert report["vocab"]["new_words"] == {"crimson": FALLBACK_PROXY}
     assert set(report["check"]) >= {"before", "after", "diff_interval"} and not report["refused"]
+    assert report["objects"] is True  # scored as served: named objects on
     ckpt = read_checkpoint(candidate)
     assert "crimson" in ckpt["vocab"]["tokens"] and ckpt["decode"]["precision"] == "bf16"
     assert all(v.dtype == torch.float16 for v in ckpt["decoder_state"].values() if v.is_floating_point())

@@ -110,6 +110,23 @@ def test_a_named_object_keeps_the_models_caption_and_others_are_put_in(monkeypat
         torch.testing.assert_close(got.hyps.scores[b], alone.scores[0])
 
 
+def test_a_namer_is_rebuilt_from_the_weights_after_training():
+    """The namer captions with a copy of the weights it was built from: after training (finetune
+    scores before and after), `forget_object_namer` makes the next one copy the trained weights."""
+    torch.manual_seed(0)
+    vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "a", "horse", "in", "field"])
+    model = CaptionModel(ModelConfig("t", "efficientnet-lite0", "soft-attention-lstm",
+                                     TINY["soft-attention-lstm"]), vocab).eval()
+    before = model.object_namer()
+    with torch.no_grad():
+        model.decoder.out.bias[5] += 3.0  # "training"
+    assert model.object_namer() is before  # built once: still the old weights
+    assert not torch.equal(before.model.decoder.out.bias[:8], model.decoder.out.bias)
+    model.forget_object_namer()
+    after = model.object_namer()
+    assert after is not before and torch.equal(after.model.decoder.out.bias[:8], model.decoder.out.bias)
+
+
 def test_a_phrase_position_takes_any_of_its_tokens():
     """[[6, 7]]: either token meets the constraint, the likelier one is taken, and a caption
     that has one already is the plain search's; a set of one token is the plain constraint."""

@@ -459,12 +459,13 @@ def _format_finetune(report: dict) -> list[str]:
         lines.append(f"note: used fewer than {v['min_word_count']} times, learnt as <unk>: "
                      + ", ".join(list(v["below_min_count"])[:10]))
     gate = f"{report['dataset']} {report['gate_split']} ({report['gate_why']})"
+    objects = "objects on" if report.get("objects", True) else "objects off"
     for key, what in (("check", "check set (held-out corrections)"), ("gate", gate)):
         if key not in report:
             continue
         r = report[key]
         lo, hi = r["diff_interval"]
-        lines.append(f"CIDEr-D on the {what}, {r['photos']} photos: {r['before']:.3f} -> {r['after']:.3f} "
+        lines.append(f"CIDEr-D on the {what}, {r['photos']} photos, {objects}: {r['before']:.3f} -> {r['after']:.3f} "
                      f"({r['diff']:+.3f}, {pct}% interval of the difference [{lo:+.3f}, {hi:+.3f}])")
     return lines
 
@@ -479,7 +480,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          epochs=args.epochs, lr=args.lr, replay_ratio=args.replay_ratio,
                          scst_epochs=args.scst_epochs, scst_lr=args.scst_lr, scst_replay_ratio=args.scst_replay_ratio,
                          correction_repeats=args.correction_repeats, gate_split=args.gate_split,
-                         dev_images=args.dev_images, force=args.force,
+                         dev_images=args.dev_images, objects=args.objects == "on", force=args.force,
                          half=args.half, seed=args.seed, progress=not args.no_progress)
     try:
         report = finetune(cfg)
@@ -661,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
                         "was refit on train + dev (the shipped model)")
     p.add_argument("--dev-images", type=int, default=0, help="photos of the gate's split it scores (default 0: all)")
+    p.add_argument("--objects", choices=("on", "off"), default="on",
+                   help="caption the check set and the gate's split as served: with named objects (default on), "
+                        "or off = the model alone")
     p.add_argument("--force", action="store_true", help="write the model even if the gate finds it worse beyond noise")
     p.add_argument("--half", action="store_true", help="store fp16 weights even where the base has fp32 ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the check split, the replay sample and training")

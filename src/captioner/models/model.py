@@ -121,7 +121,12 @@ class CaptionModel(nn.Module):
     def attach_recognition_head(self, head: nn.Linear | None) -> None:
         """Use `head` (made for this model's tuned top) for recognition; None: the stock classifier."""
         self.__dict__["_recognition_head"] = head  # not a submodule: never in the state dict
-        self.__dict__.pop("_object_namer", None)  # a namer built before recognises the old way
+        self.forget_object_namer()  # a namer built before recognises the old way
+
+    def forget_object_namer(self) -> None:
+        """Drop the namer built so far: it holds a copy of the weights as they were, so after
+        training the next `object_namer()` builds a new one from the trained weights."""
+        self.__dict__.pop("_object_namer", None)
 
     def object_namer(self, threshold: float | None = None):
         """This model's `objects.ObjectNamer` (built once: a grown-vocab copy and the recognizer);

@@ -11,7 +11,8 @@ before it is written: it cannot make the model worse without saying so.
 3. The recipe the base was made with: cross-entropy on the corrections mixed with replayed
    original training photos (features only for the photos used, from the feature cache), then
    a short self-critical stage (CIDEr-D reward) with the corrections as references.
-4. Before and after, the check set and the base's dev split are captioned and scored (CIDEr-D),
+4. Before and after, the check set and the base's dev split are captioned as served (named
+   objects on unless `objects` is off) and scored (CIDEr-D),
    with a paired bootstrap interval of the difference (`captioner compare`'s). A model worse
    on dev beyond noise (the interval entirely below 0) is refused and nothing is written,
    unless `force`. The model is written in the base's precision (fp16 weights where the base
@@ -86,6 +87,7 @@ class FinetuneConfig:
     gate_split: str = "auto"  # the base's held-out split the gate scores: dev, test, or auto (see gate_split)
     dev_images: int = 0  # photos of that split the gate scores (0 = all)
     beam_size: int = 3  # the search that scores before and after
+    objects: bool = True  # captioned as served: with named objects (the serving default), or the model alone
     max_len: int = 20
     resamples: int = 1000  # bootstrap draws
     confidence: float = 0.95
@@ -223,8 +225,8 @@ def encode_photos(model: CaptionModel, photos: list[CorrectedPhoto], batch: int 
 
 
 def _captions(model: CaptionModel, table: FeatureCache, records: list[ImageRecord], search: SearchConfig,
-           progress: bool) -> dict[str, str]:
-    return decode_records(model, table, records, search, progress=progress)
+              cfg: FinetuneConfig) -> dict[str, str]:
+    return decode_records(model, table, records, search, progress=cfg.progress, objects=cfg.objects)
 
 
 def compare_captions(before: dict[str, str], after: dict[str, str], records: list[ImageRecord],
@@ -333,13 +335,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     search = SearchConfig(beam_size=cfg.beam_size, max_len=cfg.max_len, length_penalty=model.length_penalty,
                           no_repeat_ngram=model.no_repeat_ngram)
     log.info("scoring the base on %d check and %d %s photos (%s)", len(check_recs), len(dev_recs), gate, gate_why)
-    before_all = _captions(model, table, learn_recs + check_recs, search, cfg.progress)
+    before_all = _captions(model, table, learn_recs + check_recs, search, cfg)
     before_check = {r.image: before_all[r.image] for r in check_recs}
     relevance = describes_photos(before_all, learn_recs + check_recs, cfg)
     report: dict = {"base": str(cfg.checkpoint), "out": str(cfg.out), "store": store.name,
                     "corrections": sum(len(p.captions) for p in photos), "photos": len(photos),
                     "learn_photos": len(learn), "check_photos": len(check), "relevance": relevance,
-                    "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why}
+                    "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why,
+                    "objects": cfg.objects}
     if relevance["diff_interval"][0] <= 0 and not cfg.force:
         lo, hi = relevance["diff_interval"]
         report.update(refused=True, seconds=round(time.time() - started, 1))
@@ -349,7 +352,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             f"{relevance['others']:.3f}, {round(100 * cfg.confidence)}% interval of the difference [{lo:+.3f}, "
             f"{hi:+.3f}] over {relevance['photos']} photos); nothing trained or written (--force trains anyway)",
             report)
-    before_dev = _captions(model, table, dev_recs, search, cfg.progress)
+    before_dev = _captions(model, table, dev_recs, search, cfg)
 
     known = set(model.vocab.tokens)
     grow, rare = new_words([c for p in learn for c in p.captions], known, cfg.min_word_count)
@@ -388,8 +391,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
             rewards.append(reward)
             log.info("self-critical %d/%d: reward %.3f", epoch, cfg.scst_epochs, reward)
     model.eval()
-    after_check = _captions(model, table, check_recs, search, cfg.progress)
-    after_dev = _captions(model, table, dev_recs, search, cfg.progress)
+    model.forget_object_namer()  # the one that captioned "before" holds the base's weights
+    after_check = _captions(model, table, check_recs, search, cfg)
+    after_dev = _captions(model, table, dev_recs, search, cfg)
 
     report.update({
         "replayed_photos": len(replay),
