@@ -123,7 +123,8 @@ def blends(candidate: Path, weights: list[float]) -> dict[str, str]:
     start, _ = load_checkpoint(resolve_checkpoint("default"))
     grow_from_corrections(start, list(ckpt["finetune"]["new_words"]))
     assert start.vocab.tokens == tuned.vocab.tokens
-    s0, s1 = start.state_dict(), tuned.state_dict()
+    s0 = {k: v.clone() for k, v in start.state_dict().items()}  # load_state_dict writes into the live tensors
+    s1 = tuned.state_dict()
     out = {}
     for w in weights:
         start.load_state_dict({k: s0[k] + w * (s1[k] - s0[k]) if s0[k].is_floating_point() else s1[k] for k in s0})
@@ -156,6 +157,8 @@ def main_benchmark() -> None:
     p.add_argument("--blends", default="", help="with --folds: also judge WiSE-FT blends of each finetune with its "
                    "start, e.g. 0.25,0.5,0.75 (the finetunes are forced, so every fold has a model to blend)")
     args = p.parse_args()
+    if args.blends and args.folds < 2:
+        p.error("--blends needs --folds K (K > 1)")
     cache_dir = set_up(args)
     if args.folds > 1:
         return cross_validate(args, cache_dir)

@@ -353,6 +353,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             f"{hi:+.3f}] over {relevance['photos']} photos); nothing trained or written (--force trains anyway)",
             report)
     before_dev = _captions(model, table, dev_recs, search, cfg)
+    model.forget_object_namer()  # its copy of the base's weights is not needed while training
 
     known = set(model.vocab.tokens)
     grow, rare = new_words([c for p in learn for c in p.captions], known, cfg.min_word_count)
@@ -391,7 +392,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
             rewards.append(reward)
             log.info("self-critical %d/%d: reward %.3f", epoch, cfg.scst_epochs, reward)
     model.eval()
-    model.forget_object_namer()  # the one that captioned "before" holds the base's weights
+    # recognise as the candidate will be served: a recognition head made for the base's top no
+    # longer fits the trained top and is not written with the candidate, so the stock classifier
+    model.attach_recognition_head(None)
     after_check = _captions(model, table, check_recs, search, cfg)
     after_dev = _captions(model, table, dev_recs, search, cfg)
 
