@@ -170,9 +170,9 @@ class Captioner:
         if objects:
             namer = self.model.object_namer()
             named = namer.generate(feats, search)
-            hyps, vocab = named.hyps, namer.model.vocab
+            hyps = named.hyps
         else:
-            named, hyps, vocab = None, self.model.generate(feats, search), self.model.vocab
+            named, hyps = None, self.model.generate(feats, search)
         out = []
         for b in range(feats.size(0)):
             rows = [(hyps.tokens[b, k], float(hyps.scores[b, k]), hyps.alphas[b, k]) for k in range(hyps.tokens.size(1))]
