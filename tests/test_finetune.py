@@ -188,12 +188,42 @@ def test_finetune_refuses_corrections_that_do_not_describe_their_photos(base, tm
     assert rel["diff_interval"][0] <= 0 and f"CIDEr-D {rel['own']:.3f} vs {rel['others']:.3f}" in err
     assert report["refused"] and "nothing trained or written" in err and "--force" in err
 
-    # forced, it trains; the gate then finds the model worse on dev and still writes it, saying so
-    assert main(finetune_args(db, base_path, data, cache, out, *fast, "--force")) == 0
+    # forced, it trains (the self-critical stage: cross-entropy trains only new words' rows, and
+    # these corrections have none); the gate then finds the model worse on dev and still writes
+    # it, saying so
+    harm = ["--scst-epochs", "2", "--scst-lr", "0.02", "--scst-replay-ratio", "0"]
+    assert main(finetune_args(db, base_path, data, cache, out, *fast, *harm, "--force")) == 0
     captured = capsys.readouterr()
     report = last_json(captured.out)
     assert out.is_file() and report["gate"]["diff_interval"][1] < 0 and report["gate_split"] == "dev"
     assert "worse on dev beyond noise; written anyway (--force)" in captured.out
+
+
+@pytest.mark.slow
+def test_cross_entropy_trains_only_the_new_words_rows(base, tmp_path, capsys):
+    """Cross-entropy teaches the corrections' new words and leaves every other weight as the
+    (self-critically trained) base has it."""
+    data, cache, base_path = base
+    db = tmp_path / "feedback.db"
+    fill_store(db, [(img, f"a {'crimson' if c == 'red' else c} {sh}") for img, c, sh in
+                    correction_photos(tmp_path / "photos") for _ in range(3)])
+    out = tmp_path / "candidate.pt"
+    assert main(finetune_args(db, base_path, data, cache, out, "--scst-epochs", "0", "--force")) == 0
+    report = last_json(capsys.readouterr().out)
+    assert list(report["vocab"]["new_words"]) == ["crimson"] and len(report["train_loss"]) == 2
+    before, after = read_checkpoint(base_path), read_checkpoint(out)
+    start, _ = load_checkpoint(base_path)
+    grow_from_corrections(start, ["crimson"])  # where training started
+    V0 = len(before["vocab"]["tokens"])
+    grown = [k for k, v in after["decoder_state"].items() if v.dim() and v.size(0) == V0 + 1]
+    assert grown  # the embedding and output rows
+    start_state = start.decoder.state_dict()
+    for key, v in after["decoder_state"].items():
+        old = before["decoder_state"][key]
+        if key in grown:
+            assert torch.equal(v[:V0], old) and not torch.equal(v[V0:], start_state[key][V0:]), key
+        else:
+            assert torch.equal(v, old), key
 
 
 def test_finetune_input_errors_are_one_line(tiny_data, tmp_path, capsys):

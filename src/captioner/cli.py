@@ -648,9 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corrected photos held out to check the result on (default 0.2, at least one)")
     p.add_argument("--min-word-count", type=int, default=3,
                    help="a new word joins the vocab once the corrections use it this often (default 3)")
-    p.add_argument("--epochs", type=int, default=2, help="cross-entropy passes (default 2)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="cross-entropy passes teaching the new words (default 2; skipped where there are none)")
     p.add_argument("--scst-epochs", type=int, default=3, help="self-critical passes after them (default 3)")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak cross-entropy learning rate (default 3e-5)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak cross-entropy learning rate of the new words' rows, the only weights it trains "
+                        "(default 1e-3)")
     p.add_argument("--replay-ratio", type=float, default=4.0,
                    help="replayed original train photos per corrected photo (default 4)")
     p.add_argument("--correction-repeats", type=int, default=3,

@@ -9,8 +9,10 @@ before it is written: it cannot make the model worse without saying so.
    times join the vocab (`grow_vocab`, the named-objects transfer): a new word starts from its
    ImageNet-lexicon proxy, or else from the <unk> row.
 3. The recipe the base was made with: cross-entropy on the corrections mixed with replayed
-   original training photos (features only for the photos used, from the feature cache), then
-   a short self-critical stage (CIDEr-D reward) with the corrections as references.
+   original training photos (features only for the photos used, from the feature cache), which
+   trains only the new words' rows (cross-entropy on the rest would undo the base's
+   self-critical gains), then a short self-critical stage (CIDEr-D reward) of the whole decoder
+   with the corrections as references.
 4. Before and after, the check set and the base's dev split are captioned as served (named
    objects on unless `objects` is off) and scored (CIDEr-D),
    with a paired bootstrap interval of the difference (`captioner compare`'s). A model worse
@@ -20,6 +22,7 @@ before it is written: it cannot make the model worse without saying so.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -76,8 +79,8 @@ class FinetuneConfig:
     cache_dir: str = "~/.cache/captioner"  # encoder feature caches (only the photos used are encoded)
     check_fraction: float = 0.2  # of the corrected photos, held out as the check set (at least one)
     min_word_count: int = 3  # a new word joins the vocab once the corrections use it this often
-    epochs: int = 2  # cross-entropy passes over the mixed set
-    lr: float = 3e-5  # peak Adam learning rate of the cross-entropy stage: small, it undoes self-critical gains
+    epochs: int = 2  # cross-entropy passes over the mixed set, teaching the new words (none: skipped)
+    lr: float = 1e-3  # peak Adam learning rate of the cross-entropy stage (it trains the new words' rows only)
     batch_size: int = 50  # captions per cross-entropy step
     replay_ratio: float = 4.0  # replayed original train photos per corrected photo learnt from
     correction_repeats: int = 3  # copies of each corrected photo per cross-entropy pass
@@ -196,6 +199,46 @@ def grow_from_corrections(model: CaptionModel, words: list[str]) -> dict[str, st
             if isinstance(bias, torch.nn.Parameter) and bias.numel() == V:
                 bias[ids] -= offset
     return proxies
+
+
+@contextlib.contextmanager
+def only_new_rows(model: CaptionModel, first_new: int):
+    """Train only the new words' rows (ids >= `first_new`): their input embeddings and output
+    weights and biases. Every other weight, batch-norm statistics included, stays as the base
+    has it, since cross-entropy undoes what self-critical training gained."""
+    V = len(model.vocab)
+    rows = []
+    for module in model.decoder.modules():
+        for name in ("embed", "out"):
+            layer = getattr(module, name, None)
+            if isinstance(layer, (torch.nn.Embedding, torch.nn.Linear)) and layer.weight.size(0) == V:
+                rows += [layer.weight] + ([layer.bias] if getattr(layer, "bias", None) is not None else [])
+        bias = getattr(module, "out_bias", None)
+        if isinstance(bias, torch.nn.Parameter) and bias.numel() == V:
+            rows.append(bias)
+    keep = {id(p) for p in rows}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    norms = [(m, m.momentum) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def old_rows_held(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:first_new] = 0
+        return grad
+
+    hooks = [p.register_hook(old_rows_held) for p in rows]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        for m, _ in norms:
+            m.momentum = 0.0  # running statistics unchanged by the batches it sees
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, momentum in norms:
+            m.momentum = momentum
 
 
 @torch.no_grad()
@@ -368,16 +411,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        progress=cfg.progress, epochs=cfg.epochs, scst_lr=cfg.scst_lr, scst_epochs=cfg.scst_epochs)
     optimizer = adam(param_groups(model, tcfg), cfg.lr, tcfg)
     losses, rewards = [], []
-    if cfg.epochs:
+    if cfg.epochs and proxies:  # no new words: nothing for cross-entropy to teach
         data = TrainingSet(replay + learn_recs * cfg.correction_repeats, table, model.vocab, cfg.max_caption_len)
         per_batch = images_per_batch(tcfg, data)
         total, step = math.ceil(len(data) / per_batch) * cfg.epochs, 0
-        for epoch in range(1, cfg.epochs + 1):
-            batches = length_bucketed_batches(data.lengths, per_batch, gen)
-            loss, step = train_epoch(model, optimizer, data, batches, step, total, tcfg,
-                                     f"finetune {epoch}/{cfg.epochs}")
-            losses.append(loss)
-            log.info("cross-entropy %d/%d: loss %.3f", epoch, cfg.epochs, loss)
+        with only_new_rows(model, len(known)):
+            for epoch in range(1, cfg.epochs + 1):
+                batches = length_bucketed_batches(data.lengths, per_batch, gen)
+                loss, step = train_epoch(model, optimizer, data, batches, step, total, tcfg,
+                                         f"finetune {epoch}/{cfg.epochs}")
+                losses.append(loss)
+                log.info("cross-entropy on the new words' rows %d/%d: loss %.3f", epoch, cfg.epochs, loss)
     if cfg.scst_epochs:
         sc_recs = learn_recs + scst_replay
         data = TrainingSet(sc_recs, table, model.vocab, cfg.max_caption_len)
