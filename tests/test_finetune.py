@@ -116,7 +116,8 @@ def test_the_command_line_defaults_are_the_config_defaults():
 
     args = build_parser().parse_args(["finetune", "--db", "x.db", "--out", "y.pt"])
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    shared = [k for k in vars(args) if k in defaults and k not in ("db", "out", "data", "data_format", "layout", "image_root", "cache_dir")]  # dataset options: _train_config
+    dataset_options = ("db", "out", "data", "data_format", "layout", "image_root", "cache_dir")  # _train_config's
+    shared = [k for k in vars(args) if k in defaults and k not in dataset_options]
     assert {"scst_replay_ratio", "replay_ratio", "lr", "scst_lr", "epochs", "scst_epochs"} <= set(shared)
     given = {k: getattr(args, k) == "on" if k == "objects" else getattr(args, k) for k in shared}
     assert "objects" in shared and given == {k: defaults[k] for k in shared}

@@ -124,9 +124,16 @@ class CaptionModel(nn.Module):
         self.forget_object_namer()  # a namer built before recognises the old way
 
     def forget_object_namer(self) -> None:
-        """Drop the namer built so far: it holds a copy of the weights as they were, so after
-        training the next `object_namer()` builds a new one from the trained weights."""
+        """Drop the namer built so far: it holds a copy of the weights as they were, so the next
+        `object_namer()` builds a new one from the weights as they are."""
         self.__dict__.pop("_object_namer", None)
+
+    def train(self, mode: bool = True) -> "CaptionModel":
+        """nn.Module.train; training moves the weights the namer copied, so it is dropped (rebuilt
+        from the trained weights when next asked for)."""
+        if mode:
+            self.forget_object_namer()
+        return super().train(mode)
 
     def object_namer(self, threshold: float | None = None):
         """This model's `objects.ObjectNamer` (built once: a grown-vocab copy and the recognizer);

@@ -74,6 +74,24 @@ def grow_vocab(model: nn.Module, proxies: Mapping[str, str]) -> list[int]:
     return list(range(V0, V0 + len(new)))
 
 
+def vocab_rows(model: nn.Module) -> list[nn.Parameter]:
+    """The decoder's parameters with one row per vocab word, the ones `grow_vocab` grows: word
+    embeddings, output weights and biases (every member's, in an ensemble)."""
+    V = len(model.vocab)
+    rows: list[nn.Parameter] = []
+    for module in model.decoder.modules():
+        emb = getattr(module, "embed", None)
+        if isinstance(emb, nn.Embedding) and emb.num_embeddings == V:
+            rows.append(emb.weight)
+        out = getattr(module, "out", None)
+        if isinstance(out, nn.Linear) and out.out_features == V:
+            rows += [out.weight] + ([out.bias] if out.bias is not None else [])
+        bias = getattr(module, "out_bias", None)
+        if isinstance(bias, nn.Parameter) and bias.numel() == V:
+            rows.append(bias)
+    return rows
+
+
 def _cat_rows(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     grown = torch.cat([t.data, t.data[src]])
     return nn.Parameter(grown, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else grown

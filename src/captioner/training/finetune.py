@@ -46,7 +46,7 @@ from captioner.models.checkpoint import MAX_TOKEN_CHARS, load_checkpoint, resolv
 from captioner.models.encoders import build_encoder, preprocess
 from captioner.models.lexicon import lexicon_words
 from captioner.models.model import CaptionModel
-from captioner.models.objects import grow_vocab
+from captioner.models.objects import grow_vocab, vocab_rows
 from captioner.service.feedback import Correction, FeedbackStore
 from captioner.training.config import TrainConfig
 from captioner.training.crossentropy import autocast, train_epoch
@@ -189,15 +189,10 @@ def grow_from_corrections(model: CaptionModel, words: list[str]) -> dict[str, st
         return {}
     share = Counter(proxies.values())
     offset = torch.tensor([math.log(share[proxies[w]] + 1) for w in words])
-    V = len(model.vocab)
     with torch.no_grad():
-        for module in model.decoder.modules():
-            out = getattr(module, "out", None)
-            if getattr(out, "out_features", None) == V and getattr(out, "bias", None) is not None:
-                out.bias[ids] -= offset
-            bias = getattr(module, "out_bias", None)
-            if isinstance(bias, torch.nn.Parameter) and bias.numel() == V:
-                bias[ids] -= offset
+        for rows in vocab_rows(model):
+            if rows.dim() == 1:  # an output bias
+                rows[ids] -= offset
     return proxies
 
 
@@ -206,16 +201,7 @@ def only_new_rows(model: CaptionModel, first_new: int):
     """Train only the new words' rows (ids >= `first_new`): their input embeddings and output
     weights and biases. Every other weight, batch-norm statistics included, stays as the base
     has it, since cross-entropy undoes what self-critical training gained."""
-    V = len(model.vocab)
-    rows = []
-    for module in model.decoder.modules():
-        for name in ("embed", "out"):
-            layer = getattr(module, name, None)
-            if isinstance(layer, (torch.nn.Embedding, torch.nn.Linear)) and layer.weight.size(0) == V:
-                rows += [layer.weight] + ([layer.bias] if getattr(layer, "bias", None) is not None else [])
-        bias = getattr(module, "out_bias", None)
-        if isinstance(bias, torch.nn.Parameter) and bias.numel() == V:
-            rows.append(bias)
+    rows = vocab_rows(model)
     keep = {id(p) for p in rows}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     norms = [(m, m.momentum) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -396,7 +382,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
             f"{hi:+.3f}] over {relevance['photos']} photos); nothing trained or written (--force trains anyway)",
             report)
     before_dev = _captions(model, table, dev_recs, search, cfg)
-    model.forget_object_namer()  # its copy of the base's weights is not needed while training
 
     known = set(model.vocab.tokens)
     grow, rare = new_words([c for p in learn for c in p.captions], known, cfg.min_word_count)
@@ -438,6 +423,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model.eval()
     # recognise as the candidate will be served: a recognition head made for the base's top no
     # longer fits the trained top and is not written with the candidate, so the stock classifier
+    # (training already dropped the namer built from the base's weights: CaptionModel.train)
     model.attach_recognition_head(None)
     after_check = _captions(model, table, check_recs, search, cfg)
     after_dev = _captions(model, table, dev_recs, search, cfg)

@@ -14,7 +14,7 @@ judged on photos it never saw: Flickr8k dev (the epoch is picked there), the 80 
 the Flickr8k test photos. Agreement is top-1 class and top-1 lexicon word against the stock
 classifier, as recognition_head.py measures it (fp16-rounded weights).
 
-    PYTHONPATH=src python release/recognition_branch.py [--epochs 10] [--out benchmarks/results/recognition_branch.json]
+    PYTHONPATH=src python benchmarks/recognition_branch.py [--epochs 10] [--out benchmarks/results/recognition_branch.json]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from captioner.models.checkpoint import load_checkpoint
 from captioner.models.encoders import pretrained_backbone
 from captioner.models.recognition import Recognizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "release"))
 from recognition_head import agreement  # noqa: E402  (the same measure as the linear head's)
 
 REPO = Path(__file__).resolve().parents[1]
