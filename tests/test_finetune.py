@@ -22,7 +22,7 @@ from captioner.training.config import TrainConfig
 from captioner.training.crossentropy import caption_loss
 from captioner.training.dataset import TrainingSet
 from captioner.training.finetune import (FALLBACK_PROXY, gate_split, gate_verdict, grow_from_corrections,
-                                         group_by_photo, new_words, split_photos)
+                                         group_by_photo, new_words, only_new_rows, split_photos)
 
 from conftest import COLORS, SHAPES, TINY_MODEL, make_flickr_like, make_photo
 
@@ -225,6 +225,25 @@ def test_cross_entropy_trains_only_the_new_words_rows(base, tmp_path, capsys):
             assert torch.equal(v[:V0], old) and not torch.equal(v[V0:], start_state[key][V0:]), key
         else:
             assert torch.equal(v, old), key
+
+
+def test_new_rows_training_normalises_with_the_bases_statistics():
+    """While only the new rows train, batch norm keeps using (and keeping) the base's running
+    statistics, as when served, even across model.train(); afterwards it trains again."""
+    model = CaptionModel(ModelConfig.from_dict(TINY_MODEL), Vocab.build(["a red square"], 1))
+    first_new = len(model.vocab)
+    grow_from_corrections(model, ["crimson"])
+    model.norm = torch.nn.BatchNorm1d(4)  # stands for the tuned top's
+    kept = model.norm.running_mean.clone()
+    with only_new_rows(model, first_new):
+        model.train()
+        assert model.decoder.training and not model.norm.training
+        model.norm(torch.randn(8, 4) + 3)
+        assert torch.equal(model.norm.running_mean, kept)
+        assert not model.norm.weight.requires_grad
+    model.train()
+    assert model.norm.training and "train" not in vars(model.norm)
+    assert model.norm.weight.requires_grad
 
 
 def test_finetune_input_errors_are_one_line(tiny_data, tmp_path, capsys):

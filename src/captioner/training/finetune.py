@@ -204,7 +204,10 @@ def only_new_rows(model: CaptionModel, first_new: int):
     rows = vocab_rows(model)
     keep = {id(p) for p in rows}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    norms = [(m, m.momentum) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def held_in_eval(m: torch.nn.Module):
+        return lambda mode=True: torch.nn.Module.train(m, False)
 
     def old_rows_held(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -215,16 +218,19 @@ def only_new_rows(model: CaptionModel, first_new: int):
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in keep)
-        for m, _ in norms:
-            m.momentum = 0.0  # running statistics unchanged by the batches it sees
+        for m in norms:
+            # normalised by the base's statistics, as when served, and those left unchanged:
+            # model.train() (each epoch) leaves these in eval mode
+            m.train = held_in_eval(m)
+            m.eval()
         yield
     finally:
         for h in hooks:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-        for m, momentum in norms:
-            m.momentum = momentum
+        for m in norms:
+            del m.train
 
 
 @torch.no_grad()
@@ -394,9 +400,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tcfg = TrainConfig(data=cfg.data, cache_dir=cfg.cache_dir, seed=cfg.seed, lr=cfg.lr, batch_size=cfg.batch_size,
                        max_caption_len=cfg.max_caption_len, warmup_steps=1, final_lr_ratio=0.1,
                        progress=cfg.progress, epochs=cfg.epochs, scst_lr=cfg.scst_lr, scst_epochs=cfg.scst_epochs)
-    optimizer = adam(param_groups(model, tcfg), cfg.lr, tcfg)
     losses, rewards = [], []
     if cfg.epochs and proxies:  # no new words: nothing for cross-entropy to teach
+        optimizer = adam(param_groups(model, tcfg), cfg.lr, tcfg)
         data = TrainingSet(replay + learn_recs * cfg.correction_repeats, table, model.vocab, cfg.max_caption_len)
         per_batch = images_per_batch(tcfg, data)
         total, step = math.ceil(len(data) / per_batch) * cfg.epochs, 0
