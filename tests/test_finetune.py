@@ -16,7 +16,7 @@ from captioner.data.features import build_cache
 from captioner.data.vocab import Vocab
 from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from captioner.models.model import CaptionModel, ModelConfig
-from captioner.models.objects import ObjectNamer
+from captioner.models.objects import ObjectNamer, vocab_rows
 from captioner.service.feedback import Correction, FeedbackStore, Served
 from captioner.training.config import TrainConfig
 from captioner.training.crossentropy import caption_loss
@@ -227,23 +227,16 @@ def test_cross_entropy_trains_only_the_new_words_rows(base, tmp_path, capsys):
             assert torch.equal(v, old), key
 
 
-def test_new_rows_training_normalises_with_the_bases_statistics():
-    """While only the new rows train, batch norm keeps using (and keeping) the base's running
-    statistics, as when served, even across model.train(); afterwards it trains again."""
+def test_new_rows_training_trains_the_rows_alone_and_restores_the_flags():
     model = CaptionModel(ModelConfig.from_dict(TINY_MODEL), Vocab.build(["a red square"], 1))
     first_new = len(model.vocab)
     grow_from_corrections(model, ["crimson"])
-    model.norm = torch.nn.BatchNorm1d(4)  # stands for the tuned top's
-    kept = model.norm.running_mean.clone()
+    next(model.parameters()).requires_grad_(False)  # a weight the caller had frozen stays frozen
+    flags = [p.requires_grad for p in model.parameters()]
+    rows = {id(p) for p in vocab_rows(model)}
     with only_new_rows(model, first_new):
-        model.train()
-        assert model.decoder.training and not model.norm.training
-        model.norm(torch.randn(8, 4) + 3)
-        assert torch.equal(model.norm.running_mean, kept)
-        assert not model.norm.weight.requires_grad
-    model.train()
-    assert model.norm.training and "train" not in vars(model.norm)
-    assert model.norm.weight.requires_grad
+        assert {id(p) for p in model.parameters() if p.requires_grad} == rows
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_finetune_input_errors_are_one_line(tiny_data, tmp_path, capsys):

@@ -199,15 +199,12 @@ def grow_from_corrections(model: CaptionModel, words: list[str]) -> dict[str, st
 @contextlib.contextmanager
 def only_new_rows(model: CaptionModel, first_new: int):
     """Train only the new words' rows (ids >= `first_new`): their input embeddings and output
-    weights and biases. Every other weight, batch-norm statistics included, stays as the base
-    has it, since cross-entropy undoes what self-critical training gained."""
+    weights and biases. Every other weight stays as the base has it, since cross-entropy undoes
+    what self-critical training gained (batch-norm statistics never train: `TunedTop` stays in
+    eval mode)."""
     rows = vocab_rows(model)
     keep = {id(p) for p in rows}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-    def held_in_eval(m: torch.nn.Module):
-        return lambda mode=True: torch.nn.Module.train(m, False)
 
     def old_rows_held(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -218,19 +215,12 @@ def only_new_rows(model: CaptionModel, first_new: int):
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in keep)
-        for m in norms:
-            # normalised by the base's statistics, as when served, and those left unchanged:
-            # model.train() (each epoch) leaves these in eval mode
-            m.train = held_in_eval(m)
-            m.eval()
         yield
     finally:
         for h in hooks:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-        for m in norms:
-            del m.train
 
 
 @torch.no_grad()
