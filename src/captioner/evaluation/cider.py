@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 NGram = tuple[str, ...]
 Vector = list[dict[NGram, float]]
@@ -29,25 +29,16 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
 class CiderD:
     """CIDEr-D of candidate captions against fixed references, n-grams up to `n`."""
 
-    def __init__(self, references: Mapping[Hashable, Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0,
-                 documents: Iterable[Sequence[Sequence[str]]] | None = None):
-        """`references`: {key: [tokenised reference, ...]}; document frequencies come from them, or
-        from `documents` (each photo's tokenised references), a larger corpus they belong to."""
+    def __init__(self, references: Mapping[Hashable, Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0):
+        """`references`: {key: [tokenised reference, ...]}; document frequencies come from them."""
         self.n, self.sigma = n, sigma
         df: Counter = Counter()
         ref_counts = {}
         for key, refs in references.items():
             counts = [_ngrams(r, n) for r in refs]
             ref_counts[key] = counts
-            if documents is None:
-                df.update(set(g for c in counts for g in c))
-        docs = len(references)
-        if documents is not None:
-            docs = 0
-            for refs in documents:
-                df.update(set(g for r in refs for g in _ngrams(r, n)))
-                docs += 1
-        self._log_docs = math.log(float(docs))
+            df.update(set(g for c in counts for g in c))
+        self._log_docs = math.log(float(len(references)))
         self._df = df
         self._refs = {key: [self._vector(c) for c in counts] for key, counts in ref_counts.items()}
 

@@ -406,11 +406,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.scst_epochs:
         sc_recs = learn_recs + scst_replay
         data = TrainingSet(sc_recs, table, model.vocab, cfg.max_caption_len)
-        # n-grams weighed as the base's own self-critical training weighed them: document
-        # frequencies over its training captions (with the corrections), not over the few
-        # photos of this stage, where nearly every n-gram is rare
-        cider = reward_scorer([r.captions for r in sc_recs],
-                              documents=[r.captions for r in train_recs + learn_recs])
+        cider = reward_scorer([r.captions for r in sc_recs])
         optimizer = adam(param_groups(model, tcfg), cfg.scst_lr, tcfg)
         per_step = max(1, tcfg.scst_batch_size // tcfg.scst_samples)
         for epoch in range(1, cfg.scst_epochs + 1):

@@ -21,11 +21,9 @@ if TYPE_CHECKING:
     from captioner.training.dataset import TrainingSet
 
 
-def reward_scorer(captions: list[list[str]], documents: list[list[str]] | None = None) -> CiderD:
-    """CIDEr-D over the training references, keyed by image index; document frequencies from
-    them, or from `documents` (each photo's captions, a corpus they belong to)."""
-    docs = None if documents is None else ([tokenize(c) for c in caps] for caps in documents)
-    return CiderD({i: [tokenize(c) for c in caps] for i, caps in enumerate(captions)}, documents=docs)
+def reward_scorer(captions: list[list[str]]) -> CiderD:
+    """CIDEr-D over the training references, keyed by image index."""
+    return CiderD({i: [tokenize(c) for c in caps] for i, caps in enumerate(captions)})
 
 
 def _words(text: str, mirrored: bool) -> list[str]:
