@@ -479,7 +479,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          check_fraction=args.check_fraction, min_word_count=args.min_word_count,
                          epochs=args.epochs, lr=args.lr, replay_ratio=args.replay_ratio,
                          scst_epochs=args.scst_epochs, scst_lr=args.scst_lr, scst_replay_ratio=args.scst_replay_ratio,
-                         scst_soup=args.scst_soup, correction_repeats=args.correction_repeats, gate_split=args.gate_split,
+                         correction_repeats=args.correction_repeats, gate_split=args.gate_split,
                          dev_images=args.dev_images, objects=args.objects == "on", force=args.force,
                          half=args.half, seed=args.seed, progress=not args.no_progress)
     try:
@@ -661,9 +661,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scst-lr", type=float, default=5e-5, help="self-critical learning rate (default 5e-5)")
     p.add_argument("--scst-replay-ratio", type=float, default=1.0,
                    help="replayed photos per corrected photo in the self-critical stage (default 1)")
-    p.add_argument("--scst-soup", type=int, default=2,
-                   help="self-critical trajectories from the same start (seeds seed, seed+1, ...), the candidate "
-                        "the mean of all their epochs' weights, as the shipped model was made (default 2)")
     p.add_argument("--gate-split", choices=("auto", "dev", "test"), default="auto",
                    help="the base's held-out split the gate scores: auto (default) = dev, or test where the base "
                         "was refit on train + dev (the shipped model)")

@@ -23,7 +23,6 @@ before it is written: it cannot make the model worse without saying so.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import math
@@ -88,7 +87,6 @@ class FinetuneConfig:
     scst_epochs: int = 3  # self-critical passes after cross-entropy (0 = none)
     scst_lr: float = 5e-5  # constant learning rate of the self-critical stage
     scst_replay_ratio: float = 1.0  # replayed photos per corrected photo in the self-critical stage
-    scst_soup: int = 2  # self-critical trajectories from one start; the candidate averages all their epochs
     gate_split: str = "auto"  # the base's held-out split the gate scores: dev, test, or auto (see gate_split)
     dev_images: int = 0  # photos of that split the gate scores (0 = all)
     beam_size: int = 3  # the search that scores before and after
@@ -110,8 +108,6 @@ class FinetuneConfig:
         for name in ("epochs", "scst_epochs", "dev_images", "correction_repeats"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
-        if self.scst_soup < 1:
-            raise ConfigError(f"--scst-soup must be at least 1, not {self.scst_soup}")
         if self.correction_repeats < 1:
             raise ConfigError("--correction-repeats must be at least 1")
         if self.replay_ratio < 0 or self.scst_replay_ratio < 0:
@@ -411,30 +407,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
         sc_recs = learn_recs + scst_replay
         data = TrainingSet(sc_recs, table, model.vocab, cfg.max_caption_len)
         cider = reward_scorer([r.captions for r in sc_recs])
+        optimizer = adam(param_groups(model, tcfg), cfg.scst_lr, tcfg)
         per_step = max(1, tcfg.scst_batch_size // tcfg.scst_samples)
-        # a soup, as the shipped model was made: trajectories from the same start with the next
-        # seeds, the candidate the mean of every epoch's weights (training.soup)
-        start = copy.deepcopy(model.decoder.state_dict())
-        total: dict[str, torch.Tensor] = {}
-        for k in range(cfg.scst_soup):
-            if k:
-                model.decoder.load_state_dict(start)
-                torch.manual_seed(cfg.seed + k)
-                gen = torch.Generator().manual_seed(cfg.seed + k)
-            optimizer = adam(param_groups(model, tcfg), cfg.scst_lr, tcfg)
-            for epoch in range(1, cfg.scst_epochs + 1):
-                order = torch.randperm(len(data), generator=gen).tolist()
-                batches = [order[i:i + per_step] for i in range(0, len(order), per_step)]
-                reward, _ = scst_epoch(model, optimizer, data, batches, cider, tcfg, autocast(tcfg),
-                                       f"scst {k + 1}.{epoch}/{cfg.scst_epochs}")
-                rewards.append(reward)
-                log.info("self-critical %d.%d/%d: reward %.3f", k + 1, epoch, cfg.scst_epochs, reward)
-                for name, t in model.decoder.state_dict().items():
-                    if t.is_floating_point():
-                        total[name] = total.get(name, 0) + t.detach().double()
-        members = cfg.scst_soup * cfg.scst_epochs
-        model.decoder.load_state_dict({name: (total[name] / members).to(t.dtype) if name in total else t
-                                       for name, t in model.decoder.state_dict().items()})
+        for epoch in range(1, cfg.scst_epochs + 1):
+            order = torch.randperm(len(data), generator=gen).tolist()
+            batches = [order[i:i + per_step] for i in range(0, len(order), per_step)]
+            reward, _ = scst_epoch(model, optimizer, data, batches, cider, tcfg, autocast(tcfg),
+                                   f"scst {epoch}/{cfg.scst_epochs}")
+            rewards.append(reward)
+            log.info("self-critical %d/%d: reward %.3f", epoch, cfg.scst_epochs, reward)
     model.eval()
     # recognise as the candidate will be served: a recognition head made for the base's top no
     # longer fits the trained top and is not written with the candidate, so the stock classifier
