@@ -15,6 +15,7 @@ from captioner.data.datasets import load_dataset
 from captioner.data.features import build_cache
 from captioner.files import atomic_write_text
 from captioner.inference.api import Captioner
+from captioner.models.encoders import regions_to_grid
 from captioner.models.recognition import name_objects
 
 def main() -> None:
@@ -25,9 +26,7 @@ def main() -> None:
     cfg = top.cfg
 
     def stock_x(feats):
-        b, n, c = feats.shape
-        x = feats.float().transpose(1, 2).reshape(b, c, cfg.grid_size, cfg.grid_size)
-        return F.pixel_shuffle(x, cfg.cache_fold)
+        return regions_to_grid(feats.float(), cfg)
 
     def run(x):
         for block in top.blocks:

@@ -146,10 +146,23 @@ class Encoder(nn.Module):
             x = b._swish(b._bn0(b._conv_stem(images)))
             for block in b._blocks:
                 x = block(x)
-            grid = F.pixel_unshuffle(x, self.cfg.cache_fold)  # (B, C*r*r, side, side): r x r cells as channels
-        else:
-            grid = self.backbone.extract_features(images)  # (B, C, H, W)
+            return grid_to_regions(x, self.cfg)
+        grid = self.backbone.extract_features(images)  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+
+def grid_to_regions(x: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
+    """A split encoder's frozen-bottom output (B, C, side*r, side*r) -> the cached regions
+    (B, side*side, C*r*r): each r x r cell's channels side by side (r = `cfg.cache_fold`)."""
+    grid = F.pixel_unshuffle(x, cfg.cache_fold)  # (B, C*r*r, side, side)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def regions_to_grid(regions: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
+    """The inverse of `grid_to_regions`: cached regions -> the tuned top's input grid."""
+    b, n, c = regions.shape
+    x = regions.transpose(1, 2).reshape(b, c, cfg.grid_size, cfg.grid_size)
+    return F.pixel_shuffle(x, cfg.cache_fold)  # (B, C, side*r, side*r)
 
 
 def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -201,10 +214,7 @@ class TunedTop(nn.Module):
             return self._forward(regions.float())
 
     def _forward(self, regions: torch.Tensor) -> torch.Tensor:
-        b, n, c = regions.shape
-        side = self.cfg.grid_size
-        x = regions.transpose(1, 2).reshape(b, c, side, side)
-        x = F.pixel_shuffle(x, self.cfg.cache_fold)  # back to (B, C, side*r, side*r)
+        x = regions_to_grid(regions, self.cfg)
         for block in self.blocks:
             x = block(x)
         x = self.act(self.bn1(self.conv_head(x)))
