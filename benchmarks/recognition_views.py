@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="~/.cache/captioner")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recognition_views.json"))
     args = ap.parse_args()
+    started = time.perf_counter()
     torch.manual_seed(0)
     captioner = Captioner.load(precision="fp32")
     model = captioner.model
@@ -142,6 +143,7 @@ def main() -> None:
         result["sets"][name]["examples"] = [
             {"image": i, **{r: c[i] for r, c in sets.items()}}
             for i in sorted(sets[shipped]) if any(c[i] != sets[shipped][i] for c in sets.values())][:40]
+    result["minutes"] = round((time.perf_counter() - started) / 60, 1)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print("chosen:", chosen)
 
