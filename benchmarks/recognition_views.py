@@ -50,10 +50,9 @@ RULE = "COCO dev above the shipped; Flickr8k dev at most 0.005 below; best COCO 
 def views_forward(windows):
     """A `Recognizer.forward` that averages the probabilities of the given windows."""
     def forward(self, features, regions=None):
-        if regions is None or not self.takes_regions:
-            regions = self.top(features) if self.top is not None else features
+        regions = self.regions(features, regions)
         side = self.cfg.grid_size
-        grid = regions.float().view(regions.size(0), side, side, -1)
+        grid = regions.view(regions.size(0), side, side, -1)
         probs = [self.fc(grid[:, lo:hi, lo:hi].mean((1, 2))).softmax(-1) for lo, hi in windows]
         return torch.stack(probs).mean(0)
     return torch.no_grad()(forward)

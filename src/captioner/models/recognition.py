@@ -94,11 +94,17 @@ class Recognizer(nn.Module):
         return True
 
     @torch.no_grad()
+    def regions(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, N, 1280) grid the classifier pools: `regions` where the caller has the tuned
+        top's output and this mode classifies it, else computed from `features`."""
+        if regions is None or not self.takes_regions:
+            regions = self.top(features) if self.top is not None else features
+        return regions.float()
+
+    @torch.no_grad()
     def forward(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
         """`regions`: the tuned top's output on `features` (B, N, 1280), where the caller has it."""
-        if regions is None or not self.takes_regions:
-            regions = self.top(features) if self.top is not None else features  # (B, N, 1280)
-        return self.fc(regions.float().mean(1)).softmax(-1)
+        return self.fc(self.regions(features, regions).mean(1)).softmax(-1)
 
 
 def name_objects(probs: torch.Tensor, top_k: int = 5, min_score: float = 0.01) -> list[list[RecognizedObject]]:
