@@ -92,3 +92,24 @@ def test_a_damaged_line_in_the_middle_is_an_error_not_a_silent_redo(tmp_path, ca
     assert main(["caption", str(tmp_path / "p"), "--out", str(out), "--no-progress"]) == 2
     assert "caps.jsonl, line 2" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"my notes\nlast line", b"my notes", b"\xff\xd8\xff\xe0 a photo\n\x00\x01",
+                                     b'{"image": "a.jpg"}\n'])
+def test_an_out_file_that_is_not_a_captions_file_is_refused_untouched(tmp_path, capsys, content):
+    """Notes, a photo, a line without a caption: refused before anything is cut or appended."""
+    photos(tmp_path / "p", n_per_kind=1)
+    out = tmp_path / "notes.txt"
+    out.write_bytes(content)
+    args = ["caption", str(tmp_path / "p"), "--out", str(out), "--no-progress"]
+    assert main(args + ["--alt-text-csv", str(tmp_path / "alt.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err and "Traceback" not in err
+    assert out.read_bytes() == content and not (tmp_path / "alt.csv").exists()
+
+
+def test_an_out_path_that_is_a_folder_is_refused(tmp_path, capsys):
+    photos(tmp_path / "p", n_per_kind=1)
+    (tmp_path / "d").mkdir()
+    assert main(["caption", str(tmp_path / "p"), "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "not a file" in capsys.readouterr().err

@@ -53,26 +53,47 @@ def collect(args: Sequence[str], suffixes: set[str], recursive: bool = False) ->
 
 
 def read_done(path: Path, repair: bool = False) -> dict[str, dict]:
-    """The lines of a captions file, by image. A cut last line (no newline: a kill mid-write) is
-    ignored, and with `repair` cut off the file, so that photo is captioned again."""
-    if not path.is_file():
+    """The lines of a captions file, by image. A cut last line (no newline: a kill mid-write,
+    so the start of a captions line) is ignored, and with `repair` cut off the file, so that
+    photo is captioned again. Every line is checked before anything is cut: a file that is not
+    a captions file is refused untouched."""
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise DataError("not a file, so not a captions file; give a file path to --out", path)
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError("not a captions file (not UTF-8 text); give --out a new file name", path) from None
+    done = {}
+    for lineno, line in enumerate(text[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        row = _captions_row(line)
+        if row is None:
+            raise DataError("not a captions line (JSON with \"image\" and \"caption\" fields); fix or move "
+                            "the file", path, lineno)
+        done[row["image"]] = row
+    cut = text[end:]
+    if cut.strip() and not cut.lstrip().startswith('{"image"'):
+        raise DataError("its last line is not a captions line (JSON with \"image\" and \"caption\" fields); "
+                        "fix or move the file", path, text.count("\n") + 1)
     if repair and end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
-    done = {}
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            done[row["image"]] = row
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise DataError("not a captions line (JSON with an \"image\" field); fix or move the file", path,
-                            lineno) from None
     return done
+
+
+def _captions_row(line: str) -> dict | None:
+    """One captions line as written by `caption_collection`, or None where it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
+    return row if ok else None
 
 
 def _append(f, rows: list[dict]) -> None:
