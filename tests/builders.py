@@ -98,3 +98,11 @@ def make_manifest(root: Path, kind: str = "csv", n_per_kind: int = 3, with_split
         path = root / "manifest.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, [(f"photos/{name}", caps, split_of[name]) for name, caps in pics]
+
+
+def write_unchecked(ckpt: dict, path: Path) -> None:
+    """A crafted checkpoint as an attacker would write it: a fresh checksum, none of the checks
+    `write_checkpoint` makes (it refuses what the loader would)."""
+    from captioner.models.checkpoint import atomic_torch_save, content_checksum
+
+    atomic_torch_save({**ckpt, "checksum": content_checksum(ckpt)}, path)

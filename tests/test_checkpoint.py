@@ -95,12 +95,12 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
 
 def crafted(model, tmp_path, name: str, change) -> "Path":
     """The model's checkpoint dict, changed by `change(ckpt)`, written with a fresh checksum."""
-    from captioner.models.checkpoint import write_checkpoint
+    from builders import write_unchecked
 
     ckpt = checkpoint_dict(model)
     change(ckpt)
     path = tmp_path / f"{name}.pt"
-    write_checkpoint(ckpt, path)
+    write_unchecked(ckpt, path)
     return path
 
 
@@ -126,7 +126,18 @@ CRAFTED = {
     "param_unknown": (lambda c: c["model"]["decoder_params"].update(evil=1), "model.decoder_params.evil"),
     "nan_weights": (lambda c: c["decoder_state"][next(iter(c["decoder_state"]))].fill_(float("nan")),
                     "decoder_state."),
+    "sparse_weights": (lambda c: _replace_first(c, lambda w: w.to_sparse()), "decoder_state."),
+    "complex_weights": (lambda c: _replace_first(c, lambda w: w.to(torch.complex64)), "decoder_state."),
+    "bool_weights": (lambda c: _replace_first(c, lambda w: w > 0), "decoder_state."),
+    "metrics_not_a_table": (lambda c: c.update(metrics="abc"), "metrics"),
+    "metrics_tensor": (lambda c: c.update(metrics={"cider": torch.ones(2)}), "metrics.cider"),
 }
+
+
+def _replace_first(ckpt: dict, change) -> None:
+    state = ckpt["decoder_state"]
+    name = next(iter(state))
+    state[name] = change(state[name])
 
 
 @pytest.mark.parametrize("case", sorted(CRAFTED))
@@ -137,6 +148,31 @@ def test_crafted_checkpoints_are_refused_naming_the_field(model, tmp_path, case)
         load_checkpoint(path)
     message = str(e.value)
     assert f"{path}: refused: field {field}" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("case", ["length_penalty_nan", "no_repeat_ngram", "decode_unknown", "metrics_tensor"])
+def test_what_the_loader_refuses_is_never_written(model, tmp_path, case):
+    """`export --no-repeat-ngram -1` once wrote a file every later load refused, over a good one."""
+    from captioner.models.checkpoint import write_checkpoint
+
+    change, field = CRAFTED[case]
+    ckpt = checkpoint_dict(model)
+    change(ckpt)
+    path = tmp_path / "good.pt"
+    path.write_bytes(b"the good model")
+    with pytest.raises(CheckpointError, match=rf"good\.pt: not written, as captioner could not load it: field {field}"):
+        write_checkpoint(ckpt, path)
+    assert path.read_bytes() == b"the good model"
+
+
+@pytest.mark.parametrize("version", [-1, 0, True, "1", None])
+def test_a_format_version_that_is_not_one_is_refused(model, tmp_path, version):
+    from builders import write_unchecked
+
+    path = tmp_path / "v.pt"
+    write_unchecked({**checkpoint_dict(model), "format_version": version}, path)
+    with pytest.raises(CheckpointError, match="format_version"):
+        load_checkpoint(path)
 
 
 def test_a_config_that_does_not_make_the_saved_weights_is_refused_before_building(model, tmp_path, monkeypatch):

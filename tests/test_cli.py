@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 
 from captioner.cli import expand_paths, main
 
@@ -91,3 +93,52 @@ def test_temperature_zero_gives_the_greedy_caption(capsys):
     assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--json", "--beam-size", "1",
                  "--no-repeat-ngram", "0", "--objects", "off"]) == 0  # sampling names no object either
     assert json.loads(capsys.readouterr().out)["caption"] == sampled
+
+
+BAD_SEARCH = {  # option values the search once took silently (wrong output, exit 0) or crashed on
+    "length_penalty_nan": (["--length-penalty", "nan"], "length_penalty nan is out of range"),
+    "length_penalty_inf": (["--length-penalty", "inf"], "length_penalty inf is out of range"),
+    "no_repeat_ngram": (["--no-repeat-ngram", "-1"], "no_repeat_ngram -1 is out of range"),
+    "threshold_nan": (["--objects-threshold", "nan"], "objects threshold nan is out of range"),
+    "threshold_5": (["--objects-threshold", "5"], "objects threshold 5.0 is out of range"),
+    "seed_huge": (["--temperature", "1", "--seed", "9" * 23], "seed 9999"),
+    "device": (["--out", "x.jsonl", "--device", "bogus"], "device 'bogus' is not one captioner runs on"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEARCH))
+def test_search_options_out_of_range_are_refused_before_any_photo(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, says = BAD_SEARCH[case]
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and says in err, err
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--batch-size", "-1"], ["--workers", "-1"]])
+def test_counts_out_of_range_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["caption", str(EXAMPLES / "cat.jpg"), *args])
+    assert e.value.code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_paths_the_system_refuses_are_errors_not_tracebacks(tmp_path, capsys):
+    long_name = tmp_path / ("x" * 300 + ".jpg")
+    assert main(["caption", str(long_name), str(EXAMPLES / "cat.jpg")]) == 1  # cat.jpg is still captioned
+    out, err = capsys.readouterr()
+    assert "cat.jpg" in out and "error: " in err
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), "--attention", str(tmp_path)]) == 2
+    assert "--attention" in capsys.readouterr().err
+    assert main(["export", "default", str(tmp_path / "o.pt"), "--metrics", str(tmp_path / "nosuch.json")]) == 2
+    assert "--metrics" in capsys.readouterr().err and not (tmp_path / "o.pt").exists()
+    assert main(["export", "default", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_export_refuses_what_the_loader_would_and_keeps_the_old_file(tmp_path, capsys):
+    good = tmp_path / "mine.pt"
+    assert main(["export", "default", str(good), "--half"]) == 0
+    before = good.read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(good), str(good), "--no-repeat-ngram", "-1"]) == 2
+    assert "no_repeat_ngram" in capsys.readouterr().err and good.read_bytes() == before

@@ -8,6 +8,7 @@ from captioner.inference import precision
 from captioner.inference.api import Captioner
 from captioner.models.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
+from captioner.errors import OptionError
 from captioner.models.decoders import build_decoder
 from captioner.models.model import CaptionModel, ModelConfig
 from captioner.inference.precision import Bf16Linear, bf16_linears, int8_linears, resolve_precision
@@ -63,9 +64,9 @@ def test_auto_follows_the_model_and_the_cpu(monkeypatch):
     assert resolve_precision(None, "fp32", "cpu") == "fp32"  # a model that asks for fp32 gets it
     assert resolve_precision("bf16", "fp32", "cpu") == "bf16"  # asked for: given
     assert resolve_precision("auto", "bf16", "cuda") == "fp32"  # int8 kernels are CPU-only
-    with pytest.raises(ValueError, match="CPU only"):
+    with pytest.raises(OptionError, match="CPU only"):
         resolve_precision("int8", "bf16", "cuda")
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(OptionError, match="fp16"):
         resolve_precision("fp16", "fp32", "cpu")
 
 

@@ -85,10 +85,6 @@ def test_a_run_killed_before_its_soup_finishes_it_on_resume(tiny_data, tiny_mode
     assert not torch.equal(best["decoder_state"]["out.weight"], main_only["out.weight"])
 
 
-@pytest.mark.parametrize("sets, says", [
-    ({"scst_soup": 0}, "field scst_soup: must be at least 1"),
-    ({"scst_epochs": 0}, "need scst_epochs of at least 1"),
-])
-def test_a_soup_that_cannot_be_made_is_refused_naming_the_field(tiny_data, tiny_model_file, tmp_path, sets, says):
-    with pytest.raises(ConfigError, match=says):
-        soup_config(tiny_data, tmp_path / "run", tiny_model_file, **sets)
+def test_a_soup_that_cannot_be_made_is_refused_naming_the_field(tiny_data, tiny_model_file, tmp_path):
+    with pytest.raises(ConfigError, match="field scst_soup: must be a finite number at least 1"):
+        soup_config(tiny_data, tmp_path / "run", tiny_model_file, scst_soup=0)

@@ -130,6 +130,42 @@ def test_self_critical_stage_follows_cross_entropy_and_resumes(tiny_data, tiny_m
         train(tiny_config(tiny_data, only, tiny_model_file, epochs=0, scst_epochs=1))
 
 
+def test_resume_with_no_run_in_the_folder_is_refused(tiny_data, tiny_model_file, tmp_path):
+    """`--resume --epochs 1` into an empty folder once started a full default run instead."""
+    with pytest.raises(ConfigError, match="holds no run to continue"):
+        train(tiny_config(tiny_data, tmp_path / "none", tiny_model_file, epochs=1), resume=True, epochs=1)
+    assert not (tmp_path / "none" / "config.json").exists()
+
+
+@pytest.mark.parametrize("override, says", [
+    ("batch_size=0", "field batch_size: must be a finite number at least 1"),
+    ("epochs=-1", "field epochs: must be a finite number at least 0"),
+    ("lr=nan", "field lr: must be a finite number above 0"),
+    ("threads=-1", "field threads"),
+    ("scst_samples=1", "field scst_samples: must be at least 2"),
+    ("label_smoothing=1", "field label_smoothing"),
+])
+def test_config_values_out_of_range_are_refused_by_name(override, says):
+    with pytest.raises(ConfigError, match=says):
+        load_train_config(None, [override])
+
+
+def test_no_self_critical_stage_means_no_soup():
+    """The quick run of docs/training.md: `--set scst_epochs=0` with the default soup of two."""
+    cfg = load_train_config(None, ["epochs=3", "scst_epochs=0"])
+    assert cfg.scst_soup == 2 and cfg.scst_epochs == 0
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_train_config(None, ["epochs=0", "scst_epochs=0"])
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", None])
+def test_a_config_file_that_is_not_json_text_is_refused(tmp_path, content):
+    path = tmp_path / "config.json"
+    path.write_bytes(content) if content is not None else path.mkdir()
+    with pytest.raises(ConfigError, match="config.json: "):
+        load_train_config(path)
+
+
 def test_fields_whose_trials_lost_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="ema_decay was removed in captioner 0.2"):
         load_train_config(None, ["ema_decay=0.99"])

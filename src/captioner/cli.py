@@ -36,7 +36,11 @@ def expand_paths(paths: Sequence[str], recursive: bool = False) -> list[Path]:
     `recursive`), sorted."""
     out = []
     for p in map(Path, paths):
-        if p.is_dir():
+        try:
+            folder = p.is_dir()
+        except OSError:  # a name the system refuses (too long): the photo's own error says so
+            folder = False
+        if folder:
             found = p.rglob("*") if recursive else p.iterdir()
             out += sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         else:
@@ -62,6 +66,30 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="with --objects on: recognition score an object needs to be put into the caption "
                         "(default: the tuned value)")
 
+
+
+def _whole(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high`, or a usage error naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {low} to {high}")
+        return value
+    return parse
+
+
+def _read_json(path: str, option: str):
+    """A JSON file a command was given, or a clear error naming the option and the file."""
+    from captioner.errors import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "not a JSON file"
+        raise ConfigError(f"{option} {path}: {why}") from None
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -126,12 +154,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
+    if args.attention and (Path(args.attention).is_dir() or not Path(args.attention).parent.is_dir()):
+        print(f"error: --attention {args.attention}: give a PNG file's path in an existing folder", file=sys.stderr)
+        return 2
     captioner = Captioner.load(args.model, precision=args.precision)
     # options are checked before any photo is read: a bad one fails at once, not after a batch
-    captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p)
-    if args.seed is not None and args.temperature is None:
-        print("error: --seed applies to sampling only: give --temperature too, or leave --seed out", file=sys.stderr)
-        return 2
+    captioner.check_search(args.beam_size, args.max_len, args.n_best, args.temperature, args.top_p,
+                           length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
     if args.objects == "on" and args.objects_threshold is not None:
         captioner.model.object_namer(args.objects_threshold)
     failed = 0
@@ -279,6 +308,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from captioner.models.checkpoint import load_checkpoint, recognition_head_path, save_checkpoint, save_recognition_head
 
     model, ckpt = load_checkpoint(args.checkpoint)
@@ -290,9 +321,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.precision = args.precision
     metrics = dict(ckpt.get("metrics", {}))
     if args.metrics:
-        metrics["test"] = json.loads(Path(args.metrics).read_text())
+        metrics["test"] = _read_json(args.metrics, "--metrics")
     extra = {"train_config": ckpt["train_config"]} if "train_config" in ckpt else {}
-    checksum = save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=args.half)
+    floats = [v for v in ckpt["decoder_state"].values() if v.is_floating_point()]
+    half = args.half or bool(floats) and all(v.dtype == torch.float16 for v in floats)  # as the source keeps them
+    checksum = save_checkpoint(args.out, model, metrics=metrics, extra=extra, half=half)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
     head, sidecar = model.recognition_head, recognition_head_path(args.out)
     if head is not None:  # the model's recognition head travels with it, bound to the new file
@@ -309,7 +342,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     write_checkpoint(ensemble_checkpoint(args.checkpoints, args.name), args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): {len(args.checkpoints)} decoders "
-          f"averaged word by word; tune its beam on dev (benchmarks/tune_length_penalty.py), then "
+          f"averaged word by word; tune its beam on dev (release/tune_search.py), then "
           f"`captioner export --length-penalty ... --no-repeat-ngram ...`")
     return 0
 
@@ -509,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     _search_args(p)
     _sampling_args(p)
     p.add_argument("--n-best", type=int, default=1, help="also print the next-best captions")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batched beam search")
+    p.add_argument("--batch-size", type=_whole(1, 4096), default=16, help="images per batched beam search")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--attention", default=None, help="write the per-word attention figure to this PNG")
     p.add_argument("--recursive", action="store_true", help="also the photos in subfolders of a folder")
@@ -518,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a rerun skips photos already in it); under torchrun the ranks share the photos")
     p.add_argument("--alt-text-csv", default=None, metavar="FILE.csv",
                    help="with --out: also write image,alt_text rows for every photo in the captions file")
-    p.add_argument("--workers", type=int, default=2, help="with --out: photo-loading processes (default 2)")
+    p.add_argument("--workers", type=_whole(0, 256), default=2,
+                   help="with --out: photo-loading processes; 0 = in this process (default 2)")
     p.add_argument("--device", default="auto", help="with --out: cpu, cuda or auto (default: a GPU if present)")
     p.add_argument("--no-progress", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_caption)
@@ -535,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-bad", action="store_true",
                    help="leave bad records out (listed in the report) instead of stopping")
     p.add_argument("--no-features", action="store_true", help="check and report only; no feature cache")
-    p.add_argument("--workers", type=int, default=4, help="threads checking photos (default 4)")
+    p.add_argument("--workers", type=_whole(1, 256), default=4, help="threads checking photos (default 4)")
     p.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
@@ -578,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model-only checkpoint (optionally fp16) for shipping")
     p.add_argument("checkpoint", help="a checkpoint file (e.g. a run's best.pt), or default (the shipped model)")
     p.add_argument("out")
-    p.add_argument("--half", action="store_true", help="store weights as fp16")
+    p.add_argument("--half", action="store_true",
+                   help="store weights as fp16 (default: as the source stores them)")
     p.add_argument("--metrics", default=None, help="JSON file of test scores to record in the checkpoint")
     p.add_argument("--length-penalty", type=float, default=None, help="the beam ranking exponent to ship")
     p.add_argument("--no-repeat-ngram", type=int, default=None, help="the n-gram blocking size to ship")
@@ -620,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="feedback store written by serve or app: a SQLite file or "
                                                   "a postgresql:// URL")
     p.add_argument("--experiment", default=None, help="one experiment (default: every one in the store)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level, above 0 and at most 0.5 (default 0.05)")
     p.add_argument("--json", action="store_true", help="one JSON object per experiment")
     p.set_defaults(func=cmd_ab_report)
 
@@ -683,6 +719,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except CaptionerError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path given to write or read that the system refuses (a folder, no such place)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

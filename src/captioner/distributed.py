@@ -38,14 +38,23 @@ class DistEnv:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> str:
-    """"auto" -> this process's GPU where CUDA is present, else "cpu"."""
+    """"auto" -> this process's GPU where CUDA is present, else "cpu"; "cpu", "cuda" and
+    "cuda:N" as asked, where torch has them; anything else is an `OptionError`."""
+    from captioner.errors import OptionError
+
+    device = str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device cuda asked for, but torch sees no CUDA device")
-        device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    return device
+    if device == "cpu":
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise OptionError(f"device {device!r} is not one captioner runs on: cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise OptionError(f"device {device} asked for, but torch sees no CUDA device (use cpu or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise OptionError(f"device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device if index else f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
 def setup(device: str = "auto", timeout_minutes: float | None = None) -> DistEnv:

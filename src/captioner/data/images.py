@@ -52,7 +52,11 @@ def resolve_photo_path(path: str | Path) -> Path:
     """`path` as given; or, where no such file exists and it names a shipped example as
     `examples/NAME`, that example inside the package (so the README's examples run from any folder)."""
     path = Path(path)
-    if not path.exists() and len(path.parts) == 2 and path.parts[0] == "examples":
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long for the system: opening it gives the error
+        return path
+    if not exists and len(path.parts) == 2 and path.parts[0] == "examples":
         shipped = examples_dir() / path.name
         if shipped.is_file():
             return shipped
@@ -238,7 +242,14 @@ def load_image(image: ImageInput, limits: ImageLimits | None = None, name: str |
     `name` is what errors call the photo (default: the path, or "<image bytes>")."""
     limits = limits or ImageLimits()
     if isinstance(image, Image.Image):
-        return _to_rgb(image, name or "<image>")
+        name = name or "<image>"
+        width, height = image.size
+        if width * height > limits.max_pixels:  # decoded already, but not yet resized and encoded
+            raise ImageError(f"too many pixels: {width}x{height} is more than the {limits.max_pixels} "
+                             f"accepted", name, "too_many_pixels")
+        if width < 1 or height < 1:
+            raise ImageError(f"the image has no pixels ({width}x{height})", name, "undecodable")
+        return _to_rgb(image, name)
     if isinstance(image, (bytes, bytearray, memoryview)):
         name = name or "<image bytes>"
         if len(image) == 0:

@@ -1,6 +1,7 @@
 """The `Captioner` facade: the one object the CLI, server and web app use."""
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,10 +9,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from captioner.models.checkpoint import default_model_path, load_checkpoint, resolve_checkpoint  # noqa: F401
+from captioner.models.checkpoint import (LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, default_model_path,  # noqa: F401
+                                         load_checkpoint, resolve_checkpoint)
 from captioner.models.decoders import fuse_for_inference
 from captioner.models.encoders import Encoder, build_encoder, frozen_encoder, preprocess
+from captioner.distributed import resolve_device
 from captioner.errors import OptionError
 from captioner.data.images import ImageInput, ImageLimits
 from captioner.models.model import CaptionModel
@@ -56,6 +60,7 @@ class Captioner:
         traced, frozen encoder and object recognizer (same captions, fewer and larger kernels;
         `fuse_for_inference`, `encoders.freeze`); False runs the modules as trained. The model is changed in place:
         its weights stay as they are, the fused copies are held apart and dropped if trained."""
+        device = resolve_device(device)
         self.model = model.eval().to(device)
         self.info = info or {}
         self.device = torch.device(device)
@@ -80,6 +85,10 @@ class Captioner:
              limits: ImageLimits | None = None, precision: str | None = "auto", lean: bool = True,
              objects: bool = True) -> "Captioner":
         """A saved model: a checkpoint file, or None / "default" for the shipped model."""
+        if path is not None and not isinstance(path, (str, Path)):
+            raise OptionError(f"expected a checkpoint path or \"default\", not {type(path).__name__}")
+        if path is not None and not str(path):
+            raise OptionError("the checkpoint path is empty: give a file, or \"default\" for the shipped model")
         path = resolve_checkpoint(path)
         model, ckpt = load_checkpoint(path)
         info = {"path": str(path), "name": ckpt["model"]["name"], "metrics": ckpt.get("metrics", {})}
@@ -105,24 +114,45 @@ class Captioner:
         return min(MAX_DECODE_LEN, getattr(self.model.decoder, "max_words", MAX_DECODE_LEN))
 
     def check_search(self, beam_size: int = 3, max_len: int = 25, n_best: int = 1,
-                     temperature: float | None = None, top_p: float | None = None) -> None:
-        """Raise `OptionError` naming the first search option outside its range. A `top_p`
-        other than 1 (or None) without a `temperature` is refused, not ignored: nucleus
-        sampling applies to sampling only, and beam search would silently drop it."""
+                     temperature: float | None = None, top_p: float | None = None, *,
+                     length_penalty: float | None = None, no_repeat_ngram: int | None = None,
+                     seed: int | None = None) -> None:
+        """Raise `OptionError` naming the first search option of the wrong type or outside its
+        range (the ranges a checkpoint's own search settings are held to). A `top_p` other than
+        1 (or None) without a `temperature` is refused, not ignored: nucleus sampling applies to
+        sampling only, and beam search would silently drop it; so is a `seed`."""
         def bad(option: str, value, allowed: str) -> OptionError:
             return OptionError(f"{option} {value!r} is out of range: {allowed}")
-        if not 1 <= beam_size <= MAX_BEAM_SIZE:
-            raise bad("beam_size", beam_size, f"1 to {MAX_BEAM_SIZE}")
-        if not 1 <= max_len <= self.max_len:
-            raise bad("max_len", max_len, f"1 to {self.max_len} words for this model")
-        if not 1 <= n_best <= (beam_size if temperature is None else MAX_BEAM_SIZE):
-            raise bad("n_best", n_best, f"1 to the beam size ({beam_size})" if temperature is None
-                      else f"1 to {MAX_BEAM_SIZE}")
-        if temperature is not None and not 0 <= temperature <= 100:
-            raise bad("temperature", temperature, "0 to 100")
+
+        def whole(option: str, value, low: int, high: int, allowed: str) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise bad(option, value, allowed)
+
+        def number(option: str, value, low: float, high: float, allowed: str) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not low <= value <= high:
+                raise bad(option, value, allowed)
+
+        whole("beam_size", beam_size, 1, MAX_BEAM_SIZE, f"a whole number 1 to {MAX_BEAM_SIZE}")
+        whole("max_len", max_len, 1, self.max_len, f"a whole number 1 to {self.max_len} words for this model")
+        most = beam_size if temperature is None else MAX_BEAM_SIZE
+        whole("n_best", n_best, 1, most, f"1 to the beam size ({beam_size})" if temperature is None
+              else f"1 to {MAX_BEAM_SIZE}")
+        if length_penalty is not None:
+            number("length_penalty", length_penalty, *LENGTH_PENALTY,
+                   f"a finite number {LENGTH_PENALTY[0]:g} to {LENGTH_PENALTY[1]:g}")
+        if no_repeat_ngram is not None:
+            whole("no_repeat_ngram", no_repeat_ngram, 0, MAX_NO_REPEAT_NGRAM, f"0 (off) to {MAX_NO_REPEAT_NGRAM}")
+        if temperature is not None:
+            number("temperature", temperature, 0, 100, "a finite number 0 to 100")
+        if seed is not None:
+            whole("seed", seed, 0, 2 ** 63 - 1, "a whole number 0 to 2**63 - 1")
+            if temperature is None:
+                raise OptionError("seed applies to sampling only: give a temperature too, or leave the seed out")
         if top_p is None:
             return
-        if not 0 < top_p <= 1:
+        number("top_p", top_p, 0, 1, "above 0, at most 1")
+        if top_p == 0:
             raise bad("top_p", top_p, "above 0, at most 1")
         if temperature is None and top_p != 1:
             raise bad("top_p", top_p, "it applies to sampling only: give a temperature too (1.0 samples "
@@ -157,7 +187,8 @@ class Captioner:
         captions are sampled instead (n_best of them per image, best first; top_p for
         nucleus sampling, seed for repeatable draws). `objects` (default: `self.objects`): list
         the recognised objects and, in beam search, put a confident one into the caption."""
-        self.check_search(beam_size, max_len, max(n_best, 1), temperature, top_p)
+        self.check_search(beam_size, max_len, n_best, temperature, top_p, length_penalty=length_penalty,
+                          no_repeat_ngram=no_repeat_ngram, seed=seed)
         objects = self.objects if objects is None else objects
         if temperature is not None:
             caps = self._sampled(feats, max_len, max(n_best, 1), temperature, 1.0 if top_p is None else top_p,
@@ -218,6 +249,8 @@ class Captioner:
 
     def caption_batch(self, images: Sequence[ImageInput], **search) -> list[Caption]:
         """Caption several photos in one encoder call and one batched beam search."""
+        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+            raise OptionError("caption_batch takes a list of photos; for one photo call caption()")
         if not images:
             return []
         return self.caption_features(self.encode(images), **search)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.errors import OptionError
+
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -118,7 +120,7 @@ def resolve_precision(requested: str | None, preferred: str, device: str | torch
             return "fp32"
         return "bf16" if native_bf16() else "int8"
     if requested not in PRECISIONS:
-        raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}, not {requested!r}")
+        raise OptionError(f"precision must be auto, {', '.join(PRECISIONS)}, not {requested!r}")
     if requested == "int8" and torch.device(device).type != "cpu":
-        raise ValueError(f"precision int8 runs on CPU only, not on {torch.device(device).type}")
+        raise OptionError(f"precision int8 runs on CPU only, not on {torch.device(device).type}")
     return requested

@@ -61,7 +61,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def _feed(h: "hashlib._Hash", obj: Any) -> None:
     """Hash plain types and tensors in a canonical order (dict keys sorted)."""
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and (obj.layout != torch.strided or obj.device.type not in ("cpu", "cuda")):
+        # no weights are sparse or on the meta device: hashed by kind only, refused by validation
+        h.update(f"T{obj.layout}{obj.device.type}{obj.dtype}{tuple(obj.shape)};".encode())
+    elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -86,7 +89,14 @@ def content_checksum(ckpt: dict) -> str:
 
 
 def write_checkpoint(ckpt: dict, path: str | Path) -> str:
-    """Store the checksum in the checkpoint, then write it atomically; returns the checksum."""
+    """Store the checksum in the checkpoint, then write it atomically; returns the checksum.
+    What the loader would refuse (`validate_checkpoint`) is refused here, before any file is
+    written: a bad export option never replaces a good file with one that cannot be loaded."""
+    try:
+        validate_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError("not written, as captioner could not load it: "
+                              + str(e).removeprefix("refused: "), path) from None
     checksum = content_checksum(ckpt)
     atomic_torch_save({**ckpt, "checksum": checksum}, path)
     return checksum
@@ -144,9 +154,12 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError("not a captioner checkpoint (no 'format': 'captioner-checkpoint' field)", path)
     version = ckpt.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if _is_int(version) and version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {version!r} is newer than this captioner "
                               f"reads ({FORMAT_VERSION}); upgrade captioner", path)
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"refused: field format_version: {_show(version)} is not a format version "
+                              f"(1 to {FORMAT_VERSION})", path)
     for key in ("model", "encoder", "vocab", "decoder_state"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint lacks the field {key!r}", path)
@@ -313,13 +326,34 @@ def _check_decode(decode: Any) -> None:
         raise _Invalid("decode.mirror_views", f"{_show(decode.get('mirror_views'))} must be true or false")
 
 
+STATE_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                torch.int64}  # weights; batch norm's step count
+
+
 def _check_state(state: Any) -> None:
     state = _need_dict(state, "decoder_state")
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             raise _Invalid(f"decoder_state.{k}", f"expected a tensor, got {type(v).__name__}")
+        if v.layout != torch.strided or v.device.type != "cpu" or v.dtype not in STATE_DTYPES:
+            raise _Invalid(f"decoder_state.{k}", f"expected a dense tensor of floats, got a {v.layout} "
+                                                f"{v.dtype} tensor on {v.device.type}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise _Invalid(f"decoder_state.{k}", "holds NaN or infinite weights")
+
+
+def _check_metrics(metrics: Any, where: str = "metrics", depth: int = 0) -> None:
+    """What a run earned: plain values (numbers, text, true/false, lists and tables of them), as
+    `Captioner.info` hands them on and JSON writes them."""
+    if isinstance(metrics, dict) and depth < 8:
+        for k, v in _need_dict(metrics, where).items():
+            _check_metrics(v, f"{where}.{k}", depth + 1)
+    elif isinstance(metrics, list) and depth < 8:
+        for i, v in enumerate(metrics):
+            _check_metrics(v, f"{where}[{i}]", depth + 1)
+    elif depth == 0 or not (metrics is None or isinstance(metrics, (str, bool, int, float))):
+        raise _Invalid(where, f"expected {'a table of' if depth == 0 else ''} plain values (numbers, text, "
+                              f"lists, tables), got {type(metrics).__name__}")
 
 
 def validate_checkpoint(ckpt: dict, path: str | Path | None = None) -> None:
@@ -332,6 +366,7 @@ def validate_checkpoint(ckpt: dict, path: str | Path | None = None) -> None:
         _check_vocab(ckpt["vocab"])
         _check_decode(ckpt.get("decode", {}))
         _check_state(ckpt["decoder_state"])
+        _check_metrics(ckpt.get("metrics", {}))
     except _Invalid as e:
         raise CheckpointError(f"refused: {e}", path) from None
 
@@ -339,12 +374,16 @@ def validate_checkpoint(ckpt: dict, path: str | Path | None = None) -> None:
 def _check_shapes(model: CaptionModel, state: dict) -> None:
     """The weights the model's config makes must be the ones the file holds, name for name and
     shape for shape (checked on a meta-device build, before the real one allocates anything)."""
-    want = {k: tuple(v.shape) for k, v in model.decoder.state_dict().items()}
+    made = model.decoder.state_dict()
+    want = {k: tuple(v.shape) for k, v in made.items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     for k in sorted(set(want) | set(have)):
         if want.get(k) != have.get(k):
             raise ValueError(f"decoder_state.{k}: the config makes {want.get(k) or 'no such weight'}, "
                              f"the file holds {have.get(k) or 'none'}")
+        if made[k].is_floating_point() != state[k].is_floating_point():
+            raise ValueError(f"decoder_state.{k}: the config makes a {made[k].dtype} tensor, the file holds "
+                             f"{state[k].dtype}")
 
 
 def load_checkpoint(path: str | Path) -> tuple[CaptionModel, dict]:

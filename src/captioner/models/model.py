@@ -12,7 +12,7 @@ from torch import nn
 from captioner.inference.decode import Hypotheses, Samples, SearchConfig, beam_search, sample
 from captioner.models.decoders import Ensemble, WithTunedTop, build_decoder
 from captioner.models.encoders import EncoderConfig, TunedTop, get_encoder_config
-from captioner.errors import ConfigError
+from captioner.errors import ConfigError, OptionError
 from captioner.data.vocab import Vocab
 
 
@@ -145,6 +145,10 @@ class CaptionModel(nn.Module):
             namer = ObjectNamer(self)
             self.__dict__["_object_namer"] = namer
         if threshold is not None:
+            number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            if not number or not 0 < threshold <= 1:
+                raise OptionError(f"objects threshold {threshold!r} is out of range: above 0, at most 1 "
+                                  "(a recognition score)")
             namer.threshold = threshold
         return namer
 

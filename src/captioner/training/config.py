@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,6 +106,12 @@ def _coerce(field_type: Any, raw: str, key: str) -> Any:
         raise ConfigError(f"override {key}={raw!r}: expected a value of type {kind}") from None
 
 
+# numeric fields that must be at least 1 (the others at least 0), or above 0
+AT_LEAST_ONE = {"batch_size", "scst_batch_size", "scst_samples", "scst_soup", "scst_max_len", "val_beam_size",
+                "val_max_len", "max_caption_len", "min_word_count", "feature_batch_size"}
+ABOVE_ZERO = {"lr", "scst_lr"}
+
+
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                       **explicit: Any) -> TrainConfig:
     """Defaults < JSON file < `key=value` overrides < explicit keyword values (None ignored)."""
@@ -113,11 +120,15 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
     if path is not None:
         path = Path(path)
         try:
-            loaded = json.loads(path.read_text())
+            loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a JSON config file (not UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
         removed = sorted(set(loaded) & set(REMOVED))
@@ -146,10 +157,21 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
               "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(kind, True)
         if not ok:
             raise ConfigError(f"field {f.name}: expected {kind}, got {v!r}")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        low = 1 if f.name in AT_LEAST_ONE else 0
+        if not math.isfinite(v) or v < low or (f.name in ABOVE_ZERO and v <= 0):
+            need = "above 0" if f.name in ABOVE_ZERO else f"at least {low}"
+            raise ConfigError(f"field {f.name}: must be a finite number {need}, not {v!r}")
     if not 0.0 <= cfg.mirror_prob <= 1.0:
         raise ConfigError(f"field mirror_prob: must be 0 to 1, not {cfg.mirror_prob!r}")
-    if cfg.scst_soup < 1:
-        raise ConfigError(f"field scst_soup: must be at least 1, not {cfg.scst_soup!r}")
-    if cfg.scst_soup > 1 and cfg.scst_epochs < 1:
-        raise ConfigError(f"field scst_soup: {cfg.scst_soup} trajectories need scst_epochs of at least 1")
+    if not cfg.label_smoothing < 1.0:
+        raise ConfigError(f"field label_smoothing: must be 0 to below 1, not {cfg.label_smoothing!r}")
+    if cfg.scst_samples < 2:
+        raise ConfigError(f"field scst_samples: must be at least 2 (each caption's baseline is the others' "
+                          f"mean), not {cfg.scst_samples!r}")
+    if cfg.epochs == 0 and cfg.scst_epochs == 0:
+        raise ConfigError("fields epochs and scst_epochs: both are 0, so there is nothing to train")
     return cfg

@@ -117,6 +117,11 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, epochs: int | None = No
     if not resume and last_path.is_file():
         raise ConfigError(f"run folder {out} already holds a run ({last_path.name}); continue it with "
                           f"--resume, or choose another --out")
+    if resume and not last_path.is_file():
+        if not (out / "config.json").is_file():
+            raise ConfigError(f"--resume: {out} holds no run to continue (no {last_path.name}); leave out "
+                              f"--resume to start one")
+        log.info("resume: %s holds no %s yet (stopped in its first epoch): starting it again", out, last_path.name)
     if not (resume and last_path.is_file()):
         return cfg, None
     state = read_checkpoint(last_path)
@@ -265,7 +270,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, env: DistEnv, epochs: int 
     if progress.stale >= cfg.patience and not cfg.scst_epochs:
         log.info("early stop: no dev CIDEr gain in %d epochs", cfg.patience)
     barrier(env)  # rank 0 has written its last files before any process returns
-    if cfg.scst_soup > 1:
+    if cfg.scst_soup > 1 and cfg.scst_epochs:
         progress.best = train_soup(model, cfg, out, prepared.cache, dev_recs, env, train)
     minutes = (time.time() - started) / 60
     log.info("done in %.1f min; best dev CIDEr %.4f -> %s", minutes, progress.best, best_path)
