@@ -18,7 +18,9 @@ from captioner.models.checkpoint import load_checkpoint, read_checkpoint, save_c
 from captioner.models.model import CaptionModel, ModelConfig
 from captioner.models.objects import ObjectNamer, vocab_rows
 from captioner.service.feedback import Correction, FeedbackStore, Served
+from captioner.errors import ConfigError
 from captioner.training.config import TrainConfig
+from captioner.training.finetune import FinetuneConfig
 from captioner.training.crossentropy import caption_loss
 from captioner.training.dataset import TrainingSet
 from captioner.training.finetune import (FALLBACK_PROXY, gate_split, gate_verdict, grow_from_corrections,
@@ -347,3 +349,16 @@ def test_finetune_reads_corrections_from_sqlite_and_postgresql(store_db, tiny_da
     fill_store(store_db, [(photos[0][0], "a red square"), (photos[0][0], "a red box")])  # two of one photo
     assert main(finetune_args(store_db, base_path, tiny_data, tmp_path / "cache", tmp_path / "x.pt")) == 2
     assert "the corrections cover 1 photo(s)" in capsys.readouterr().err  # read, grouped by photo
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("replay_ratio", float("nan"), "--replay-ratio must be a finite number"),
+    ("scst_replay_ratio", float("inf"), "--scst-replay-ratio must be a finite number"),
+    ("confidence", 1.5, "--confidence must be between 0 and 1"),
+    ("batch_size", 0, "--batch-size must be at least 1"),
+    ("resamples", 10 ** 9, "--resamples must be 100 to 100000"),
+])
+def test_finetune_options_out_of_range_are_refused_before_anything_loads(field, value, says):
+    cfg = FinetuneConfig(db="none.db", out="x.pt", **{field: value})
+    with pytest.raises(ConfigError, match=says):
+        cfg.check()

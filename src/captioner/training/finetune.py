@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,15 @@ class FinetuneConfig:
     progress: bool = False
 
     def check(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not (math.isfinite(v) and v <= 1e6):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (at most 1e6), not {v}")
+        for name in ("batch_size", "beam_size", "max_len", "max_caption_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"--confidence must be between 0 and 1, not {self.confidence}")
         if not 0 < self.check_fraction < 1:
             raise ConfigError(f"--check-fraction must be between 0 and 1, not {self.check_fraction}")
         if self.min_word_count < 1:
@@ -116,8 +125,8 @@ class FinetuneConfig:
             raise ConfigError("learning rates must be above 0")
         if self.gate_split not in ("auto", "dev", "test"):
             raise ConfigError(f"--gate-split must be auto, dev or test, not {self.gate_split!r}")
-        if self.resamples < 100:
-            raise ConfigError(f"--resamples must be at least 100 draws, not {self.resamples}")
+        if not 100 <= self.resamples <= 100_000:
+            raise ConfigError(f"--resamples must be 100 to 100000 draws, not {self.resamples}")
 
 
 @dataclass
