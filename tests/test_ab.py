@@ -127,6 +127,27 @@ def test_ab_report_command_prints_traffic_ratings_and_verdict(store_db, tmp_path
     assert main(["ab-report", "--db", str(tmp_path / "none.db")]) == 2
 
 
+def test_ab_report_refuses_a_meaningless_alpha_and_an_unknown_experiment(store_db, capsys):
+    store = FeedbackStore(store_db)
+    for variant in ("control", "candidate"):
+        store.record_caption(served(variant))
+    store.record_caption(Served("api", "c", "other", "v", True, "m", "v1", "a caption", -1.0, {}))
+    store.close()
+    # p < alpha / pairs: 0 finds nothing, NaN compares false with every p, 0.5 and up nearly anything
+    for alpha in ("0", "-0.05", "nan", "0.51", "5", "inf"):
+        assert main(["ab-report", "--db", store_db, "--alpha", alpha]) == 2
+        err = capsys.readouterr().err
+        assert "--alpha must be above 0 and at most 0.5" in err, (alpha, err)
+    assert main(["ab-report", "--db", store_db, "--alpha", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["ab-report", "--db", store_db, "--experiment", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no empty table, no "only one variant has traffic"
+    assert "--experiment 'nope': no such experiment in" in captured.err and "it has 'exp', 'other'" in captured.err
+    assert main(["ab-report", "--db", store_db, "--experiment", "exp"]) == 0
+    assert "experiment exp" in capsys.readouterr().out
+
+
 # --- sticky assignments in the store, promotion and retirement ----------------------------------
 
 def test_sticky_assignments_survive_a_promotion_until_their_variant_is_retired(store_db):

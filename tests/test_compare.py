@@ -137,3 +137,23 @@ def test_too_few_draws_or_a_bad_level_are_refused(tmp_path, capsys):
     assert "--resamples must be at least 100" in capsys.readouterr().err
     assert main(["compare", str(a), str(a), "--confidence", "95"]) == 2
     assert "--confidence must be in [0.5, 1)" in capsys.readouterr().err
+    for resamples in ("1000000000", "100001"):  # a cap: memory and time would grow without bound
+        assert main(["compare", str(a), str(a), "--resamples", resamples]) == 2
+        assert f"at most 100000 (more only take time), not {resamples}" in capsys.readouterr().err
+    assert main(["compare", str(a), str(a), "--seed", "-1"]) == 2
+    assert "--seed must be 0 or more, not -1" in capsys.readouterr().err
+
+
+def test_draws_scored_in_chunks_are_the_draws_of_one_call(monkeypatch):
+    """Many draws are scored a chunk at a time (bounded memory), from one stream of the seed:
+    the intervals are those of drawing them all at once."""
+    from captioner.evaluation import compare
+
+    refs, weak, strong = _split()
+    a, b = photo_stats([weak, strong], refs)
+    whole = paired_bootstrap(a, b, resamples=301, seed=4)
+    monkeypatch.setattr(compare, "_CHUNK_CELLS", 7 * len(refs))  # chunks of 7 draws, the last one short
+    chunked = paired_bootstrap(a, b, resamples=301, seed=4)
+    flat = lambda ms: [x for m in ms for x in (m.a, m.b, *m.a_interval, *m.b_interval, *m.diff_interval,  # noqa: E731
+                                               m.b_better)]
+    assert flat(chunked) == pytest.approx(flat(whole), abs=1e-12)  # a matrix product's rounding aside

@@ -190,3 +190,84 @@ def test_an_unreachable_or_bad_postgres_url_is_a_clear_error_without_the_passwor
     with pytest.raises(StoreError, match="not a valid PostgreSQL URL") as e:  # libpq quotes the URL it cannot parse
         FeedbackStore("postgresql://someone:s3cret-pw@[::1/db")
     assert "s3cret-pw" not in str(e.value)
+
+
+def test_the_store_refuses_text_either_backend_would_fail_on(store_db):
+    """NUL is refused by PostgreSQL (psycopg.DataError) and taken by SQLite; a lone surrogate is
+    not UTF-8 for either: both backends refuse them alike, before a transaction, naming the field
+    (the web app stores feedback through here, not through the API)."""
+    store = FeedbackStore(store_db)
+    cid = store.record_caption(Served("api", "x", "exp", "v", True, "m", "1", "a dog", -2.0, {}))
+    for kw, field in (({"correction": "a cat\0 on a mat"}, "correction"), ({"correction": "a \ud800 cat"}, "correction"),
+                      ({"correction": "a \x1b[31mred\x1b[0m cat"}, "correction")):
+        with pytest.raises(FeedbackError, match=f"^{field} holds a"):
+            store.add_feedback(cid, **kw)
+    with pytest.raises(FeedbackError, match="^caption_id holds a control character"):
+        store.add_feedback("x\0y", rating=3)
+    store.add_feedback(cid, correction="a dog\ton the\nsofa")
+    assert store.select("SELECT correction FROM feedback") == [("a dog\ton the\nsofa",)]
+    store.close()
+
+
+SERVE = """
+import contextlib, io, sys
+from captioner.cli import main
+for db in sys.argv[1:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["serve", "--db", db, "--port", "0"])
+    print(rc, err.getvalue().strip())
+"""
+
+
+def test_a_db_that_cannot_be_a_store_is_refused_by_name_and_left_untouched(tmp_path, monkeypatch, capsys):
+    """Every command opens its store in one place (FeedbackStore), which refuses, naming the
+    value, a URL of a scheme it does not serve (not a new SQLite file `./mysql:/x/y`), an empty
+    path or a folder (not "busy, retry"), a file that is not SQLite (never opened: left as it was)."""
+    import re
+
+    from captioner.cli import main
+    from captioner.service.config import load_serve_config
+    from captioner.service.feedback import StoreError
+
+    monkeypatch.chdir(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"shopping: milk, eggs\n" * 50)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    forms = "a SQLite file path (e.g. captioner.db) or a postgresql:// (or postgres://) URL"
+    cases = {str(notes): f"{notes}: not a SQLite database", "": "the feedback store's path is empty",
+             str(folder): f"{folder}: a folder, not a file", "mysql://me:s3cret-pw@x/y": f"unsupported feedback "
+             f"store URL mysql://; give {forms}", "sqlite:///x.db": "unsupported feedback store URL sqlite://"}
+    for db, says in cases.items():
+        for create in (True, False):
+            with pytest.raises(StoreError, match=re.escape(says)) as e:
+                FeedbackStore(db, create=create)
+            assert "s3cret-pw" not in str(e.value)
+    config = tmp_path / "serve.toml"
+    config.write_text('db = "mysql://x/y"\n')
+    assert load_serve_config(config).db == "mysql://x/y"  # not a path beside the config: refused when opened
+    for argv in (["ab-report", "--db", str(notes)], ["promote", "v", "--db", str(notes), "--experiment", "e"],
+                 ["app", "--db", str(notes)],  # before streamlit starts
+                 ["retire", "v", "--config", str(config)],
+                 ["finetune", "--db", str(notes), "--out", str(tmp_path / "new.pt")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and ("not a SQLite database" in err or "mysql://" in err), (argv, err)
+    run = subprocess.run([sys.executable, "-c", SERVE, *cases], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    replies = run.stdout.strip().splitlines()
+    assert len(replies) == len(cases) and all(r.startswith("2 error: ") for r in replies), replies
+    for reply, says in zip(replies, cases.values()):
+        assert says in reply and "busy" not in reply and "s3cret-pw" not in reply
+    assert notes.read_bytes() == b"shopping: milk, eggs\n" * 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt", "serve.toml"]  # no ./mysql:/x/y
+    assert not list(folder.iterdir())
+    damaged = tmp_path / "damaged.db"  # SQLite's header, then junk
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    with pytest.raises(StoreError, match="damaged.db: not a usable SQLite database"):
+        FeedbackStore(damaged)
+    assert damaged.read_bytes() == b"SQLite format 3\x00" + b"\xff" * 200
+    FeedbackStore(tmp_path / "new.db").close()  # a new path is a new store; an empty file an empty one
+    (tmp_path / "empty.db").touch()
+    FeedbackStore(tmp_path / "empty.db", create=False).close()

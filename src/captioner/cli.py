@@ -396,12 +396,22 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_ab_report(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from captioner.errors import OptionError
     from captioner.service.ab import build_report, format_report
     from captioner.service.feedback import FeedbackStore
 
+    # Welch's test is two-sided and Bonferroni-corrected: p < alpha / pairs. At 0 nothing, and
+    # from 0.5 up nearly anything, would be "significant"; NaN compares false with every p.
+    if not 0 < args.alpha <= 0.5:
+        raise OptionError(f"--alpha must be above 0 and at most 0.5 (a significance level, e.g. 0.05), "
+                          f"not {args.alpha}")
     store = FeedbackStore(args.db, create=False)
     try:
-        experiments = [args.experiment] if args.experiment else store.experiments()
+        known = store.experiments()
+        if args.experiment is not None and args.experiment not in known:
+            raise OptionError(f"--experiment {args.experiment!r}: no such experiment in {store.name}; "
+                              + (f"it has {', '.join(map(repr, known))}" if known else "it has no captions yet"))
+        experiments = [args.experiment] if args.experiment is not None else known
         if not experiments:
             print(f"no captions recorded in {store.name} yet")
             return 0
@@ -603,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="is b better than a? a paired bootstrap over two evaluate captions files")
     p.add_argument("a", help="captions file of the baseline (captioner evaluate --captions-out)")
     p.add_argument("b", help="captions file of the candidate, on the same split")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws, 100 to 100000 (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws, 0 or more (default 0)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--json", action="store_true", help="the comparison as one JSON object")
     p.set_defaults(func=cmd_compare)

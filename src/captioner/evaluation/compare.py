@@ -27,6 +27,8 @@ from captioner.evaluation.metrics import _toolkit, _tokenize, java_available
 
 BOOTSTRAP_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
 _NGRAMS = 4
+RESAMPLES = (100, 100_000)  # fewer draws give no interval; more add nothing but time and memory
+_CHUNK_CELLS = 10_000_000  # drawn photo indices held at once (80 MB): draws are scored chunk by chunk
 # the toolkit's guards against an empty n-gram count (pycocoevalcap BleuScorer.compute_score)
 _TINY, _SMALL = 1e-15, 1e-9
 
@@ -174,8 +176,13 @@ def paired_bootstrap(a: PhotoStats, b: PhotoStats, resamples: int = 1000, seed: 
     whole = np.arange(n)[None, :]
     full_a, full_b = corpus_scores(a, whole), corpus_scores(b, whole)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    drawn_a, drawn_b = corpus_scores(a, draws), corpus_scores(b, draws)
+    chunk = max(1, _CHUNK_CELLS // n)  # chunks of one stream: the same draws as a single (resamples, n) call
+    parts: tuple[list, list] = ([], [])  # each chunk's scores of a and of b
+    for start in range(0, resamples, chunk):
+        draws = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        parts[0].append(corpus_scores(a, draws))
+        parts[1].append(corpus_scores(b, draws))
+    drawn_a, drawn_b = ({m: np.concatenate([p[m] for p in ps]) for m in BOOTSTRAP_METRICS} for ps in parts)
     tail = 100 * (1 - confidence) / 2
 
     def interval(x: np.ndarray) -> tuple[float, float]:
@@ -190,8 +197,11 @@ def paired_bootstrap(a: PhotoStats, b: PhotoStats, resamples: int = 1000, seed: 
 def compare_files(a_path: str | Path, b_path: str | Path, resamples: int = 1000, seed: int = 0,
                   confidence: float = 0.95) -> Comparison:
     """Read two captions files of one split and compare them by a paired bootstrap."""
-    if resamples < 100:
-        raise OptionError(f"--resamples must be at least 100 draws for an interval, not {resamples}")
+    if not RESAMPLES[0] <= resamples <= RESAMPLES[1]:
+        raise OptionError(f"--resamples must be at least {RESAMPLES[0]} draws for an interval and at most "
+                          f"{RESAMPLES[1]} (more only take time), not {resamples}")
+    if seed < 0:
+        raise OptionError(f"--seed must be 0 or more, not {seed}")
     if not 0.5 <= confidence < 1:
         raise OptionError(f"--confidence must be in [0.5, 1), not {confidence}")
     a, b = read_caption_set(a_path), read_caption_set(b_path)

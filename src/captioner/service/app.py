@@ -25,7 +25,11 @@ PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp"]
 
 
 def launch(config: str | None, cfg, port: int = 8501) -> int:
-    """Run this file under `streamlit run` on 127.0.0.1 until interrupted."""
+    """Run this file under `streamlit run` on 127.0.0.1 until interrupted. The store is opened
+    first: one it refuses is an error here, not a traceback on the page."""
+    from captioner.service.feedback import FeedbackStore
+
+    FeedbackStore(cfg.db).close()
     cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
            "--server.address", cfg.host, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",

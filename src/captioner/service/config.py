@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.errors import ConfigError
 from captioner.service.ab import Experiment, experiment_from_dict
-from captioner.service.feedback import is_postgres_url
+from captioner.service.feedback import is_url
 
 if TYPE_CHECKING:
     from captioner.data.images import ImageLimits
@@ -102,8 +102,8 @@ def load_serve_config(path: str | Path | None = None, **explicit: Any) -> ServeC
             raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}")
         if "experiment" in loaded:
             loaded["experiment"] = experiment_from_dict(loaded["experiment"], f"{path}: experiment")
-        for key in ("model_dir", "db"):
-            if isinstance(loaded.get(key), str) and not is_postgres_url(loaded[key]):
+        for key in ("model_dir", "db"):  # a URL stays as it is: the store refuses a scheme it does not know
+            if isinstance(loaded.get(key), str) and not is_url(loaded[key]):
                 loaded[key] = str(path.parent / Path(loaded[key]).expanduser())
         values.update(loaded)
     values.update({k: v for k, v in explicit.items() if v is not None})

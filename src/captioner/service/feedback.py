@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -22,6 +23,12 @@ from typing import Any, Iterator, Sequence
 from captioner.errors import CaptionerError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+STORE_FORMS = "a SQLite file path (e.g. captioner.db) or a postgresql:// (or postgres://) URL"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+# C0 control characters other than tab, newline and carriage return, and lone surrogates (not
+# encodable as UTF-8): PostgreSQL refuses NUL in text, and none of them belongs in a caption
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
 # The schema, as an ordered list of (description, statements). Never edit a migration that has
 # shipped: append a new one. {pk}, {blob} and {real} are each backend's column types.
@@ -146,6 +153,17 @@ class ExperimentState:
         return self.status.get(variant, "live")
 
 
+def text_problem(text: str) -> str | None:
+    """What makes `text` unstorable on either backend (a control character, a lone surrogate),
+    or None: checked before the store is touched, so both backends refuse the same text."""
+    found = _CONTROL.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    what = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+    return f"holds {what} (U+{ord(char):04X}) at position {found.start()}: send text (tabs and newlines are fine)"
+
+
 def client_hash(client: str) -> str:
     return hashlib.sha256(client.encode()).hexdigest()[:16]
 
@@ -154,10 +172,15 @@ def is_postgres_url(db: str | Path) -> bool:
     return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
 
 
+def is_url(db: str | Path) -> bool:
+    """Whether `db` looks like a URL (scheme://...), supported or not: never a file path."""
+    return isinstance(db, str) and _URL.match(db) is not None
+
+
 def redact(db: str | Path) -> str:
     """The store's name for messages and logs: a URL's password replaced by ***."""
     text = str(db)
-    if not is_postgres_url(text):
+    if not is_url(text):
         return text
     scheme, rest = text.split("://", 1)
     cut = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0], default=len(rest))
@@ -219,6 +242,8 @@ class _SQLite:
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"the feedback store {self.path} is busy ({e}); retry shortly") from None
+        except sqlite3.DatabaseError as e:  # SQLite's header, but a damaged file
+            raise StoreError(f"{self.path}: not a usable SQLite database ({e})") from None
         try:
             yield _Tx(db, False)
             db.execute("COMMIT")
@@ -331,6 +356,37 @@ class _Postgres:
             self._idle.clear()
 
 
+def sqlite_path(db: str | Path, create: bool) -> Path:
+    """The SQLite file `db` names, refused by name where it cannot be one: a URL of another
+    scheme, an empty path, a folder, a file that is not a SQLite database (left untouched: it is
+    never opened), or (without `create`) a file that does not exist."""
+    if is_url(db):
+        raise StoreError(f"{redact(db)}: unsupported feedback store URL {str(db).split('://')[0]}://; "
+                         f"give {STORE_FORMS}")
+    if not str(db):
+        raise StoreError(f"the feedback store's path is empty: give {STORE_FORMS}")
+    if "\0" in str(db):
+        raise StoreError(f"{str(db)!r}: a file path cannot hold a NUL character: give {STORE_FORMS}")
+    path = Path(db).expanduser()
+    if path.is_dir():
+        raise StoreError(f"{path}: a folder, not a file: give the feedback store's file, e.g. {path / 'captioner.db'}")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path}: not a regular file: give {STORE_FORMS}")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"{path}: feedback database not found")
+        return path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the feedback database: {e.strerror}") from None
+    if head and head != SQLITE_HEADER:  # an empty file is an empty database to SQLite
+        raise StoreError(f"{path}: not a SQLite database (a file of something else; it was left as it is): "
+                         f"give the feedback store's file, or a new path for a new store")
+    return path
+
+
 # --- the store ---------------------------------------------------------------------------------
 
 class FeedbackStore:
@@ -348,9 +404,7 @@ class FeedbackStore:
             self._backend: _SQLite | _Postgres = _Postgres(str(db), pool_size, busy_timeout_s)
         else:
             self.kind = "sqlite"
-            path = Path(db).expanduser()
-            if not create and not path.is_file():
-                raise StoreError(f"{path}: feedback database not found")
+            path = sqlite_path(db, create)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -419,6 +473,10 @@ class FeedbackStore:
             raise FeedbackError("feedback needs a rating (1-5) or a corrected caption")
         if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
             raise FeedbackError(f"rating must be an integer from 1 to 5, not {rating!r}")
+        for name, text in (("caption_id", caption_id), ("correction", correction)):
+            problem = text_problem(text) if isinstance(text, str) else None
+            if problem:
+                raise FeedbackError(f"{name} {problem}")
         correction = correction.strip() if correction and correction.strip() else None
         with self._backend.transaction(write=False) as tx:
             known = tx.execute("SELECT 1 FROM captions WHERE id = ?", (caption_id,)).fetchone() is not None

@@ -14,23 +14,26 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import logging
 import os
 import queue
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -39,7 +42,7 @@ from captioner.service.ab import ServedModel, live_experiment, load_variants, st
 from captioner.inference.api import Caption
 from captioner.service.config import ServeConfig
 from captioner.errors import ImageError, OptionError
-from captioner.service.feedback import FeedbackError, FeedbackStore, Served, StoreUnavailable
+from captioner.service.feedback import FeedbackError, FeedbackStore, Served, StoreUnavailable, text_problem
 
 log = logging.getLogger("captioner.service.serve")
 RETRY_AFTER = {"Retry-After": "1"}  # on 503: the server is busy, not broken
@@ -75,22 +78,35 @@ def error_docs(*statuses: int) -> dict:
 
 # --- request and response bodies -------------------------------------------------------------
 # Strict types: a JSON true is not a beam size and "3" is not a rating (pydantic's lax mode would
-# take both). The server's own limits (maximum beam_size, ...) come from its config and are
-# written into /openapi.json by `openapi_limits`.
+# take both); a field the body does not define is refused, not ignored (a client sending
+# `temperature` would otherwise believe it was applied). The server's own limits (maximum
+# beam_size, ...) come from its config and are written into /openapi.json by `openapi_limits`.
+
+def _storable(text: str) -> str:
+    """Refuse control characters and lone surrogates here, for every string a client sends: the
+    stores differ on them (PostgreSQL refuses NUL), the request layer answers the same 422 for both."""
+    problem = text_problem(text)
+    if problem:
+        raise PydanticCustomError("control_character", problem)
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_storable)]
+
 
 class SearchOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     beam_size: StrictInt = Field(3, ge=1, description="beam width; 1 = greedy")
     max_len: StrictInt = Field(25, ge=1, description="most words per caption")
     n_best: StrictInt = Field(1, ge=1, description="captions returned per photo: the best and its alternatives")
     attention: StrictBool = Field(False, description="also return the words and one attention map per word")
     objects: StrictBool = Field(True, description="name objects the encoder recognises in the caption and list them")
-    model: StrictStr | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
+    model: Text | None = Field(None, description="a variant name (see /v1/models); default: the A/B assignment")
 
 
 class CaptionRequest(SearchOptions):
-    images: list[StrictStr] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
+    images: list[Text] = Field(..., min_length=1, description="base64-encoded photos (JPEG, PNG, WebP, GIF, BMP)")
 
 
 class Alternative(BaseModel):
@@ -123,11 +139,11 @@ class CaptionBatch(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-    caption_id: StrictStr
+    caption_id: Text
     rating: StrictInt | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
-    correction: StrictStr | None = Field(None, max_length=500, description="the caption the photo should have had")
+    correction: Text | None = Field(None, max_length=500, description="the caption the photo should have had")
 
 
 # --- micro-batching --------------------------------------------------------------------------
@@ -726,17 +742,27 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
             photos, opts = await read_multipart(request)
             return (await svc.caption(client, photos, opts))[0]
         if ctype == "application/json":
-            body = await read_json(request, svc.cfg.max_images)
+            raw, most = await read_json(request), svc.cfg.max_images
+            if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > most:
+                raise ApiError(413, "too_many_images",
+                               f"{len(raw['images'])} images in one request; this server takes at most {most}")
+            body = validated(CaptionRequest, raw)
             photos = [decode_base64(s, f"images[{i}]") for i, s in enumerate(body.images)]
             opts = SearchOptions(**body.model_dump(exclude={"images"}))
             return {"results": await svc.caption(client, photos, opts)}
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data (field 'image') or application/json, not {ctype or 'no type'}")
 
-    @app.post("/v1/feedback", responses=error_docs(400, 401, 404, 408, 413, 422, 503))
-    async def feedback(request: Request, body: FeedbackRequest) -> dict:
+    @app.post("/v1/feedback", openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}}},
+              responses=error_docs(400, 401, 404, 408, 413, 415, 422, 503))
+    async def feedback(request: Request) -> dict:
         """Rate a served caption (1-5) and/or correct it."""
         svc.client(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("", "application/json"):
+            raise ApiError(415, "unsupported_media_type", f"send application/json, not {ctype}")
+        body = validated(FeedbackRequest, await read_json(request))
         try:
             fid = await run_in_threadpool(svc.store.add_feedback, body.caption_id, body.rating, body.correction)
         except StoreUnavailable as e:  # locked past the busy timeout, or unreachable: nothing was stored
@@ -753,7 +779,7 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CaptionRequest, CaptionResult, CaptionBatch, Alternative, ErrorBody):
+            for model in (CaptionRequest, FeedbackRequest, CaptionResult, CaptionBatch, Alternative, ErrorBody):
                 schemas.update(model.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
                 schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas[model.__name__].pop("$defs", None)
@@ -765,8 +791,26 @@ def create_app(cfg: ServeConfig, models: dict[str, ServedModel] | None = None) -
     return app
 
 
-def validation_message(errors: list[dict]) -> str:
-    return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+def validation_message(errors: list[dict], model: type[BaseModel] | None = None) -> str:
+    """Pydantic's errors in one line, each naming its field; an unknown field also gets the fields
+    the body takes."""
+    takes = f" (this body takes {', '.join(model.model_fields)})" if model is not None else ""
+    return "; ".join(f"{'.'.join(str(x)[:60] for x in e.get('loc', ())) or 'body'}: "
+                     + (f"unknown field{takes}" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid"))
+                     for e in errors)
+
+
+FORM_FIELDS = ("image", *SearchOptions.model_fields)  # the upload form's fields: the photo and the options
+
+
+def check_form_fields(names: list[str]) -> None:
+    """An upload form's fields: each known, and each once (which of two values would count?)."""
+    for name, times in Counter(names).items():
+        if name not in FORM_FIELDS:
+            raise ApiError(422, "invalid_request", f"form field {name[:60]!r}: unknown field (the form takes "
+                                                   f"{', '.join(FORM_FIELDS)})")
+        if times > 1:
+            raise ApiError(422, "invalid_request", f"form field {name}: given {times} times; give it once")
 
 
 async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
@@ -774,6 +818,7 @@ async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise ApiError(422, "invalid_request", "multipart form needs a file field named 'image'")
+    check_form_fields([name for name, _ in form.multi_items()])
     data = await upload.read()
     try:
         opts = SearchOptions(beam_size=_form_int(form, "beam_size", 3), max_len=_form_int(form, "max_len", 25),
@@ -785,20 +830,35 @@ async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
     return [data], opts
 
 
-async def read_json(request: Request, max_images: int) -> CaptionRequest:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are all different: parsers disagree on which of two values counts."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ApiError(422, "invalid_request", f"{twice[:60]}: field given more than once; give it once")
+    return out
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON, refused (422) where it is not JSON or an object repeats a field."""
     try:
-        raw = await request.json()
+        return json.loads(await request.body(), object_pairs_hook=_unique_keys)
     except ValueError as e:
         raise ApiError(422, "invalid_request", f"body is not valid JSON: {e}") from None
     except RecursionError:  # '[[[[...' nested deeper than the parser recurses
         raise ApiError(422, "invalid_request", "body is not valid JSON: nested too deeply") from None
-    if isinstance(raw, dict) and isinstance(raw.get("images"), list) and len(raw["images"]) > max_images:
-        raise ApiError(413, "too_many_images",
-                       f"{len(raw['images'])} images in one request; this server takes at most {max_images}")
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validated(model: type[Body], raw: Any) -> Body:
+    """The parsed body as `model`, or 422 naming each field that is wrong."""
     try:
-        return CaptionRequest.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
+        raise ApiError(422, "invalid_request", validation_message(e.errors(), model)) from None
 
 
 def decode_base64(text: str, name: str) -> bytes:
