@@ -142,3 +142,23 @@ def test_export_refuses_what_the_loader_would_and_keeps_the_old_file(tmp_path, c
     capsys.readouterr()
     assert main(["export", str(good), str(good), "--no-repeat-ngram", "-1"]) == 2
     assert "no_repeat_ngram" in capsys.readouterr().err and good.read_bytes() == before
+
+
+def test_an_output_that_is_also_an_input_is_refused(tmp_path, capsys):
+    """`average a.pt last.pt --out last.pt` once replaced a run's training state without a word."""
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert main(["export", "default", str(a)]) == 0 and main(["export", "default", str(b)]) == 0
+    before = b.read_bytes()
+    capsys.readouterr()
+    for cmd in (["average", str(a), str(b), "--out", str(b)], ["ensemble", str(a), str(b), "--out", str(b)],
+                ["evaluate", "--checkpoint", str(b), "--captions-out", str(b), "--data", str(tmp_path)]):
+        assert main(cmd) == 2
+        assert "it is also an input" in capsys.readouterr().err
+    assert b.read_bytes() == before
+
+
+def test_compare_names_a_captions_file_no_parser_can_read(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["compare", str(deep), str(deep)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err

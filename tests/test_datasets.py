@@ -209,3 +209,51 @@ def test_unknown_folder_and_format_are_clear(tmp_path):
     with pytest.raises(DataError, match="unknown dataset format 'imagenet'"):
         load_dataset(tmp_path / "empty", "imagenet")
     assert captions_for("red", "circle")[0] == "a red circle ."
+
+
+def _tampered(tmp_path, change):
+    save_prepared(load_dataset(make_flickr_like(tmp_path / "a", layout="token")), tmp_path / "p")
+    file = tmp_path / "p" / "dataset.json"
+    d = json.loads(file.read_text())
+    change(d)
+    file.write_text(json.dumps(d))
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d.pop("image_dir"), "field image_dir"),
+    (lambda d: d.update(image_dir=5), "field image_dir"),
+    (lambda d: d.update(records=5), "field records"),
+    (lambda d: d["records"][0].update(image="/etc/hostname"), "is absolute or climbs out"),
+    (lambda d: d["records"][0].update(image="../Images/x.jpg"), "is absolute or climbs out"),
+    (lambda d: d["records"].append({**d["records"][0], "split": "test"}), "is listed twice"),
+])
+def test_a_tampered_prepared_dataset_is_refused_by_field(tmp_path, change, says):
+    with pytest.raises(DataError, match=says):
+        load_dataset(_tampered(tmp_path, change))
+
+
+def test_flickr_photo_paths_stay_in_the_image_folder_and_split_conflicts_are_named(tmp_path):
+    root = make_flickr_like(tmp_path / "a", layout="token")
+    token = next(root.rglob("Flickr8k.token.txt"))
+    token.write_text(token.read_text() + "/etc/hostname#0\thello there\n")
+    with pytest.raises(DataError, match=r"'/etc/hostname' is absolute or climbs out"):
+        load_dataset(root)
+    root = make_flickr_like(tmp_path / "b", layout="token")
+    train, test = next(root.rglob("Flickr_8k.trainImages.txt")), next(root.rglob("Flickr_8k.testImages.txt"))
+    test.write_text(test.read_text() + train.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match="listed in the train and the test split files"):
+        load_dataset(root)
+
+
+@pytest.mark.parametrize("text, says", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                        ('{"images": [{"id": ' + "9" * 5000 + "}]}", "digits")])
+def test_json_a_parser_chokes_on_is_a_data_error(tmp_path, text, says):
+    coco = tmp_path / "captions_train2017.json"
+    coco.write_text(text)
+    with pytest.raises(DataError, match=says):
+        load_dataset(coco, "coco")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(text + "\n")
+    with pytest.raises(DataError, match=says):
+        load_dataset(manifest, "manifest")

@@ -6,7 +6,7 @@ import torch
 
 from captioner.data import features
 from captioner.models.encoders import get_encoder_config, load_image, preprocess
-from captioner.errors import ImageError
+from captioner.errors import DataError, ImageError
 
 from conftest import make_photo
 
@@ -103,3 +103,38 @@ def test_alpha_and_grayscale_become_rgb(tmp_path):
     a, g = load_image(tmp_path / "a.png"), load_image(tmp_path / "g.png")
     assert a.mode == g.mode == "RGB"
     assert a.getpixel((0, 0)) == (255, 255, 255)  # transparent flattened onto white
+
+
+@pytest.mark.parametrize("damage", ["empty", "wrong shape", "index names not text", "folder is a file"])
+def test_a_damaged_cache_is_rebuilt(photos, tmp_path, damage):
+    """A kill or a full disk leaves a 0-byte features.npy; every later run once failed on it."""
+    d, names = photos
+    cfg = get_encoder_config("efficientnet-lite0")
+    good = features.build_cache(d, names, cfg, tmp_path / "cache", progress=False)
+    want, folder = np.asarray(good.features).copy(), good.path
+    del good
+    if damage == "empty":
+        (folder / "features.npy").write_bytes(b"")
+    elif damage == "wrong shape":
+        np.save(folder / "features.npy", np.zeros((3, 49, 10), np.float16))
+    elif damage == "index names not text":
+        index = (folder / "index.json").read_text().replace('"0.jpg"', '["0.jpg"]')
+        (folder / "index.json").write_text(index)
+    else:
+        import shutil
+
+        shutil.rmtree(folder)
+        folder.write_text("stray")
+    again = features.build_cache(d, names, cfg, tmp_path / "cache", progress=False)
+    assert again.path == folder and folder.is_dir()
+    np.testing.assert_array_equal(np.asarray(again.features), want)
+
+
+def test_the_cache_stays_in_its_folder_whatever_the_dataset_calls_itself(photos, tmp_path):
+    d, names = photos
+    cfg = get_encoder_config("efficientnet-lite0")
+    cache = features.build_cache(d, names[:1], cfg, tmp_path / "cache", tag="../../escaped/x", progress=False)
+    assert cache.path.parent == tmp_path / "cache" and not (tmp_path / "escaped").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file; give --cache-dir a folder"):
+        features.build_cache(d, names, cfg, tmp_path / "file", progress=False)

@@ -7,7 +7,7 @@ import pytest
 from captioner.inference.api import Captioner
 from captioner.models.checkpoint import read_checkpoint
 from captioner.training.config import NOT_LEARNED, load_train_config
-from captioner.errors import ConfigError
+from captioner.errors import ConfigError, DataError
 from captioner.training.dataset import configured_model
 from captioner.training.train import train
 
@@ -217,3 +217,31 @@ def test_resume_is_bit_identical_for_the_shipped_architecture(tiny_data, tiny_mo
     a, b = (read_checkpoint(run / "last.pt")["decoder_state"] for run in (full, part))
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_dataset_a_run_cannot_learn_from_is_refused_before_any_feature(tmp_path, tiny_model_file):
+    from builders import make_manifest
+
+    path, _ = make_manifest(tmp_path / "m", kind="csv", with_split=False)
+    rows = path.read_text().splitlines()
+    no_dev = tmp_path / "m" / "train-only.csv"
+    no_dev.write_text("\n".join([rows[0] + ",split"] + [r + ",train" for r in rows[1:]]) + "\n")
+    cyrillic = tmp_path / "m" / "cyrillic.csv"
+    cyrillic.write_text("\n".join([rows[0]] + [r.split(",")[0] + ",собака бежит по пляжу" for r in rows[1:]]) + "\n")
+    for data, says in ((no_dev, "0 dev"), (cyrillic, "no word the tokenizer keeps")):
+        out = tmp_path / data.stem
+        with pytest.raises(DataError, match=says):
+            train(tiny_config(data, out, tiny_model_file))
+        assert not (out / "cache").exists()  # refused before extraction
+
+
+def test_resume_over_a_model_only_last_pt_is_refused(tiny_data, tiny_model_file, tmp_path):
+    """`captioner average ... --out runs/a/last.pt` once left a run that --resume crashed on."""
+    from captioner.models.checkpoint import read_checkpoint, write_checkpoint
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, tiny_model_file, epochs=1))
+    best = read_checkpoint(out / "best.pt")
+    write_checkpoint({k: v for k, v in best.items() if k != "checksum"}, out / "last.pt")
+    with pytest.raises(ConfigError, match="holds no training state to resume"):
+        train(tiny_config(tiny_data, out, tiny_model_file, epochs=1), resume=True)

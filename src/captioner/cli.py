@@ -92,6 +92,26 @@ def _read_json(path: str, option: str):
         raise ConfigError(f"{option} {path}: {why}") from None
 
 
+def _new_output(out: str | None, option: str, inputs: Sequence[str | Path | None]) -> None:
+    """Refuse an output path that is one of the command's inputs (or, for a dataset folder, its
+    files) or a folder: writing it would replace what the command reads."""
+    from captioner.errors import ConfigError
+    from captioner.models.checkpoint import resolve_checkpoint
+
+    if out is None:
+        return
+    target = Path(out).expanduser().resolve()
+    if target.is_dir():
+        raise ConfigError(f"{option} {out}: a folder; give a file path")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(resolve_checkpoint(given)).expanduser().resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise ConfigError(f"{option} {out}: it is also an input ({given}); writing it would replace what "
+                              f"this command reads. Choose another path")
+
+
 def _dataset_args(p: argparse.ArgumentParser) -> None:
     """Where a dataset is and how to read it (prepare, train, evaluate, finetune); None = the
     training config's value (TrainConfig)."""
@@ -288,6 +308,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                            args.no_repeat_ngram)
     out = args.captions_out
     data = _train_config(args)  # the dataset options, with the training config's defaults
+    _new_output(out, "--captions-out", [args.checkpoint, data.data])
     scores, notes = evaluate(captioner.model, data.data, args.split, search, layout=data.layout,
                              cache_dir=data.cache_dir, captions_out=out, progress=not args.json,
                              data_format=data.data_format, image_root=data.image_root,
@@ -340,6 +361,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from captioner.models.checkpoint import write_checkpoint
     from captioner.models.ensemble import ensemble_checkpoint
 
+    _new_output(args.out, "--out", args.checkpoints)
     write_checkpoint(ensemble_checkpoint(args.checkpoints, args.name), args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): {len(args.checkpoints)} decoders "
           f"averaged word by word; tune its beam on dev (release/tune_search.py), then "
@@ -351,6 +373,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     from captioner.models.average import average_checkpoint
     from captioner.models.checkpoint import write_checkpoint
 
+    _new_output(args.out, "--out", args.checkpoints)
     write_checkpoint(average_checkpoint(args.checkpoints), args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB): the mean of {len(args.checkpoints)} "
           f"checkpoints' weights; score it on dev (captioner evaluate --split dev) before shipping it")

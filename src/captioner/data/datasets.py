@@ -275,6 +275,12 @@ def read_json(path: Path) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg}", path, e.lineno) from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; arrays nested too deep
+        raise DataError(f"not a JSON file captioner reads: {_why_json(e)}", path) from None
+
+
+def _why_json(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0][:200]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +322,10 @@ def read_token_file(path: Path, problems: Problems | None = None) -> dict[str, l
                 problems.add("malformed", "expected '<image>#<n><TAB><caption>'", path, lineno)
                 continue
             image = _clean_image_name(image.strip())
+            if relative_image_path(image) != image:
+                problems.add("malformed", f"image path {image[:100]!r} is absolute or climbs out of the image folder",
+                             path, lineno)
+                continue
             if not caption.strip():
                 problems.add("empty caption", f"empty caption for {image}", path, lineno, image=image)
                 continue
@@ -347,6 +357,9 @@ def read_captions_csv(path: Path, problems: Problems | None = None) -> dict[str,
                 image, caption = _clean_image_name(row[0].strip()), ",".join(row[1:]).strip()
                 if not image:
                     problems.add("malformed", "empty image field", path, lineno)
+                elif relative_image_path(image) != image:
+                    problems.add("malformed", f"image path {image[:100]!r} is absolute or climbs out of the image "
+                                              f"folder", path, lineno)
                 elif end > lineno or "\n" in caption:
                     # An unbalanced quote swallows the lines after it into this caption.
                     problems.add("malformed", f"caption spans lines {lineno}-{end}: an unbalanced quote?", path,
@@ -415,6 +428,9 @@ def _load_flickr8k(path: Path, opts: DataOptions, problems: Problems) -> Caption
             for name in read_split_file(p):
                 if name not in captions:
                     raise DataError(f"split file lists {name}, which has no caption in {caption_file.name}", p)
+                if name in assignment and assignment[name] != s:
+                    problems.add("split conflict", f"{name} is listed in the {assignment[name]} and the {s} split "
+                                                   f"files", p, image=name)
                 assignment[name] = s
         unused = sorted(set(captions) - set(assignment))
         if unused:
@@ -573,6 +589,10 @@ def _load_prepared(path: Path, opts: DataOptions, problems: Problems) -> Caption
         raise DataError(f"not a prepared captioner dataset (no 'format': '{PREPARED_FORMAT}')", file)
     if not isinstance(d.get("version"), int) or d["version"] > PREPARED_VERSION:
         raise DataError(f"prepared-dataset version {d.get('version')!r} is newer than this captioner reads", file)
+    if not opts.image_root and not (isinstance(d.get("image_dir"), str) and d["image_dir"]):
+        raise DataError("field image_dir: expected the photos' folder as text (or give --image-root)", file)
+    if not isinstance(d.get("records", []), list):
+        raise DataError("field records: expected a list of {image, split, captions} records", file)
     image_dir = Path(opts.image_root or d["image_dir"])
     captions: dict[str, list[tuple[Where, str]]] = {}
     assignment = {}
@@ -584,6 +604,15 @@ def _load_prepared(path: Path, opts: DataOptions, problems: Problems) -> Caption
             problems.add("malformed", "expected image, split (train/dev/test) and non-empty captions", file,
                          record=record)
             continue
-        captions[r["image"]] = [(Where(str(file), None, record), c) for c in r["captions"]]
-        assignment[r["image"]] = r["split"]
+        image = relative_image_path(r["image"])
+        if image is None:
+            problems.add("malformed", f"image path {r['image'][:100]!r} is absolute or climbs out of the image "
+                                      f"folder", file, record=record)
+            continue
+        if image in captions:
+            problems.add("duplicate image", f"{image} is listed twice (also {captions[image][0][0].record})",
+                         file, record=record)
+            continue
+        captions[image] = [(Where(str(file), None, record), c) for c in r["captions"]]
+        assignment[image] = r["split"]
     return assemble(str(d.get("name", "prepared")), image_dir, captions, assignment, opts, problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from captioner.distributed import DistEnv, barrier, broadcast, shard
 from captioner.models.encoders import EncoderConfig, build_encoder, frozen_encoder, weights_files
-from captioner.errors import ImageError
+from captioner.errors import DataError, ImageError
 from captioner.files import remove_stale_temps
 from captioner.data.loading import load_batches
 
@@ -84,23 +85,31 @@ def extract_features(paths: Sequence[Path], cfg: EncoderConfig, out: np.ndarray,
     bar.close()
 
 
-def _open(folder: Path) -> tuple[dict, np.ndarray] | None:
-    """The cache in `folder`, or None where it is missing or damaged (then it is rebuilt)."""
+def _open(folder: Path, cfg: EncoderConfig) -> tuple[dict, np.ndarray] | None:
+    """The cache in `folder`, or None where it is missing or damaged (then it is rebuilt): an
+    index that is not names and stats for every row, features of another shape or type, a file
+    cut short (0 bytes after a full disk, say)."""
     try:
         index = json.loads((folder / "index.json").read_text())
         feats = np.load(folder / "features.npy", mmap_mode="r")  # never unpickles (allow_pickle=False)
         rows = feats.shape[0]
-        if not isinstance(index, dict) or len(index.get("names", ())) != rows or len(index.get("stats", ())) != rows:
+        if not isinstance(index, dict) or feats.dtype != np.float16 or \
+                feats.shape[1:] != (cfg.grid_size ** 2, cfg.feature_dim):
+            return None
+        names, stats = index.get("names"), index.get("stats")
+        if not (isinstance(names, list) and isinstance(stats, list) and len(names) == len(stats) == rows):
+            return None
+        if not all(isinstance(n, str) for n in names) or not all(isinstance(s, list) for s in stats):
             return None
         return index, feats
-    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+    except (OSError, ValueError, TypeError, AttributeError, IndexError, EOFError, RecursionError):
         return None
 
 
-def _plan(folder: Path, image_dir: Path, names: Sequence[str]) -> dict:
+def _plan(folder: Path, image_dir: Path, names: Sequence[str], cfg: EncoderConfig) -> dict:
     """What a cache build must do: nothing (`complete`), or keep some rows and encode the rest."""
     stats = {n: _stat(image_dir / n) for n in names}
-    old = _open(folder)
+    old = _open(folder, cfg)
     if old is None:
         return {"complete": False, "keep": [], "todo": list(stats)}
     index, _ = old
@@ -132,12 +141,16 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
     row for row what a single process writes (the cache folder must be one all ranks see).
     `mirror` caches the features of the photos flipped left to right, in a folder of its own.
     """
-    image_dir = Path(image_dir)
+    image_dir, cache_dir = Path(image_dir), Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DataError("the feature cache folder is a file; give --cache-dir a folder", cache_dir)
     where = hashlib.sha1(str(image_dir.resolve()).encode()).hexdigest()[:6]
     suffix = "-mirror" if mirror else ""
-    folder = Path(cache_dir) / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}{suffix}"
+    # the tag comes from the dataset's own files (its name): never a path out of the cache folder
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("._")[:60] or "data"
+    folder = cache_dir / f"{tag}-{where}-{cfg.name}-{encoder_key(cfg)}{suffix}"
     main = env is None or env.is_main
-    plan = broadcast(_plan(folder, image_dir, names) if main else None, env)  # one plan for every rank
+    plan = broadcast(_plan(folder, image_dir, names, cfg) if main else None, env)  # one plan for every rank
     if not plan["complete"]:
         keep, todo = plan["keep"], plan["todo"]
         device = env.device if env is not None else "cpu"
@@ -160,7 +173,7 @@ def build_cache(image_dir: Path, names: Sequence[str], cfg: EncoderConfig, cache
             _write(folder, image_dir, keep, todo, cfg, lambda out: extract_features(
                 [image_dir / n for n in todo], cfg, out, batch_size=batch_size, progress=progress, workers=workers,
                 device=device, mirror=mirror))
-    index, feats = _open(folder)
+    index, feats = _open(folder, cfg)
     return FeatureCache(folder, index["names"], feats)
 
 
@@ -179,7 +192,9 @@ def _write(folder: Path, image_dir: Path, keep: list[str], todo: list[str], cfg:
     folder that is a link (to a cache kept on another disk, say) is rewritten where it points."""
     if folder.is_symlink():
         folder = folder.resolve()
-    old = _open(folder)
+    if folder.exists() and not folder.is_dir():  # a stray file under the cache's own name: no cache
+        folder.unlink()
+    old = _open(folder, cfg)
     remove_stale_temps(folder)  # what killed builds left behind (their processes are gone)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -75,6 +75,10 @@ def _jsonl_rows(file: Path, problems: Problems) -> Iterator[Row]:
             except json.JSONDecodeError as e:
                 problems.add("malformed", f"not valid JSON: {e.msg}", *where)
                 continue
+            except (ValueError, RecursionError) as e:  # a huge integer; arrays nested too deep
+                problems.add("malformed", "not valid JSON: " + ("nested too deeply" if isinstance(e, RecursionError)
+                                                               else str(e).split(";")[0][:200]), *where)
+                continue
             caps = obj.get("captions", [obj.get("caption")]) if isinstance(obj, dict) else None
             if not (isinstance(obj, dict) and isinstance(obj.get("image"), str) and isinstance(caps, list)
                     and caps and all(isinstance(c, str) for c in caps) and isinstance(obj.get("split", ""), str)):

@@ -17,6 +17,7 @@ running it again.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,12 @@ def read_caption_set(path: str | Path) -> CaptionSet:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError("captions file not found", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"not a JSON captions file ({e})", path) from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, a huge integer
+        raise DataError(f"not a JSON captions file ({str(e)[:200]})", path) from None
+    except RecursionError:
+        raise DataError("not a JSON captions file (nested too deeply)", path) from None
+    except OSError as e:
+        raise DataError(f"cannot read the captions file ({e.strerror or e})", path) from None
     if not isinstance(rows, list) or not rows:
         raise DataError("expected a non-empty JSON list of {image, caption, references} entries, "
                         "as `captioner evaluate --captions-out` writes", path)
@@ -100,6 +105,8 @@ def read_caption_set(path: str | Path) -> CaptionSet:
             raise DataError("'caption' must be a string", path, record=where)
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
             raise DataError("'references' must be a non-empty list of non-empty strings", path, record=where)
+        if not any(re.search(r"\w", r) for r in refs):  # CIDEr's document frequencies need a word
+            raise DataError("'references' hold no words (only punctuation or symbols)", path, record=where)
         if image in captions:
             raise DataError("the photo appears twice in this file", path, record=where)
         captions[image], references[image] = caption, refs

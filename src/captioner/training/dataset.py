@@ -12,9 +12,9 @@ import torch
 
 from captioner.data.datasets import CaptionDataset, DataOptions, ImageRecord, load_dataset
 from captioner.data.features import FeatureCache, build_cache
-from captioner.data.vocab import MIRRORED_WORDS, Vocab
+from captioner.data.vocab import MIRRORED_WORDS, Vocab, tokenize
 from captioner.distributed import DistEnv
-from captioner.errors import ConfigError
+from captioner.errors import ConfigError, DataError
 from captioner.models.encoders import get_encoder_config
 from captioner.models.model import ModelConfig, get_model_config
 from captioner.training.config import TrainConfig
@@ -42,6 +42,7 @@ def prepare(cfg: TrainConfig, encoder: str | None = None, env: DistEnv | None = 
     dataset = load_dataset(cfg.data, cfg.data_format, data_options(cfg))
     for note in dataset.notes:
         log.info("data: %s", note)
+    check_trainable(dataset, cfg)
     return Prepared(dataset, cache_features(dataset, cfg, encoder, env), mirror_features(dataset, cfg, encoder, env))
 
 
@@ -55,6 +56,25 @@ def cache_features(dataset: CaptionDataset, cfg: TrainConfig, encoder: str | Non
                        Path(cfg.cache_dir).expanduser(), tag=dataset.name, batch_size=cfg.feature_batch_size,
                        progress=cfg.progress and (env is None or env.is_main), env=env, workers=cfg.feature_workers,
                        mirror=mirror)
+
+
+def check_trainable(dataset: CaptionDataset, cfg: TrainConfig) -> None:
+    """Refuse, before any feature is extracted, a dataset a run cannot learn from: no train or
+    dev photos, or captions with too few words the tokenizer keeps (a-z and 0-9: text in other
+    scripts is dropped) to make a vocabulary."""
+    train, dev = training_records(dataset, cfg), dataset.split("dev")
+    if not train or not dev:
+        raise DataError(f"training needs train and dev photos; this dataset has {len(train)} train and {len(dev)} "
+                        f"dev (give a split column with train and dev rows, or none for a seeded split)", cfg.data)
+    counts: dict[str, int] = {}
+    for r in train:
+        for c in r.captions:
+            for w in tokenize(c):
+                counts[w] = counts.get(w, 0) + 1
+    if sum(n >= cfg.min_word_count for n in counts.values()) < 1:
+        raise DataError(f"the train captions hold no word the tokenizer keeps (a-z, 0-9) {cfg.min_word_count} times "
+                        f"or more, so there is no vocabulary to learn; captioner trains on English captions",
+                        cfg.data)
 
 
 def training_records(dataset: CaptionDataset, cfg: TrainConfig) -> list[ImageRecord]:

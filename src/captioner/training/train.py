@@ -125,6 +125,14 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, epochs: int | None = No
     if not (resume and last_path.is_file()):
         return cfg, None
     state = read_checkpoint(last_path)
+    lacking = [k for k in ("train_config", "optimizer", "progress") if not isinstance(state.get(k), dict)]
+    if lacking:
+        raise ConfigError(f"{last_path}: holds no training state to resume ({', '.join(lacking)} missing): a "
+                          f"model-only checkpoint was written over it; start a new run with another --out")
+    try:
+        TrainConfig(**state["train_config"])
+    except TypeError as e:
+        raise ConfigError(f"{last_path}: its train_config does not fit this captioner's ({e})") from None
     if state["train_config"] != cfg.to_dict():
         log.info("resume: using the run's saved config from %s", last_path)
     saved = TrainConfig(**state["train_config"])
