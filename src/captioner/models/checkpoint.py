@@ -158,8 +158,8 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint format version {version!r} is newer than this captioner "
                               f"reads ({FORMAT_VERSION}); upgrade captioner", path)
     if not _is_int(version) or version < 1:
-        raise CheckpointError(f"refused: field format_version: {_show(version)} is not a format version "
-                              f"(1 to {FORMAT_VERSION})", path)
+        raise CheckpointError(f"refused: field format_version: checkpoint format version {_show(version)} is not "
+                              f"one captioner writes (a whole number 1 to {FORMAT_VERSION})", path)
     for key in ("model", "encoder", "vocab", "decoder_state"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint lacks the field {key!r}", path)
