@@ -13,7 +13,7 @@ from captioner.service.ab import (Experiment, Variant, assign, betainc, build_re
 from captioner.cli import main
 from captioner.service.config import load_serve_config
 from captioner.errors import ConfigError
-from captioner.service.feedback import ExperimentState, ExperimentStateError, FeedbackStore, Served
+from captioner.service.feedback import ExperimentState, ExperimentStateError, FeedbackError, FeedbackStore, Served
 
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
 
@@ -225,3 +225,58 @@ def test_promote_and_retire_commands(store_db, tmp_path, capsys):
     assert next(x for x in out.splitlines() if x.startswith("control")).endswith("(retired)")
     assert main(["promote", "x", "--db", str(tmp_path / "none.db"), "--experiment", "exp"]) == 2
     assert "feedback database not found" in capsys.readouterr().err
+
+
+def test_promotes_and_retires_racing_on_one_store_leave_one_winner(store_db):
+    """On PostgreSQL two promotes at once both won (read, then write, with no lock): 15 of 15."""
+    import threading
+
+    FeedbackStore(store_db).close()
+    for trial in range(6):
+        exp = f"race{trial}"
+        stores = [FeedbackStore(store_db) for _ in range(2)]
+        start = threading.Barrier(2)
+        errors: list[Exception] = []
+
+        def act(store, fn):
+            start.wait()
+            try:
+                fn(store)
+            except ExperimentStateError as e:
+                errors.append(e)
+
+        jobs = [lambda s: s.promote(exp, "a", variants=["a", "b"]), lambda s: s.promote(exp, "b", variants=["a", "b"])]
+        threads = [threading.Thread(target=act, args=(s, j)) for s, j in zip(stores, jobs)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert sorted(stores[0].experiment_state(exp).status.values()).count("promoted") == 1
+        retire = f"retire{trial}"
+        jobs = [lambda s: s.retire(retire, "a", variants=["a", "b"]), lambda s: s.retire(retire, "b", variants=["a", "b"])]
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=act, args=(s, j)) for s, j in zip(stores, jobs)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert list(stores[0].experiment_state(retire).status.values()).count("retired") == 1
+        assert any("no live variant" in str(e) for e in errors)
+        [s.close() for s in stores]
+
+
+def test_retire_refuses_to_leave_only_variants_at_weight_zero(store_db, tmp_path, capsys):
+    """Variants a (weight 1) and b (weight 0): retiring a left no variant taking traffic, and the
+    server fell back to the config's weights, so the retired a kept every client."""
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"db": store_db, "experiment": {"name": "w0", "variants": [
+        {"name": "a", "weight": 1}, {"name": "b", "checkpoint": "b.pt", "weight": 0}]}}))
+    FeedbackStore(store_db).close()
+    assert main(["retire", "a", "--config", str(cfg)]) == 2
+    assert "no live variant that takes traffic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("correction, says", [("x" * 501, "at most 500"), ("... !!!", "holds no words")])
+def test_the_store_refuses_corrections_the_api_would(store_db, correction, says):
+    """The web app stores feedback directly: a 12,000-character correction once went in."""
+    store = FeedbackStore(store_db)
+    cid = store.record_caption(served("a"))
+    with pytest.raises(FeedbackError, match=says):
+        store.add_feedback(cid, correction=correction)
+    store.close()

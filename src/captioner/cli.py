@@ -451,8 +451,8 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
 
 
 def _experiment_store(args: argparse.Namespace):
-    """(store, experiment name, the config's variant names or None) for promote and retire:
-    --config gives all three, --db and --experiment override it."""
+    """(store, experiment name, the config's variants and their weights, or None) for promote and
+    retire: --config gives all three, --db and --experiment override it."""
     from captioner.errors import ConfigError
     from captioner.service.config import load_serve_config
     from captioner.service.feedback import FeedbackStore
@@ -462,7 +462,8 @@ def _experiment_store(args: argparse.Namespace):
     experiment = args.experiment or (cfg.experiment.name if cfg else None)
     if db is None or experiment is None:
         raise ConfigError("name the store and the experiment: --config serve.toml, or --db and --experiment")
-    variants = [v.name for v in cfg.experiment.variants] if cfg and experiment == cfg.experiment.name else None
+    variants = ({v.name: v.weight for v in cfg.experiment.variants} if cfg and experiment == cfg.experiment.name
+                else None)
     return FeedbackStore(db, create=False), experiment, variants
 
 
@@ -510,6 +511,8 @@ def _format_finetune(report: dict) -> list[str]:
     pct = round(100 * report["confidence"])
     lines = [f"{report['corrections']} corrections of {report['photos']} photos: learnt from {report['learn_photos']}, "
              f"checked on {report['check_photos']} held out"
+             + (f" ({report['unreadable_photos']} stored photo(s) could not be read: skipped)"
+                if report.get("unreadable_photos") else "")
              + (f"; {report['replayed_photos']} replayed {report['dataset']} train photos"
                 if "replayed_photos" in report else "")]
     r = report["relevance"]

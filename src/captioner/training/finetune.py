@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,7 @@ class CorrectedPhoto:
     key: str  # "feedback:<sha256 prefix>", its row in the feature table
     image: bytes
     captions: list[str]
+    caption_ids: list[str] = field(default_factory=list)  # the served captions they correct (for messages)
 
 
 def group_by_photo(corrections: list[Correction]) -> list[CorrectedPhoto]:
@@ -145,6 +146,7 @@ def group_by_photo(corrections: list[Correction]) -> list[CorrectedPhoto]:
         sha = hashlib.sha256(c.image).hexdigest()
         photo = photos.setdefault(sha, CorrectedPhoto(f"feedback:{sha[:16]}", c.image, []))
         photo.captions.append(c.caption)
+        photo.caption_ids.append(c.caption_id)
     return [photos[k] for k in sorted(photos)]
 
 
@@ -251,7 +253,8 @@ def encode_photos(model: CaptionModel, photos: list[CorrectedPhoto], batch: int 
             pixels.append(preprocess(photo.image, model.encoder_cfg, name=photo.key))
             ok.append(photo)
         except CaptionerError as e:
-            log.warning("skipping a stored photo that cannot be read: %s", e)
+            log.warning("skipping a stored photo that cannot be read (%d correction(s), of caption(s) %s): %s",
+                        len(photo.captions), ", ".join(photo.caption_ids[:3]), e)
         if len(pixels) == batch:
             flush()
     flush()
@@ -339,6 +342,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ConfigError(f"{store.name}: no corrected captions to learn from yet")
     model, ckpt = load_checkpoint(base_path)  # float32 weights, trained as such
     photos = group_by_photo(corrections)
+    stored = len(photos)
     feats, photos = encode_photos(model, photos)
     learn, check = split_photos(photos, cfg.check_fraction, cfg.seed)
     if len(check) < 5:
@@ -374,6 +378,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     relevance = describes_photos(before_all, learn_recs + check_recs, cfg)
     report: dict = {"base": str(cfg.checkpoint), "out": str(cfg.out), "store": store.name,
                     "corrections": sum(len(p.captions) for p in photos), "photos": len(photos),
+                    "unreadable_photos": stored - len(photos),
                     "learn_photos": len(learn), "check_photos": len(check), "relevance": relevance,
                     "confidence": cfg.confidence, "dataset": dataset.name, "gate_split": gate, "gate_why": gate_why,
                     "objects": cfg.objects}
