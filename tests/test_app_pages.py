@@ -77,3 +77,35 @@ def test_with_api_keys_the_app_asks_for_one_and_does_nothing_without_it(tmp_path
     assert not at.exception and at.file_uploader and not at.sidebar.warning
     example(at).set_value("cat.jpg").run()
     assert caption_text(at)
+
+
+def test_a_server_that_allows_only_beam_size_1_shows_no_beam_slider(tmp_path, monkeypatch):
+    at = page(tmp_path, monkeypatch, max_beam_size=1)
+    assert not at.exception, at.exception  # was: "min_value and max_value are both set to 1"
+    assert not at.sidebar.slider
+    example(at).set_value("cat.jpg").run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert caption_text(at)
+
+
+@pytest.mark.parametrize("checkpoint, data, says", [("bad.pt", b"not a checkpoint at all\n" * 10, "bad.pt"),
+                                                    ("missing.pt", None, "checkpoint 'missing.pt' not found")])
+def test_the_app_command_refuses_a_variant_it_cannot_load_before_streamlit_starts(tmp_path, monkeypatch, capsys,
+                                                                                 checkpoint, data, says):
+    import subprocess
+
+    from captioner.cli import main
+
+    (tmp_path / "models").mkdir()
+    if data is not None:
+        (tmp_path / "models" / checkpoint).write_bytes(data)
+    cfg = write_config(tmp_path / "serve.json", model_dir="models", db="feedback.db",
+                       experiment={"name": "app", "variants": [{"name": "v", "checkpoint": checkpoint}]})
+
+    def never(*args, **kwargs):
+        raise AssertionError("streamlit started on a config whose variant cannot load")
+
+    monkeypatch.setattr(subprocess, "Popen", never)
+    assert main(["app", "--config", str(cfg)]) == 2  # was: streamlit started, the page showed a stack trace
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1, err

@@ -26,10 +26,13 @@ PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp"]
 
 def launch(config: str | None, cfg, port: int = 8501) -> int:
     """Run this file under `streamlit run` on 127.0.0.1 until interrupted. The store is opened
-    first: one it refuses is an error here, not a traceback on the page."""
+    and the variants loaded first, as `captioner serve` does: one they refuse (a missing or corrupt
+    checkpoint) is a one-line error here, not a traceback on the page."""
+    from captioner.service.ab import load_variants
     from captioner.service.feedback import FeedbackStore
 
     FeedbackStore(cfg.db).close()
+    load_variants(cfg.experiment, cfg.model_dir, cfg.image_limits())  # checked, then freed: the page loads its own
     cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
            "--server.address", cfg.host, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
@@ -96,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 st.warning("Enter a valid API key to use this app." if given else "Enter your API key to start.")
                 return
         variant = st.selectbox("Model", list(models), help="the server's model variants")
-        beam_size = st.slider("Beam size", 1, cfg.max_beam_size, min(3, cfg.max_beam_size))
+        if cfg.max_beam_size > 1:  # a slider from 1 to 1 is an error in Streamlit
+            beam_size = st.slider("Beam size", 1, cfg.max_beam_size, min(3, cfg.max_beam_size))
+        else:
+            beam_size = 1
         most_alt = min(beam_size, cfg.max_n_best) - 1
         if most_alt > 0:  # a slider from 0 to 0 is an error in Streamlit
             n_alt = st.slider("Alternatives", 0, most_alt, min(2, most_alt))
