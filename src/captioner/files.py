@@ -96,3 +96,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def repeated_key(pairs: list[tuple[str, object]]) -> str | None:
+    """The first key a JSON object gives twice (for `json.loads(object_pairs_hook=...)`), or
+    None: with two values, parsers disagree on which counts, and json keeps the last silently."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def json_error_text(e: Exception) -> str:
+    """Why `json.loads` failed, in a few words: a RecursionError (arrays nested too deep) or a
+    ValueError (bad syntax, an integer of thousands of digits)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0][:200]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from captioner.files import atomic_write_text
+from captioner.files import atomic_write_text, json_error_text
 from captioner.errors import DataError
 
 SPLITS = ("train", "dev", "test")
@@ -276,11 +276,7 @@ def read_json(path: Path) -> object:
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg}", path, e.lineno) from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits; arrays nested too deep
-        raise DataError(f"not a JSON file captioner reads: {_why_json(e)}", path) from None
-
-
-def _why_json(e: Exception) -> str:
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0][:200]
+        raise DataError(f"not a JSON file captioner reads: {json_error_text(e)}", path) from None
 
 
 # ---------------------------------------------------------------------------------------------

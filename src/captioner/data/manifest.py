@@ -20,6 +20,7 @@ from typing import Iterator
 from captioner.data.datasets import (SPLIT_ALIASES, CaptionDataset, DataOptions, Problems, Where, assemble, read_text,
                    register_format, relative_image_path, seeded_split)
 from captioner.errors import DataError
+from captioner.files import json_error_text
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 _SUFFIXES = (".csv", ".jsonl", ".ndjson")
@@ -76,8 +77,7 @@ def _jsonl_rows(file: Path, problems: Problems) -> Iterator[Row]:
                 problems.add("malformed", f"not valid JSON: {e.msg}", *where)
                 continue
             except (ValueError, RecursionError) as e:  # a huge integer; arrays nested too deep
-                problems.add("malformed", "not valid JSON: " + ("nested too deeply" if isinstance(e, RecursionError)
-                                                               else str(e).split(";")[0][:200]), *where)
+                problems.add("malformed", f"not valid JSON: {json_error_text(e)}", *where)
                 continue
             caps = obj.get("captions", [obj.get("caption")]) if isinstance(obj, dict) else None
             if not (isinstance(obj, dict) and isinstance(obj.get("image"), str) and isinstance(caps, list)

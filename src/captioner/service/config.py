@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import ConfigError
+from captioner.files import repeated_key
 from captioner.service.ab import Experiment, experiment_from_dict
 from captioner.service.feedback import is_url, text_problem
 
@@ -109,12 +110,10 @@ def key_problem(key: object) -> str | None:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object whose keys are all different: otherwise the last silently wins, and
     {"api_keys": ["k"], "api_keys": []} would open the server."""
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    twice = repeated_key(pairs)
+    if twice is not None:
         raise ConfigError(f"{twice[:60]!r} appears twice in one object; give each field once")
-    return out
+    return dict(pairs)
 
 
 def _read_table(path: Path) -> dict:

@@ -42,7 +42,9 @@ from captioner.service.ab import ServedModel, live_experiment, load_variants, st
 from captioner.inference.api import Caption
 from captioner.service.config import ServeConfig
 from captioner.errors import ImageError, OptionError
-from captioner.service.feedback import FeedbackError, FeedbackStore, Served, StoreUnavailable, text_problem
+from captioner.files import repeated_key
+from captioner.service.feedback import (MAX_CORRECTION_CHARS, FeedbackError, FeedbackStore, Served, StoreUnavailable,
+                                        text_problem)
 
 log = logging.getLogger("captioner.service.serve")
 RETRY_AFTER = {"Retry-After": "1"}  # on 503: the server is busy, not broken
@@ -143,7 +145,8 @@ class FeedbackRequest(BaseModel):
 
     caption_id: Text
     rating: StrictInt | None = Field(None, ge=1, le=5, description="1 (wrong) to 5 (perfect)")
-    correction: Text | None = Field(None, max_length=500, description="the caption the photo should have had")
+    correction: Text | None = Field(None, max_length=MAX_CORRECTION_CHARS,
+                                          description="the caption the photo should have had")
 
 
 # --- micro-batching --------------------------------------------------------------------------
@@ -832,12 +835,10 @@ async def read_multipart(request: Request) -> tuple[list[bytes], SearchOptions]:
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object whose keys are all different: parsers disagree on which of two values counts."""
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    twice = repeated_key(pairs)
+    if twice is not None:
         raise ApiError(422, "invalid_request", f"{twice[:60]}: field given more than once; give it once")
-    return out
+    return dict(pairs)
 
 
 async def read_json(request: Request) -> Any:
